@@ -1,0 +1,71 @@
+//! The eBPF data path: micropod-ebpf's object, loaded and attached with aya.
+
+mod counter;
+
+pub use counter::{Direction, SourceCounter};
+
+use aya::{Ebpf, EbpfLoader};
+
+/// The eBPF object built from `micropod-ebpf` by build.rs (empty with `AYA_BUILD_SKIP=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/micropod"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "this micropod was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it without AYA_BUILD_SKIP (scripts/setup.sh installs the nightly and bpf-linker)"
+    )]
+    NotBuilt,
+    #[error(
+        "cannot load the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BTF)"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("program {name} is not a TC classifier")]
+    ProgramType {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("the kernel refused program {name}")]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot attach {name} to {iface} ({direction})")]
+    Attach {
+        name: &'static str,
+        iface: String,
+        direction: Direction,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot read map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot set up forwarding of the eBPF programs' log")]
+    Logger(#[source] aya_log::Error),
+    #[error(transparent)]
+    Interface(#[from] crate::net::link::LinkError),
+    #[error(transparent)]
+    Netns(#[from] crate::net::NetnsError),
+}
+
+/// Loads the object, with its maps created fresh (not pinned).
+fn load() -> Result<Ebpf, DatapathError> {
+    if OBJECT.is_empty() {
+        return Err(DatapathError::NotBuilt);
+    }
+    EbpfLoader::new().load(OBJECT).map_err(DatapathError::Load)
+}
+
+/// True when this binary carries a real eBPF object.
+pub fn object_available() -> bool {
+    !OBJECT.is_empty()
+}

@@ -1,0 +1,10 @@
+//! Kernel network objects, one module each, configured over netlink (never by running `ip`).
+
+pub mod addr;
+pub mod link;
+pub mod netlink;
+pub mod netns;
+pub mod veth;
+
+pub use netlink::{Netlink, NetlinkError};
+pub use netns::{NetNs, NetnsError};

@@ -1,0 +1,53 @@
+//! veth pairs, optionally with the peer created directly in another namespace.
+
+use std::os::fd::{AsRawFd as _, BorrowedFd};
+
+use rtnetlink::{
+    LinkMessageBuilder, LinkUnspec, LinkVeth,
+    packet_route::link::{InfoData, InfoKind, InfoVeth},
+};
+
+use super::{Netlink, link};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VethError {
+    #[error(transparent)]
+    Name(#[from] link::LinkError),
+    #[error("cannot create veth pair {name} <-> {peer}")]
+    Create {
+        name: String,
+        peer: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// Creates the veth pair `name` <-> `peer` in `nl`'s namespace; `peer_ns` moves the peer into
+/// another namespace as part of the same request, so no half-made pair is ever visible.
+pub async fn create(
+    nl: &Netlink,
+    name: &str,
+    peer: &str,
+    peer_ns: Option<BorrowedFd<'_>>,
+) -> Result<(), VethError> {
+    link::validate_name(name)?;
+    link::validate_name(peer)?;
+    let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_owned());
+    if let Some(fd) = peer_ns {
+        peer_msg = peer_msg.setns_by_fd(fd.as_raw_fd());
+    }
+    let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(name.to_owned())
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
+        .build();
+    nl.handle()
+        .link()
+        .add(message)
+        .execute()
+        .await
+        .map_err(|source| VethError::Create {
+            name: name.into(),
+            peer: peer.into(),
+            source,
+        })
+}

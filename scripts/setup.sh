@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Installs everything micropod needs to build, test and run its demo, and only what is missing:
+#   - Debian packages (apt-get, once, only if one is missing)
+#   - rustup (if absent), the userspace toolchain pinned in rust-toolchain.toml, and the dated
+#     nightly (with rust-src) pinned in micropod-ebpf/rust-toolchain.toml
+#   - bpf-linker, built against that nightly's own libLLVM so both use the same LLVM
+#   - bpffs at /sys/fs/bpf
+# Safe to run again: on a ready machine it checks and exits in seconds.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BPF_LINKER_VERSION=0.13.0
+# Debian packages the build, the tests and the demo use.
+DEBIAN_PACKAGES=(ca-certificates curl gcc libc6-dev iproute2)
+
+say() { printf '==> %s\n' "$*" >&2; }
+started=$SECONDS
+
+export CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}"
+export RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}"
+export PATH="$CARGO_HOME/bin:$PATH"
+
+# --- Debian packages --------------------------------------------------------------------------
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "Debian packages present"
+fi
+
+# --- rustup and toolchains --------------------------------------------------------------------
+if ! command -v rustup >/dev/null; then
+  say "installing rustup into $CARGO_HOME"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  curl --proto '=https' --tlsv1.2 -sSf -o "$tmp/rustup-init" \
+    https://static.rust-lang.org/rustup/dist/x86_64-unknown-linux-gnu/rustup-init
+  chmod +x "$tmp/rustup-init"
+  "$tmp/rustup-init" -y --no-modify-path --profile minimal --default-toolchain none >/dev/null
+fi
+rustup set auto-self-update disable >/dev/null 2>&1 || true
+
+channel() { sed -n 's/^channel *= *"\(.*\)"/\1/p' "$1"; }
+components() { sed -n 's/^components *= *\[\(.*\)\]/\1/p' "$1" | tr -d '" ' | tr ',' ' '; }
+
+ensure_toolchain() { # file
+  local file=$1 tc comps have missing_comps=() c
+  tc=$(channel "$file")
+  read -r -a comps <<<"$(components "$file")"
+  if rustup run "$tc" rustc --version >/dev/null 2>&1; then
+    have=$(rustup component list --toolchain "$tc" --installed 2>/dev/null)
+    for c in "${comps[@]}"; do grep -q "^$c" <<<"$have" || missing_comps+=("$c"); done
+    if ((${#missing_comps[@]} == 0)); then
+      say "toolchain $tc present"
+      return
+    fi
+  fi
+  say "installing toolchain $tc (${comps[*]})"
+  local args=()
+  for c in "${comps[@]}"; do args+=(-c "$c"); done
+  rustup toolchain install "$tc" --profile minimal "${args[@]}" >/dev/null
+}
+ensure_toolchain rust-toolchain.toml
+ensure_toolchain micropod-ebpf/rust-toolchain.toml
+USER_TC=$(channel rust-toolchain.toml)
+EBPF_TC=$(channel micropod-ebpf/rust-toolchain.toml)
+
+# --- bpf-linker against the nightly's libLLVM ------------------------------------------------
+sysroot=$(rustup run "$EBPF_TC" rustc --print sysroot)
+llvm_major=$(rustup run "$EBPF_TC" rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+libllvm=$(cd "$sysroot/lib" && ls libLLVM.so."$llvm_major".* 2>/dev/null | head -n1 || true)
+if [[ -z $libllvm ]]; then
+  echo "error: no libLLVM.so.$llvm_major.* in $sysroot/lib; reinstall $EBPF_TC" >&2
+  exit 1
+fi
+# llvm-sys links against the unversioned name.
+[[ $(readlink "$sysroot/lib/libLLVM.so" 2>/dev/null) == "$libllvm" ]] ||
+  ln -sfn "$libllvm" "$sysroot/lib/libLLVM.so"
+
+linker_ok() {
+  local bin=$CARGO_HOME/bin/bpf-linker
+  [[ -x $bin ]] || return 1
+  "$bin" --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION" || return 1
+  # It must load this nightly's libLLVM (the path is baked in at build time).
+  ldd "$bin" 2>/dev/null | grep -q "libLLVM.* => $sysroot/lib/"
+}
+if linker_ok; then
+  say "bpf-linker $BPF_LINKER_VERSION (LLVM $llvm_major) present"
+else
+  say "building bpf-linker $BPF_LINKER_VERSION against $EBPF_TC's LLVM $llvm_major (takes a few minutes)"
+  LLVM_PREFIX=$sysroot rustup run "$USER_TC" cargo install --locked --force \
+    "bpf-linker@$BPF_LINKER_VERSION" --no-default-features --features "llvm-$llvm_major"
+  linker_ok || { echo "error: bpf-linker built but does not load $sysroot/lib/$libllvm" >&2; exit 1; }
+fi
+
+# --- bpffs ------------------------------------------------------------------------------------
+if [[ $(id -u) == 0 ]] && ! mountpoint -q /sys/fs/bpf; then
+  say "mounting bpffs at /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+say "setup done in $((SECONDS - started))s"

@@ -1,0 +1,181 @@
+//! Test support: namespace guards and small labs built from them.
+//!
+//! Every privileged test builds its own namespaces through [`NsGuard`], so tests run in
+//! parallel and never touch the machine's own network namespace. Guards remove their namespace
+//! on drop, on the panic path too.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use ipnetwork::IpNetwork;
+use micropod::net::{NetNs, Netlink, addr, link, veth};
+
+/// A named network namespace for one test, with `lo` up; removed on drop.
+pub struct NsGuard {
+    ns: Option<NetNs>,
+}
+
+impl NsGuard {
+    /// Creates `/run/netns/mpt-<pid>-<n>-<tag>` and brings its loopback up.
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("mpt-{}-{n}-{tag}", std::process::id());
+        let ns = NetNs::create(&name).unwrap_or_else(|e| panic!("creating netns {name}: {e:?}"));
+        let guard = Self { ns: Some(ns) };
+        block_on(async {
+            let nl = guard.netlink();
+            link::set_up(&nl, "lo").await.expect("bringing lo up");
+        });
+        guard
+    }
+
+    pub fn ns(&self) -> &NetNs {
+        self.ns.as_ref().expect("namespace present until drop")
+    }
+
+    pub fn path(&self) -> &Path {
+        self.ns().path()
+    }
+
+    /// A netlink connection into this namespace; call inside a tokio runtime.
+    pub fn netlink(&self) -> Netlink {
+        Netlink::connect_in(self.ns()).expect("netlink connection into the test namespace")
+    }
+
+    /// Runs `f` inside the namespace (on a thread that entered it with setns).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.ns().run(f).expect("entering the test namespace")
+    }
+
+    /// A UDP socket bound to `addr` inside the namespace.
+    pub fn udp(&self, addr: SocketAddr) -> UdpSocket {
+        self.run(|| UdpSocket::bind(addr))
+            .unwrap_or_else(|e| panic!("binding UDP {addr} in {}: {e}", self.path().display()))
+    }
+}
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        if let Some(ns) = self.ns.take() {
+            let path = ns.path().to_path_buf();
+            if let Err(e) = ns.remove() {
+                eprintln!(
+                    "warning: cannot remove test namespace {}: {e:?}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Runs a future to completion on a fresh current-thread runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+/// Two namespaces joined by a veth pair: `a`'s `veth-a` <-> `b`'s `veth-b`, both up, with the
+/// given addresses.
+pub struct VethLab {
+    pub a: NsGuard,
+    pub b: NsGuard,
+}
+
+impl VethLab {
+    pub const A_IF: &'static str = "veth-a";
+    pub const B_IF: &'static str = "veth-b";
+
+    pub fn new(a_addrs: &[IpNetwork], b_addrs: &[IpNetwork]) -> Self {
+        let lab = Self {
+            a: NsGuard::new("a"),
+            b: NsGuard::new("b"),
+        };
+        block_on(async {
+            let nl_a = lab.a.netlink();
+            let nl_b = lab.b.netlink();
+            veth::create(
+                &nl_a,
+                Self::A_IF,
+                Self::B_IF,
+                Some(std::os::fd::AsFd::as_fd(lab.b.ns())),
+            )
+            .await
+            .expect("creating the veth pair");
+            for (nl, name, addrs) in [(&nl_a, Self::A_IF, a_addrs), (&nl_b, Self::B_IF, b_addrs)] {
+                for &ip in addrs {
+                    addr::add(nl, name, ip).await.expect("adding an address");
+                }
+                link::set_up(nl, name).await.expect("bringing the veth up");
+            }
+        });
+        lab
+    }
+}
+
+/// Sends datagrams from `from` to `to` until one arrives (ARP resolved, link running), then
+/// drains `to`. Use before measuring, so warm-up traffic is not part of the measurement.
+pub fn warm_up(from: &UdpSocket, to: &UdpSocket) {
+    let dest = to.local_addr().expect("receiver address");
+    to.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 2048];
+    loop {
+        from.send_to(b"warm-up", dest)
+            .expect("sending warm-up datagram");
+        if to.recv_from(&mut buf).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no datagram reached {dest} within 10 s"
+        );
+    }
+    // Anything else still in flight from the retries.
+    while to.recv_from(&mut buf).is_ok() {}
+}
+
+/// Sends `count` datagrams of `payload` bytes and checks that `to` receives all of them.
+pub fn send_and_confirm(from: &UdpSocket, to: &UdpSocket, count: usize, payload: usize) {
+    let dest = to.local_addr().expect("receiver address");
+    to.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let data = vec![0xa5u8; payload];
+    let mut buf = vec![0u8; payload + 1];
+    for i in 0..count {
+        from.send_to(&data, dest).expect("sending datagram");
+        // One at a time: never overflows a queue, so "sent" really means "on the wire".
+        let (n, _) = to
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} of {count} to {dest} lost: {e}"));
+        assert_eq!(n, payload, "datagram {i} truncated");
+    }
+}
+
+/// The `micropod` binary next to the test executable (`cargo xtask test` builds it);
+/// `MICROPOD_BIN` overrides.
+pub fn micropod_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MICROPOD_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("micropod");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "no micropod binary near {}; run `cargo build -p micropod` first (cargo xtask test does) or set MICROPOD_BIN",
+        exe.display()
+    );
+}

@@ -1,0 +1,163 @@
+//! `cargo xtask setup | test | demo`: the project's tasks.
+//!
+//! `setup` installs toolchains, bpf-linker and Debian packages (scripts/setup.sh, which `./dev`
+//! also runs before anything else, since cargo itself may not exist yet).
+
+use std::{
+    borrow::BorrowMut,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install toolchains, bpf-linker and Debian packages (idempotent).
+    Setup,
+    /// Format check, clippy (host and bpf), unit tests, privileged integration tests.
+    Test {
+        /// Extra arguments for the integration test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        filter: Vec<String>,
+    },
+    /// Build micropod and run the demo in a lab of network namespaces.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = project_root();
+    std::env::set_current_dir(&root)?;
+    match Cli::parse().task {
+        Task::Setup => run(Command::new("bash").arg(root.join("scripts/setup.sh"))),
+        Task::Test { filter } => test(&root, &filter),
+        Task::Demo => demo(&root),
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// The channel pinned in a rust-toolchain.toml.
+fn pinned_channel(file: &Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .find_map(|l| {
+            let v = l.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
+            Some(v.trim().trim_matches('"').to_owned())
+        })
+        .with_context(|| format!("no channel in {}", file.display()))
+}
+
+fn step(name: &str) {
+    eprintln!("\n==> {name}");
+}
+
+fn run(mut cmd: impl BorrowMut<Command>) -> anyhow::Result<()> {
+    let cmd = cmd.borrow_mut();
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new("cargo");
+    cmd.args(args);
+    cmd
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    step("cargo fmt --check");
+    run(cargo(["fmt", "--all", "--check"]))?;
+
+    step("clippy: host crates");
+    run(cargo([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "micropod-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    step("clippy: eBPF crate on bpfel-unknown-none");
+    let nightly = pinned_channel(&root.join("micropod-ebpf/rust-toolchain.toml"))?;
+    run(Command::new("rustup")
+        .args([
+            "run",
+            &nightly,
+            "cargo",
+            "clippy",
+            "--package",
+            "micropod-ebpf",
+            "--release",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/bpf-clippy", "--", "-D", "warnings"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"",
+        )
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC"))?;
+
+    step("unit tests, unprivileged and without the eBPF object (AYA_BUILD_SKIP=1)");
+    // A target dir of their own, so the skip build and the real build do not evict each other.
+    run(cargo(["test", "--target-dir", "target/skip-ebpf"]).env("AYA_BUILD_SKIP", "1"))?;
+
+    step("privileged integration tests (tests/), each in namespaces it creates");
+    if !is_root() {
+        bail!("the integration tests create network namespaces and load eBPF: run as root");
+    }
+    run(cargo(["build", "--package", "micropod", "--bins"]))?;
+    run(cargo(["test", "--package", "micropod-tests", "--"]).args(filter))?;
+
+    eprintln!("\nall checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn demo(_root: &Path) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the demo creates network namespaces and loads eBPF: run it as root");
+    }
+    step("building micropod and the demo");
+    run(cargo([
+        "build",
+        "--package",
+        "micropod",
+        "--package",
+        "micropod-tests",
+        "--bins",
+    ]))?;
+    step("running the demo");
+    run(Command::new("target/debug/micropod-demo"))
+}
