@@ -10,13 +10,14 @@ use std::{
 };
 
 use ipnetwork::{IpNetwork, Ipv4Network};
-use micropod::datapath::{Direction, SourceCounter};
+use micropod::datapath::{Direction, SourceCounter, read_pinned_counters};
 use micropod_common::PacketCounters;
-use micropod_tests::{VethLab, micropod_bin, send_and_confirm, warm_up};
+use micropod_tests::{TestDirs, VethLab, micropod_bin, send_and_confirm, warm_up};
 
-const A1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const A2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
-const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+// TEST-NET-1 (RFC 5737): only ever inside the test's own namespaces.
+const A1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const A2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+const B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// Ethernet + IPv4 + UDP headers: what the TC hook sees around each payload.
 const FRAME_OVERHEAD: u64 = 14 + 20 + 8;
 
@@ -136,6 +137,33 @@ fn detaches_when_dropped() {
 }
 
 #[test]
+fn pinned_counters_outlive_the_loader() {
+    let lab = lab();
+    let dirs = TestDirs::new("pin");
+    let rx = lab.b.udp(SocketAddr::new(B.into(), 9000));
+    let tx = lab.a.udp(SocketAddr::new(A2.into(), 0));
+    warm_up(&tx, &rx);
+
+    let pin = dirs.pins.join("src_counters");
+    let mut counter = SourceCounter::load().expect("loading count_src");
+    counter
+        .attach(lab.b.ns(), VethLab::B_IF, Direction::Ingress)
+        .expect("attaching count_src");
+    counter.pin_counters(&pin).expect("pinning the map");
+    send_and_confirm(&tx, &rx, 20, 300);
+    drop(counter);
+
+    // Another reader, after the program is detached, sees the same numbers through the pin;
+    // traffic sent now is not counted.
+    send_and_confirm(&tx, &rx, 5, 300);
+    let counters = read_pinned_counters(&pin).expect("reading the pinned map");
+    assert_eq!(
+        counters.into_iter().collect::<Vec<_>>(),
+        vec![(A2, expected(20, 300))]
+    );
+}
+
+#[test]
 fn cli_reports_counts_as_json() {
     let lab = lab();
     let rx = lab.b.udp(SocketAddr::new(B.into(), 9000));
@@ -176,7 +204,7 @@ fn cli_reports_counts_as_json() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
     assert_eq!(
         json["sources"],
-        serde_json::json!([{"addr": "10.0.0.1", "packets": 25, "bytes": 25 * (FRAME_OVERHEAD + 100)}]),
+        serde_json::json!([{"addr": "192.0.2.1", "packets": 25, "bytes": 25 * (FRAME_OVERHEAD + 100)}]),
         "{json}"
     );
 }

@@ -12,8 +12,9 @@ use anyhow::{Context as _, bail};
 use ipnetwork::{IpNetwork, Ipv4Network};
 use micropod_tests::{VethLab, micropod_bin, send_and_confirm, warm_up};
 
-const PEER_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 3)];
-const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+// TEST-NET-1 (RFC 5737): these addresses exist only inside the demo's namespaces.
+const PEER_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 3)];
+const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// (source, datagrams, payload bytes)
 const TRAFFIC: [(Ipv4Addr, u64, u64); 2] = [(PEER_ADDRS[0], 40, 200), (PEER_ADDRS[1], 15, 1200)];
 
@@ -30,7 +31,8 @@ fn main() -> ExitCode {
 fn demo() -> anyhow::Result<()> {
     let net = |ip| IpNetwork::V4(Ipv4Network::new(ip, 24).expect("valid /24"));
     println!(
-        "Building a lab: namespace 'peer' (10.0.0.1, 10.0.0.3) --veth-- namespace 'host' (10.0.0.2)"
+        "Building a lab: namespace 'peer' ({}, {}) --veth-- namespace 'host' ({HOST_ADDR})",
+        PEER_ADDRS[0], PEER_ADDRS[1]
     );
     let lab = VethLab::new(&PEER_ADDRS.map(net), &[net(HOST_ADDR)]);
     println!(

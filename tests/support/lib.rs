@@ -73,6 +73,40 @@ impl Drop for NsGuard {
     }
 }
 
+/// A state dir and a BPF pin dir of one test's own, so tests never share state or pins;
+/// both are removed on drop.
+pub struct TestDirs {
+    pub state: PathBuf,
+    pub pins: PathBuf,
+}
+
+impl TestDirs {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("micropod-test-{}-{n}-{tag}", std::process::id());
+        let dirs = Self {
+            state: std::env::temp_dir().join(&id),
+            pins: Path::new("/sys/fs/bpf").join(&id),
+        };
+        for dir in [&dirs.state, &dirs.pins] {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("creating {} (is bpffs mounted?): {e}", dir.display()));
+        }
+        dirs
+    }
+}
+
+impl Drop for TestDirs {
+    fn drop(&mut self) {
+        for dir in [&self.state, &self.pins] {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                eprintln!("warning: cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
 /// Runs a future to completion on a fresh current-thread runtime.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()

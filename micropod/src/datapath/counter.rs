@@ -1,10 +1,10 @@
 //! `count_src`: per-IPv4-source packet and byte counters on one interface.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{borrow::Borrow, collections::BTreeMap, fmt, net::Ipv4Addr, path::Path};
 
 use aya::{
     Ebpf,
-    maps::PerCpuHashMap,
+    maps::{Map, MapData, PerCpuHashMap},
     programs::{SchedClassifier, TcAttachType},
 };
 use aya_log::EbpfLogger;
@@ -106,31 +106,64 @@ impl SourceCounter {
 
     /// The counters so far, summed over CPUs, by source address.
     pub fn counters(&self) -> Result<BTreeMap<Ipv4Addr, PacketCounters>, DatapathError> {
-        let map_err = |source| DatapathError::Map {
-            name: SRC_COUNTERS_MAP,
-            source,
-        };
         let map = self
             .ebpf
             .map(SRC_COUNTERS_MAP)
             .ok_or(DatapathError::MissingMap(SRC_COUNTERS_MAP))?;
-        let map: PerCpuHashMap<_, Ipv4SrcKey, PacketCounters> =
-            PerCpuHashMap::try_from(map).map_err(map_err)?;
-        map.iter()
-            .map(|entry| {
-                let (key, per_cpu) = entry.map_err(map_err)?;
-                let total = per_cpu
-                    .iter()
-                    .fold(PacketCounters::default(), |sum, c| sum.add(*c));
-                Ok((Ipv4Addr::from(key.addr), total))
+        sum_per_cpu(&PerCpuHashMap::try_from(map).map_err(map_error)?)
+    }
+
+    /// Pins the counter map at `path` (on bpffs) so other processes can read it, also after
+    /// this value is gone, until the pin is removed.
+    pub fn pin_counters(&self, path: &Path) -> Result<(), DatapathError> {
+        self.ebpf
+            .map(SRC_COUNTERS_MAP)
+            .ok_or(DatapathError::MissingMap(SRC_COUNTERS_MAP))?
+            .pin(path)
+            .map_err(|source| DatapathError::Pin {
+                path: path.to_path_buf(),
+                source,
             })
-            .collect()
     }
 
     /// Forwards what the programs logged since the last call.
     pub fn flush_logs(&mut self) {
         self.logger.flush();
     }
+}
+
+/// Reads a counter map pinned with [`SourceCounter::pin_counters`].
+pub fn read_pinned_counters(
+    path: &Path,
+) -> Result<BTreeMap<Ipv4Addr, PacketCounters>, DatapathError> {
+    let open_err = |source| DatapathError::OpenPinned {
+        path: path.to_path_buf(),
+        source,
+    };
+    let map = Map::from_map_data(MapData::from_pin(path).map_err(open_err)?).map_err(open_err)?;
+    sum_per_cpu(&PerCpuHashMap::try_from(map).map_err(open_err)?)
+}
+
+fn map_error(source: aya::maps::MapError) -> DatapathError {
+    DatapathError::Map {
+        name: SRC_COUNTERS_MAP,
+        source,
+    }
+}
+
+/// Folds each key's per-CPU values into one total.
+fn sum_per_cpu<T: Borrow<MapData>>(
+    map: &PerCpuHashMap<T, Ipv4SrcKey, PacketCounters>,
+) -> Result<BTreeMap<Ipv4Addr, PacketCounters>, DatapathError> {
+    map.iter()
+        .map(|entry| {
+            let (key, per_cpu) = entry.map_err(map_error)?;
+            let total = per_cpu
+                .iter()
+                .fold(PacketCounters::default(), |sum, c| sum.add(*c));
+            Ok((Ipv4Addr::from(key.addr), total))
+        })
+        .collect()
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {

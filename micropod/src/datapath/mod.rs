@@ -2,7 +2,7 @@
 
 mod counter;
 
-pub use counter::{Direction, SourceCounter};
+pub use counter::{Direction, SourceCounter, read_pinned_counters};
 
 use aya::{Ebpf, EbpfLoader};
 
@@ -46,6 +46,18 @@ pub enum DatapathError {
     #[error("cannot read map {name}")]
     Map {
         name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot pin a map at {path} (is bpffs mounted at /sys/fs/bpf?)")]
+    Pin {
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot open the pinned map {path}")]
+    OpenPinned {
+        path: std::path::PathBuf,
         #[source]
         source: aya::maps::MapError,
     },
