@@ -3,16 +3,15 @@
 //! Needs root and a micropod built with its eBPF object (`cargo xtask test`).
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
-    process::{Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
 };
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use micropod::datapath::{Direction, SourceCounter, read_pinned_counters};
 use micropod_common::PacketCounters;
-use micropod_tests::{TestDirs, VethLab, micropod_bin, send_and_confirm, warm_up};
+use micropod_tests::{CountSources, TestDirs, VethLab, micropod_bin, send_and_confirm, warm_up};
 
 // TEST-NET-1 (RFC 5737): only ever inside the test's own namespaces.
 const A1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -170,36 +169,10 @@ fn cli_reports_counts_as_json() {
     let tx = lab.a.udp(SocketAddr::new(A1.into(), 0));
     warm_up(&tx, &rx);
 
-    let mut child = Command::new(micropod_bin())
-        .args([
-            "count-sources",
-            "--iface",
-            VethLab::B_IF,
-            "--duration",
-            "3",
-            "--json",
-            "--netns",
-        ])
-        .arg(lab.b.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting micropod");
-    // The CLI says when it is counting; only then send.
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = stderr
-            .read_line(&mut line)
-            .expect("reading micropod's stderr");
-        assert!(n > 0, "micropod exited before counting");
-        if line.starts_with("counting") {
-            break;
-        }
-    }
+    // Traffic starts only once the CLI says it is counting.
+    let run = CountSources::start(lab.b.path(), VethLab::B_IF, 3, true).expect("starting micropod");
     send_and_confirm(&tx, &rx, 25, 100);
-    let out = child.wait_with_output().expect("waiting for micropod");
+    let (out, _) = run.finish().expect("waiting for micropod");
     assert!(out.status.success(), "micropod failed: {out:?}");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
     assert_eq!(

@@ -3,14 +3,13 @@
 //! checked against what was sent. Everything it makes is removed when it ends, on error too.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
-    process::{Command, ExitCode, Stdio},
+    process::ExitCode,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use ipnetwork::{IpNetwork, Ipv4Network};
-use micropod_tests::{VethLab, micropod_bin, send_and_confirm, warm_up};
+use micropod_tests::{CountSources, VethLab, send_and_confirm, warm_up};
 
 // TEST-NET-1 (RFC 5737): these addresses exist only inside the demo's namespaces.
 const PEER_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 3)];
@@ -50,43 +49,15 @@ fn demo() -> anyhow::Result<()> {
         warm_up(tx, &rx);
     }
 
-    let bin = micropod_bin();
     println!(
         "\n$ micropod count-sources --netns {} --iface {} --duration 3",
         lab.b.path().display(),
         VethLab::B_IF
     );
-    let mut child = Command::new(&bin)
-        .args([
-            "count-sources",
-            "--iface",
-            VethLab::B_IF,
-            "--duration",
-            "3",
-            "--netns",
-        ])
-        .arg(lab.b.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if stderr.read_line(&mut line)? == 0 {
-            let out = child.wait_with_output()?;
-            bail!(
-                "micropod exited before counting: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
+    let run = CountSources::start(lab.b.path(), VethLab::B_IF, 3, false)?;
+    for line in &run.started {
         eprint!("  {line}");
-        if line.starts_with("counting") {
-            break;
-        }
     }
-
     for ((src, count, payload), tx) in TRAFFIC.iter().zip(&senders) {
         println!("  sending {count} UDP datagrams of {payload} bytes from {src}");
         send_and_confirm(
@@ -96,9 +67,9 @@ fn demo() -> anyhow::Result<()> {
             usize::try_from(*payload)?,
         );
     }
-    let out = child.wait_with_output()?;
-    for line in stderr.lines() {
-        eprintln!("  {}", line?);
+    let (out, logs) = run.finish()?;
+    for line in logs {
+        eprintln!("  {line}");
     }
     if !out.status.success() {
         bail!("micropod count-sources failed: {}", out.status);

@@ -5,8 +5,10 @@
 //! on drop, on the panic path too.
 
 use std::{
+    io::{self, BufRead as _, BufReader},
     net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
+    process::{Child, ChildStderr, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -212,4 +214,63 @@ pub fn micropod_bin() -> PathBuf {
         "no micropod binary near {}; run `cargo build -p micropod` first (cargo xtask test does) or set MICROPOD_BIN",
         exe.display()
     );
+}
+
+/// `micropod count-sources` running in the background, past its "counting" line, so traffic
+/// sent from now on is counted.
+pub struct CountSources {
+    child: Child,
+    stderr: BufReader<ChildStderr>,
+    /// What it printed on stderr up to and including the "counting" line.
+    pub started: Vec<String>,
+}
+
+impl CountSources {
+    pub fn start(netns: &Path, iface: &str, seconds: u32, json: bool) -> io::Result<Self> {
+        let mut cmd = Command::new(micropod_bin());
+        cmd.args([
+            "count-sources",
+            "--iface",
+            iface,
+            "--duration",
+            &seconds.to_string(),
+        ])
+        .arg("--netns")
+        .arg(netns)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd.spawn()?;
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+        let mut started = Vec::new();
+        loop {
+            let mut line = String::new();
+            if stderr.read_line(&mut line)? == 0 {
+                let status = child.wait()?;
+                return Err(io::Error::other(format!(
+                    "micropod count-sources exited ({status}) before counting: {}",
+                    started.concat()
+                )));
+            }
+            let counting = line.starts_with("counting");
+            started.push(line);
+            if counting {
+                return Ok(Self {
+                    child,
+                    stderr,
+                    started,
+                });
+            }
+        }
+    }
+
+    /// Waits for the end; returns its output (stdout) and the rest of its stderr.
+    pub fn finish(self) -> io::Result<(Output, Vec<String>)> {
+        let Self { child, stderr, .. } = self;
+        let output = child.wait_with_output()?;
+        let rest = stderr.lines().collect::<io::Result<_>>()?;
+        Ok((output, rest))
+    }
 }
