@@ -128,11 +128,37 @@ fn detaches_when_dropped() {
         .expect("attaching count_src again");
     send_and_confirm(&tx, &rx, 10, 10);
     assert_eq!(second.counters().unwrap().get(&A1), Some(&expected(10, 10)));
+    assert_eq!(
+        tcx_ingress_programs(&lab),
+        1,
+        "exactly one program on veth-b ingress"
+    );
+}
+
+fn tcx_ingress_programs(lab: &VethLab) -> usize {
     let attached = lab.b.run(|| {
         aya::programs::SchedClassifier::query_tcx(c"veth-b", aya::programs::TcAttachType::Ingress)
     });
-    let (_revision, programs) = attached.expect("querying TCX programs");
-    assert_eq!(programs.len(), 1, "exactly one program on veth-b ingress");
+    attached.expect("querying TCX programs").1.len()
+}
+
+#[test]
+fn killed_cli_leaves_no_program_behind() {
+    let lab = lab();
+    let run =
+        CountSources::start(lab.b.path(), VethLab::B_IF, 60, false).expect("starting micropod");
+    assert_eq!(
+        tcx_ingress_programs(&lab),
+        1,
+        "count_src attached while the CLI runs"
+    );
+    run.kill().expect("killing micropod");
+    // The TCX link is an fd of the process: the kernel detaches when the process dies.
+    assert_eq!(
+        tcx_ingress_programs(&lab),
+        0,
+        "program left on veth-b after kill -9"
+    );
 }
 
 #[test]

@@ -266,6 +266,12 @@ impl CountSources {
         }
     }
 
+    /// Ends it with SIGKILL (our own child, by PID) and reaps it.
+    pub fn kill(mut self) -> io::Result<()> {
+        self.child.kill()?;
+        self.child.wait().map(drop)
+    }
+
     /// Waits for the end; returns its output (stdout) and the rest of its stderr.
     pub fn finish(self) -> io::Result<(Output, Vec<String>)> {
         let Self { child, stderr, .. } = self;

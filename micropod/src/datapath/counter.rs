@@ -83,7 +83,8 @@ impl SourceCounter {
         Ok(Self { ebpf, logger })
     }
 
-    /// Attaches to `iface` in `ns` (TCX, so other programs on the hook are left alone).
+    /// Attaches to `iface` in `ns` with TCX (kernel >= 6.6), next to any other programs on the
+    /// hook. The link belongs to this value: dropping it, or the process ending, detaches.
     pub fn attach(
         &mut self,
         ns: &NetNs,

@@ -137,15 +137,19 @@ impl NetNs {
             let _ = fs::remove_file(&path);
             return Err(err);
         }
-        let file = File::open(&path).map_err(|source| NetnsError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Self {
-            path,
-            file,
-            owned_mount: true,
-        })
+        match File::open(&path) {
+            Ok(file) => Ok(Self {
+                path,
+                file,
+                owned_mount: true,
+            }),
+            Err(source) => {
+                // Best effort: undo the mount we just made so nothing is left half-made.
+                let _ = umount2(&path, MntFlags::MNT_DETACH);
+                let _ = fs::remove_file(&path);
+                Err(NetnsError::Open { path, source })
+            }
+        }
     }
 
     /// Opens an existing network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`, …) and
@@ -274,10 +278,12 @@ fn prepare_run_dir() -> Result<(), NetnsError> {
 }
 
 fn is_netns(file: &File) -> bool {
-    let on_nsfs = fstatfs(file).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC);
+    if !fstatfs(file).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC) {
+        return false;
+    }
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd, which `file` keeps open.
     let ns_type = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
-    on_nsfs && ns_type == libc::CLONE_NEWNET
+    ns_type == libc::CLONE_NEWNET
 }
 
 #[cfg(test)]
