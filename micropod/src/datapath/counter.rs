@@ -107,24 +107,24 @@ impl SourceCounter {
 
     /// The counters so far, summed over CPUs, by source address.
     pub fn counters(&self) -> Result<BTreeMap<Ipv4Addr, PacketCounters>, DatapathError> {
-        let map = self
-            .ebpf
-            .map(SRC_COUNTERS_MAP)
-            .ok_or(DatapathError::MissingMap(SRC_COUNTERS_MAP))?;
-        sum_per_cpu(&PerCpuHashMap::try_from(map).map_err(map_error)?)
+        sum_per_cpu(&PerCpuHashMap::try_from(self.counter_map()?).map_err(map_error)?)
     }
 
     /// Pins the counter map at `path` (on bpffs) so other processes can read it, also after
     /// this value is gone, until the pin is removed.
     pub fn pin_counters(&self, path: &Path) -> Result<(), DatapathError> {
-        self.ebpf
-            .map(SRC_COUNTERS_MAP)
-            .ok_or(DatapathError::MissingMap(SRC_COUNTERS_MAP))?
+        self.counter_map()?
             .pin(path)
             .map_err(|source| DatapathError::Pin {
                 path: path.to_path_buf(),
                 source,
             })
+    }
+
+    fn counter_map(&self) -> Result<&Map, DatapathError> {
+        self.ebpf
+            .map(SRC_COUNTERS_MAP)
+            .ok_or(DatapathError::MissingMap(SRC_COUNTERS_MAP))
     }
 
     /// Forwards what the programs logged since the last call.

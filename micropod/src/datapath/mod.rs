@@ -76,8 +76,3 @@ fn load() -> Result<Ebpf, DatapathError> {
     }
     EbpfLoader::new().load(OBJECT).map_err(DatapathError::Load)
 }
-
-/// True when this binary carries a real eBPF object.
-pub fn object_available() -> bool {
-    !OBJECT.is_empty()
-}

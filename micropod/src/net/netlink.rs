@@ -11,8 +11,6 @@ use super::netns::{NetNs, NetnsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    #[error("cannot open a route-netlink socket")]
-    Connect(#[source] io::Error),
     #[error("cannot open a route-netlink socket in {path}")]
     ConnectIn {
         path: PathBuf,
@@ -30,13 +28,6 @@ pub struct Netlink {
 }
 
 impl Netlink {
-    /// Connects to the calling thread's namespace. Must run inside a tokio runtime.
-    pub fn connect() -> Result<Self, NetlinkError> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
-        tokio::spawn(connection);
-        Ok(Self { handle })
-    }
-
     /// Connects to `ns`. Must run inside a tokio runtime.
     pub fn connect_in(ns: &NetNs) -> Result<Self, NetlinkError> {
         let runtime = tokio::runtime::Handle::current();
