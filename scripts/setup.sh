@@ -11,7 +11,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BPF_LINKER_VERSION=0.13.0
 # Debian packages the build, the tests and the demo use.
-DEBIAN_PACKAGES=(ca-certificates curl gcc libc6-dev iproute2)
+DEBIAN_PACKAGES=(
+  ca-certificates curl gcc libc6-dev pkg-config iproute2 util-linux
+  libnftnl-dev libmnl-dev   # nf_tables over netlink (the nftnl and mnl crates link these)
+  nftables                  # tests read the ruleset back with an independent tool
+  containernetworking-plugins # the reference CNI bridge + host-local for `cargo xtask bench attach`
+)
 
 say() { printf '==> %s\n' "$*" >&2; }
 started=$SECONDS

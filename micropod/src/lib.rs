@@ -6,4 +6,6 @@
 //! - [`datapath`]: the eBPF programs from `micropod-ebpf`, loaded and attached with aya.
 
 pub mod datapath;
+pub mod ipam;
 pub mod net;
+pub mod state;

@@ -4,6 +4,8 @@ pub mod addr;
 pub mod link;
 pub mod netlink;
 pub mod netns;
+pub mod nftables;
+pub mod tap;
 pub mod veth;
 
 pub use netlink::{Netlink, NetlinkError};

@@ -1,0 +1,1 @@
+//! IPv4 address management for one subnet (placeholder, being written).

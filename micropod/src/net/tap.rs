@@ -1,0 +1,1 @@
+//! Persistent TAP devices through the `/dev/net/tun` ioctls (placeholder, being written).

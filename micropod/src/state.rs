@@ -1,0 +1,1 @@
+//! The state dir: one lock, atomic JSON documents (placeholder, being written).
