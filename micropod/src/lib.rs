@@ -8,4 +8,5 @@
 pub mod datapath;
 pub mod ipam;
 pub mod net;
+pub mod network;
 pub mod state;

@@ -1,8 +1,9 @@
 //! Argument parsing and output. Every command's work is in the library.
 
 mod count_sources;
+mod network;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -12,6 +13,12 @@ struct Cli {
     /// Log level filter (error, warn, info, debug, trace), as in RUST_LOG.
     #[arg(long, global = true, env = "MICROPOD_LOG", default_value = "info")]
     log: String,
+    /// Where micropod keeps its records and lock.
+    #[arg(long, global = true, env = "MICROPOD_STATE_DIR", default_value = micropod::network::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Where micropod pins BPF objects (on a bpffs mount).
+    #[arg(long, global = true, env = "MICROPOD_BPF_DIR", default_value = micropod::network::DEFAULT_BPF_DIR)]
+    bpf_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,6 +27,14 @@ struct Cli {
 enum Command {
     /// Count packets and bytes per IPv4 source on one interface with the eBPF counter.
     CountSources(count_sources::Args),
+    /// The bridge network and its endpoints.
+    #[command(subcommand)]
+    Network(network::Command),
+    /// Release endpoints whose owner is gone (also done before every change).
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -28,8 +43,11 @@ pub fn main() -> ExitCode {
         .parse_filters(&cli.log)
         .format_target(false)
         .init();
+    let net = |state: &PathBuf, bpf: &PathBuf| micropod::network::Network::new(state, bpf);
     let result = match cli.command {
         Command::CountSources(args) => count_sources::run(args),
+        Command::Network(command) => network::run(&net(&cli.state_dir, &cli.bpf_dir), command),
+        Command::Gc { json } => network::gc(&net(&cli.state_dir, &cli.bpf_dir), json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,10 @@
-//! Generic link operations: look up, bring up, delete.
+//! Generic link operations: look up, list, bring up, enslave, delete.
 
 use futures::TryStreamExt as _;
-use rtnetlink::{LinkUnspec, packet_route::link::LinkMessage};
+use rtnetlink::{
+    LinkUnspec,
+    packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+};
 
 use super::Netlink;
 
@@ -34,6 +37,112 @@ pub enum LinkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("cannot list interfaces")]
+    List {
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot attach interface {name} to bridge index {controller} and bring it up")]
+    SetController {
+        name: String,
+        controller: u32,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// What micropod needs to know about a link from a dump.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkSummary {
+    pub index: u32,
+    pub name: String,
+    /// Index of the bridge (or other controller) the link is a port of.
+    pub controller: Option<u32>,
+    /// `rtnl_link_ops` kind: "bridge", "veth", "tun", ...; `None` for physical devices and `lo`.
+    pub kind: Option<String>,
+    pub mac: Option<[u8; 6]>,
+    pub up: bool,
+}
+
+impl LinkSummary {
+    pub fn from_message(msg: &LinkMessage) -> Self {
+        let mut summary = Self {
+            index: msg.header.index,
+            name: String::new(),
+            controller: None,
+            kind: None,
+            mac: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(name) => summary.name.clone_from(name),
+                LinkAttribute::Controller(index) => summary.controller = Some(*index),
+                LinkAttribute::Address(mac) => summary.mac = <[u8; 6]>::try_from(&mac[..]).ok(),
+                LinkAttribute::LinkInfo(infos) => {
+                    summary.kind = infos.iter().find_map(|info| match info {
+                        LinkInfo::Kind(kind) => Some(kind.to_string()),
+                        _ => None,
+                    });
+                }
+                _ => {}
+            }
+        }
+        summary
+    }
+}
+
+/// Every link in the namespace, from one dump.
+pub async fn list(nl: &Netlink) -> Result<Vec<LinkSummary>, LinkError> {
+    nl.handle()
+        .link()
+        .get()
+        .execute()
+        .map_ok(|msg| LinkSummary::from_message(&msg))
+        .try_collect()
+        .await
+        .map_err(|source| LinkError::List { source })
+}
+
+/// Makes link `index` (called `name`, for messages) a port of `controller` and brings it up, in
+/// one request.
+pub async fn set_controller_up(
+    nl: &Netlink,
+    name: &str,
+    index: u32,
+    controller: u32,
+) -> Result<(), LinkError> {
+    nl.handle()
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .controller(controller)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|source| LinkError::SetController {
+            name: name.into(),
+            controller,
+            source,
+        })
+}
+
+/// Deletes the link called `name` if it exists; `Ok(false)` when there was none.
+pub async fn delete_if_exists(nl: &Netlink, name: &str) -> Result<bool, LinkError> {
+    let Some(link) = find(nl, name).await? else {
+        return Ok(false);
+    };
+    match nl.handle().link().del(link.header.index).execute().await {
+        Ok(()) => Ok(true),
+        // Gone between the lookup and the delete (a veth whose peer's namespace died).
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(false),
+        Err(source) => Err(LinkError::Delete {
+            name: name.into(),
+            source,
+        }),
+    }
 }
 
 /// Checks an interface name the way the kernel's `dev_valid_name` does.

@@ -1,12 +1,15 @@
 //! Kernel network objects, one module each, configured over netlink (never by running `ip`).
 
 pub mod addr;
+pub mod bridge;
 pub mod link;
 pub mod netlink;
 pub mod netns;
 pub mod nftables;
+pub mod route;
+pub mod sysctl;
 pub mod tap;
 pub mod veth;
 
 pub use netlink::{Netlink, NetlinkError};
-pub use netns::{NetNs, NetnsError};
+pub use netns::{NetNs, NetnsError, NetnsId};

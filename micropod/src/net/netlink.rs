@@ -11,6 +11,11 @@ use super::netns::{NetNs, NetnsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
+    #[error("cannot open a route-netlink socket")]
+    Connect {
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot open a route-netlink socket in {path}")]
     ConnectIn {
         path: PathBuf,
@@ -28,6 +33,14 @@ pub struct Netlink {
 }
 
 impl Netlink {
+    /// Connects to the calling thread's namespace. Must run inside a tokio runtime.
+    pub fn connect() -> Result<Self, NetlinkError> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|source| NetlinkError::Connect { source })?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
     /// Connects to `ns`. Must run inside a tokio runtime.
     pub fn connect_in(ns: &NetNs) -> Result<Self, NetlinkError> {
         let runtime = tokio::runtime::Handle::current();

@@ -85,6 +85,13 @@ pub enum NetnsError {
     },
 }
 
+/// Device and inode of a namespace file: equal for two paths iff they name the same namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
 /// An open network namespace. Holding the file keeps the namespace alive.
 #[derive(Debug)]
 pub struct NetNs {
@@ -177,6 +184,19 @@ impl NetNs {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The namespace's identity: the nsfs device and inode, the same for every file that
+    /// refers to it (what `ip netns identify` compares).
+    pub fn id(&self) -> Result<NetnsId, NetnsError> {
+        let meta = self.file.metadata().map_err(|source| NetnsError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(NetnsId {
+            dev: std::os::unix::fs::MetadataExt::dev(&meta),
+            ino: std::os::unix::fs::MetadataExt::ino(&meta),
+        })
     }
 
     /// Runs `f` on a thread inside this namespace and returns its result. Panics in `f` are

@@ -30,11 +30,25 @@ pub async fn create(
     peer: &str,
     peer_ns: Option<BorrowedFd<'_>>,
 ) -> Result<(), VethError> {
+    create_with_peer_mac(nl, name, peer, peer_ns, None).await
+}
+
+/// [`create`], with the peer's MAC set in the same request.
+pub async fn create_with_peer_mac(
+    nl: &Netlink,
+    name: &str,
+    peer: &str,
+    peer_ns: Option<BorrowedFd<'_>>,
+    peer_mac: Option<[u8; 6]>,
+) -> Result<(), VethError> {
     link::validate_name(name)?;
     link::validate_name(peer)?;
     let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_owned());
     if let Some(fd) = peer_ns {
         peer_msg = peer_msg.setns_by_fd(fd.as_raw_fd());
+    }
+    if let Some(mac) = peer_mac {
+        peer_msg = peer_msg.address(mac.to_vec());
     }
     let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
         .name(name.to_owned())

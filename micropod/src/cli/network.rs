@@ -1,0 +1,245 @@
+//! `micropod network …` and `micropod gc`: printing around [`micropod::network::Network`].
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use micropod::network::{
+    AttachRequest, Attachment, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode, EndpointKind,
+    EndpointView, Network, Released, UpOutcome, UpRequest, UplinkChoice,
+};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create the bridge, gateway address, forwarding and the NAT fallback (idempotent).
+    Up(UpArgs),
+    /// Remove everything micropod made in this namespace, and nothing else.
+    Down {
+        /// Also detach endpoints that are still attached.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Bridge, subnet, gateway, uplink, data path, address usage and endpoints.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a VMM a TAP, or a network namespace a veth, with an address on the bridge.
+    Attach(AttachArgs),
+    /// Delete an endpoint's link and release its address.
+    Detach { name: String },
+    /// List endpoints.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Bridge name (at most 15 bytes).
+    #[arg(long, default_value = DEFAULT_BRIDGE)]
+    bridge: String,
+    /// IPv4 subnet in CIDR notation; the gateway is its first address.
+    #[arg(long, default_value = DEFAULT_SUBNET)]
+    subnet: String,
+    /// Uplink device for NAT, or `auto` for the default route's device.
+    #[arg(long, default_value = "auto")]
+    uplink: UplinkChoice,
+    /// NAT data path.
+    #[arg(long, value_enum, default_value = "auto")]
+    datapath: DatapathArg,
+    /// Print the resulting status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DatapathArg {
+    Auto,
+    Ebpf,
+    Netfilter,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// Endpoint name (a VM or container name).
+    name: String,
+    #[arg(long, value_enum)]
+    kind: KindArg,
+    /// Network namespace for a netns endpoint (e.g. /run/netns/NAME, /proc/PID/ns/net).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// Interface name inside the namespace (netns endpoints; default eth0).
+    #[arg(long)]
+    ifname: Option<String>,
+    /// A specific address instead of the next free one.
+    #[arg(long)]
+    ip: Option<Ipv4Addr>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum KindArg {
+    Tap,
+    Netns,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    match command {
+        Command::Up(args) => {
+            let req = UpRequest {
+                bridge: args.bridge,
+                subnet: args.subnet,
+                uplink: args.uplink,
+                datapath: match args.datapath {
+                    DatapathArg::Auto => DatapathMode::Auto,
+                    DatapathArg::Ebpf => DatapathMode::Ebpf,
+                    DatapathArg::Netfilter => DatapathMode::Netfilter,
+                },
+            };
+            let (outcome, config) = rt.block_on(network.up(&req))?;
+            if args.json {
+                let status = rt.block_on(network.status())?;
+                let mut value = serde_json::to_value(status)?;
+                value["outcome"] = serde_json::to_value(outcome)?;
+                println!("{value}");
+            } else {
+                let what = match outcome {
+                    UpOutcome::Created => "up",
+                    UpOutcome::Unchanged => "already up",
+                    UpOutcome::Replaced => "reconfigured",
+                };
+                println!(
+                    "network {what}: bridge {} gateway {}/{} uplink {}",
+                    config.bridge,
+                    config.gateway,
+                    config.subnet.prefix(),
+                    config.uplink.as_deref().unwrap_or("none (no default route)")
+                );
+            }
+        }
+        Command::Down { force } => {
+            if rt.block_on(network.down(force))? {
+                println!("network down");
+            } else {
+                println!("no network is up in {}", network.state_dir().display());
+            }
+        }
+        Command::Status { json } => {
+            let status = rt.block_on(network.status())?;
+            if json {
+                println!("{}", serde_json::to_string(&status)?);
+            } else if let Some(n) = &status.network {
+                println!(
+                    "bridge     {}{}",
+                    n.bridge,
+                    if n.bridge_present { "" } else { " (MISSING: run `micropod network up` to repair)" }
+                );
+                println!("subnet     {} (gateway {})", n.subnet, n.gateway);
+                println!("uplink     {}", n.uplink.as_deref().unwrap_or("none"));
+                println!("datapath   {} (requested {})", n.datapath, n.datapath_requested);
+                println!("nat table  ip {}", n.nft_table);
+                println!("addresses  {} used, {} free of {}", n.ipam.used, n.ipam.free, n.ipam.capacity);
+                println!("endpoints  {}", n.endpoints.len());
+                print_endpoints(&n.endpoints);
+            } else {
+                println!("network is down (state dir {})", status.state_dir.display());
+            }
+        }
+        Command::Attach(args) => {
+            let req = AttachRequest {
+                name: args.name,
+                kind: match args.kind {
+                    KindArg::Tap => EndpointKind::Tap,
+                    KindArg::Netns => EndpointKind::Netns,
+                },
+                netns: args.netns,
+                ip: args.ip,
+                ifname: args.ifname,
+            };
+            let att = rt.block_on(network.attach(&req))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&att)?);
+            } else {
+                print_attachment(&att);
+            }
+        }
+        Command::Detach { name } => match rt.block_on(network.detach(&name))? {
+            None => println!("detached {name}"),
+            Some(gone) => println!("{name} was already gone ({}); released", gone.reason),
+        },
+        Command::Ls { json } => {
+            let endpoints = network.list()?;
+            if json {
+                println!("{}", serde_json::to_string(&endpoints)?);
+            } else {
+                print_endpoints(&endpoints);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn gc(network: &Network, json: bool) -> anyhow::Result<()> {
+    let released: Vec<Released> = runtime()?.block_on(network.gc())?;
+    if json {
+        println!("{}", serde_json::to_string(&released)?);
+    } else if released.is_empty() {
+        println!("nothing to collect");
+    } else {
+        for r in &released {
+            let ip = r.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into());
+            println!("released {} ({ip}): {}", r.name, r.reason);
+        }
+    }
+    Ok(())
+}
+
+fn print_attachment(a: &Attachment) {
+    println!("attached {} ({})", a.name, a.kind);
+    match a.kind {
+        EndpointKind::Tap => println!("  tap         {} on {}", a.link, a.bridge),
+        EndpointKind::Netns => println!(
+            "  veth        {} on {} <-> {} in {}",
+            a.link,
+            a.bridge,
+            a.ifname.as_deref().unwrap_or("?"),
+            a.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        ),
+    }
+    println!("  address     {}", a.cidr);
+    println!("  gateway     {}", a.gateway);
+    println!("  mac         {}", a.mac);
+    println!("  kernel arg  {}", a.kernel_arg);
+}
+
+fn print_endpoints(endpoints: &[EndpointView]) {
+    if endpoints.is_empty() {
+        return;
+    }
+    println!(
+        "{:<20} {:<6} {:<18} {:<18} {:<13} WHERE",
+        "NAME", "KIND", "ADDRESS", "MAC", "LINK"
+    );
+    for e in endpoints {
+        let place = match (&e.netns, &e.ifname) {
+            (Some(ns), Some(ifname)) => format!("{ifname} in {}", ns.display()),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<20} {:<6} {:<18} {:<18} {:<13} {place}",
+            e.name,
+            e.kind.to_string(),
+            e.cidr,
+            e.mac.to_string(),
+            e.link
+        );
+    }
+}

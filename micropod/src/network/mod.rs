@@ -1,0 +1,440 @@
+//! The network manager: one bridge with its subnet, its endpoints (TAPs for VMMs, veths into
+//! other namespaces), their addresses and the NAT fallback, all in the caller's network namespace.
+//!
+//! Crash safety rests on two rules. Every change happens under the state dir's lock. A change
+//! that spans several kernel objects is recorded (phase `creating`) before the first object is
+//! made and marked `ready` after the last, so whoever takes the lock next and finds a
+//! `creating` record knows its command died and undoes it ([`Network::gc`], and the reconcile
+//! that starts every mutating command).
+
+mod model;
+mod ops;
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+pub use model::{
+    ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode, Endpoint,
+    EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc, Phase, STATE_DOC, UplinkChoice,
+    is_endpoint_link_name, kernel_ip_arg, link_name, nft_table_name,
+};
+use serde::Serialize;
+
+use crate::{
+    ipam::IpamError,
+    net::{
+        NetlinkError, NetnsError, addr::AddrError, bridge::BridgeError, link::LinkError,
+        nftables::NftError, route::RouteError, sysctl::SysctlError, tap::TapError,
+        veth::VethError,
+    },
+    state::{StateDir, StateError},
+};
+
+/// Default state dir, overridable with `--state-dir` / `MICROPOD_STATE_DIR`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/micropod";
+/// Default BPF pin dir, overridable with `--bpf-dir` / `MICROPOD_BPF_DIR`.
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/micropod";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(
+        "this needs CAP_NET_ADMIN (run as root): micropod configures links, addresses and netfilter"
+    )]
+    NotPrivileged,
+    #[error("invalid bridge name")]
+    BridgeName(#[source] LinkError),
+    #[error("invalid subnet {input:?}: {reason}")]
+    InvalidSubnet { input: String, reason: String },
+    #[error("invalid subnet")]
+    Subnet(#[source] IpamError),
+    #[error(
+        "subnet {subnet} overlaps {what} in this network namespace; choose another --subnet"
+    )]
+    SubnetOverlap { subnet: String, what: String },
+    #[error("uplink {name} does not exist; name an existing interface or use --uplink auto")]
+    UnknownUplink { name: String },
+    #[error(
+        "the eBPF data path is not available in this build yet; use --datapath netfilter or auto"
+    )]
+    DatapathUnavailable,
+    #[error(
+        "a link named {name} already exists and micropod did not create it; choose another --bridge"
+    )]
+    BridgeExists { name: String },
+    #[error(
+        "the network is up with {current}, and {endpoints} endpoint(s) use it; detach them (or `network down --force`) before changing it to {requested}"
+    )]
+    Reconfigure {
+        current: String,
+        requested: String,
+        endpoints: usize,
+    },
+    #[error("no network is up in {state_dir}; run `micropod network up` first")]
+    NotUp { state_dir: PathBuf },
+    #[error(
+        "{count} endpoint(s) still attached ({names}); detach them or use `network down --force`"
+    )]
+    EndpointsExist { count: usize, names: String },
+    #[error(
+        "invalid endpoint name {name:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit"
+    )]
+    InvalidEndpointName { name: String },
+    #[error("invalid interface name for inside the namespace")]
+    InvalidIfname(#[source] LinkError),
+    #[error("an endpoint named {name:?} already exists (address {ip}); pick another name")]
+    DuplicateEndpoint { name: String, ip: Ipv4Addr },
+    #[error("no endpoint named {name:?}; `micropod network ls` lists them")]
+    UnknownEndpoint { name: String },
+    #[error("a netns endpoint needs --netns PATH (e.g. /run/netns/NAME)")]
+    NetnsRequired,
+    #[error("--netns and --ifname only apply to --kind netns")]
+    NetnsNotForTap,
+    #[error("cannot use {path} as the endpoint's namespace")]
+    EndpointNetns {
+        path: PathBuf,
+        #[source]
+        source: NetnsError,
+    },
+    #[error(
+        "{path} is micropod's own network namespace; a netns endpoint must live in another one"
+    )]
+    HostNetns { path: PathBuf },
+    #[error(
+        "the bridge holds at most {BR_MAX_PORTS} ports (BR_MAX_PORTS) and all are in use; more endpoints need a second network"
+    )]
+    BridgeFull,
+    #[error("cannot allocate an address for {name:?}")]
+    Allocate {
+        name: String,
+        #[source]
+        source: IpamError,
+    },
+    #[error("cannot release {ip}")]
+    Release {
+        ip: Ipv4Addr,
+        #[source]
+        source: IpamError,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot talk to the kernel over netlink")]
+    Netlink(#[source] NetlinkError),
+    #[error("cannot read this namespace's links")]
+    Links(#[source] LinkError),
+    #[error("cannot read this namespace's addresses")]
+    Addresses(#[source] AddrError),
+    #[error("cannot read this namespace's routes")]
+    Routes(#[source] RouteError),
+    #[error("cannot create bridge {name}")]
+    CreateBridge {
+        name: String,
+        #[source]
+        source: BridgeError,
+    },
+    #[error("cannot bring bridge {name} up")]
+    BridgeUp {
+        name: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("cannot add the gateway address {gateway} to {bridge}")]
+    GatewayAddress {
+        bridge: String,
+        gateway: Ipv4Addr,
+        #[source]
+        source: AddrError,
+    },
+    #[error("cannot enable IPv4 forwarding")]
+    Forwarding(#[source] SysctlError),
+    #[error("cannot install the MASQUERADE fallback")]
+    Masquerade(#[source] NftError),
+    #[error("cannot create TAP {name}")]
+    CreateTap {
+        name: String,
+        #[source]
+        source: TapError,
+    },
+    #[error("cannot create veth {name}")]
+    CreateVeth {
+        name: String,
+        #[source]
+        source: VethError,
+    },
+    #[error("cannot attach {name} to the bridge")]
+    Enslave {
+        name: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("cannot configure {ifname} in {netns}: {step}")]
+    ConfigureNetns {
+        netns: PathBuf,
+        ifname: String,
+        step: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot delete link {name}")]
+    DeleteLink {
+        name: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("teardown left {} problem(s); run the command again once fixed:\n  - {}", .0.len(), .0.join("\n  - "))]
+    Teardown(Vec<String>),
+}
+
+/// One micropod network: its state dir and BPF pin dir. Acts on the caller's namespace.
+#[derive(Clone, Debug)]
+pub struct Network {
+    state: StateDir,
+    bpf_dir: PathBuf,
+}
+
+/// What `network up` was asked for, as typed.
+#[derive(Clone, Debug)]
+pub struct UpRequest {
+    pub bridge: String,
+    pub subnet: String,
+    pub uplink: UplinkChoice,
+    pub datapath: DatapathMode,
+}
+
+impl Default for UpRequest {
+    fn default() -> Self {
+        Self {
+            bridge: DEFAULT_BRIDGE.into(),
+            subnet: DEFAULT_SUBNET.into(),
+            uplink: UplinkChoice::Auto,
+            datapath: DatapathMode::Auto,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpOutcome {
+    /// Made from nothing.
+    Created,
+    /// Already up with these settings; missing pieces (if any) were put back.
+    Unchanged,
+    /// Was up with other settings and no endpoints: torn down and made again.
+    Replaced,
+}
+
+/// What `network attach` was asked for.
+#[derive(Clone, Debug)]
+pub struct AttachRequest {
+    pub name: String,
+    pub kind: EndpointKind,
+    pub netns: Option<PathBuf>,
+    pub ip: Option<Ipv4Addr>,
+    /// Interface name inside the namespace (netns endpoints).
+    pub ifname: Option<String>,
+}
+
+/// What a VMM or a container runtime needs to know about a new endpoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    pub name: String,
+    pub kind: EndpointKind,
+    /// The TAP (for the VMM) or the bridge's end of the veth pair.
+    pub link: String,
+    pub bridge: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub cidr: String,
+    pub gateway: Ipv4Addr,
+    pub mac: Mac,
+    pub kernel_arg: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+}
+
+/// An endpoint reconcile released, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Released {
+    pub name: String,
+    pub ip: Option<Ipv4Addr>,
+    pub link: Option<String>,
+    pub reason: String,
+}
+
+/// `network status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub up: bool,
+    pub state_dir: PathBuf,
+    pub bpf_dir: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NetworkStatus {
+    pub phase: Phase,
+    pub bridge: String,
+    pub bridge_present: bool,
+    pub subnet: String,
+    pub gateway: Ipv4Addr,
+    pub uplink: Option<String>,
+    pub datapath_requested: DatapathMode,
+    pub datapath: ActiveDatapath,
+    pub nft_table: String,
+    pub ipam: IpamUsage,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IpamUsage {
+    pub capacity: u32,
+    pub used: u32,
+    pub free: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointView {
+    pub name: String,
+    pub kind: EndpointKind,
+    pub phase: Phase,
+    pub ip: Ipv4Addr,
+    pub cidr: String,
+    pub mac: Mac,
+    pub link: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    pub kernel_arg: String,
+}
+
+impl EndpointView {
+    fn new(ep: &Endpoint, doc: &NetworkDoc) -> Self {
+        let subnet = doc.config.subnet;
+        Self {
+            name: ep.name.clone(),
+            kind: ep.kind,
+            phase: ep.phase,
+            ip: ep.ip,
+            cidr: format!("{}/{}", ep.ip, subnet.prefix()),
+            mac: ep.mac,
+            link: ep.link.clone(),
+            netns: ep.netns.as_ref().map(|n| n.path.clone()),
+            ifname: ep.netns.as_ref().map(|n| n.ifname.clone()),
+            kernel_arg: kernel_ip_arg(ep.ip, subnet, doc.config.gateway),
+        }
+    }
+}
+
+impl Network {
+    pub fn new(state_dir: impl Into<PathBuf>, bpf_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state: StateDir::new(state_dir),
+            bpf_dir: bpf_dir.into(),
+        }
+    }
+
+    pub fn state_dir(&self) -> &std::path::Path {
+        self.state.root()
+    }
+
+    pub fn bpf_dir(&self) -> &std::path::Path {
+        &self.bpf_dir
+    }
+
+    /// `network status`: what the state says, and whether the bridge is really there. Needs no
+    /// privileges beyond reading the state dir, and takes no lock (writes are atomic renames).
+    pub async fn status(&self) -> Result<Status, NetworkError> {
+        let doc: Option<NetworkDoc> = self.state.read_json_unlocked(STATE_DOC)?;
+        let network = match doc {
+            None => None,
+            Some(doc) => {
+                let nl = crate::net::Netlink::connect().map_err(NetworkError::Netlink)?;
+                let bridge_present = crate::net::link::find(&nl, &doc.config.bridge)
+                    .await
+                    .map_err(NetworkError::Links)?
+                    .is_some();
+                Some(NetworkStatus {
+                    phase: doc.phase,
+                    bridge: doc.config.bridge.clone(),
+                    bridge_present,
+                    subnet: doc.config.subnet.to_string(),
+                    gateway: doc.config.gateway,
+                    uplink: doc.config.uplink.clone(),
+                    datapath_requested: doc.config.datapath,
+                    datapath: doc.active_datapath,
+                    nft_table: doc.nft_table.clone(),
+                    ipam: IpamUsage {
+                        capacity: doc.ipam.capacity(),
+                        used: doc.ipam.used(),
+                        free: doc.ipam.capacity() - doc.ipam.used(),
+                    },
+                    endpoints: doc
+                        .endpoints
+                        .values()
+                        .map(|ep| EndpointView::new(ep, &doc))
+                        .collect(),
+                })
+            }
+        };
+        Ok(Status {
+            up: network.is_some(),
+            state_dir: self.state.root().to_path_buf(),
+            bpf_dir: self.bpf_dir.clone(),
+            network,
+        })
+    }
+
+    /// `network ls`: the endpoints on record.
+    pub fn list(&self) -> Result<Vec<EndpointView>, NetworkError> {
+        let doc: Option<NetworkDoc> = self.state.read_json_unlocked(STATE_DOC)?;
+        Ok(doc
+            .map(|doc| {
+                doc.endpoints
+                    .values()
+                    .map(|ep| EndpointView::new(ep, &doc))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// Fails unless the process has CAP_NET_ADMIN in its effective set.
+pub fn check_privileges() -> Result<(), NetworkError> {
+    const CAP_NET_ADMIN: u32 = 12;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & (1 << CAP_NET_ADMIN) != 0 {
+        Ok(())
+    } else {
+        Err(NetworkError::NotPrivileged)
+    }
+}
+
+/// Parses a `--subnet`: IPv4 CIDR, network address, room for a gateway and an endpoint.
+pub fn parse_subnet(input: &str) -> Result<ipnetwork::Ipv4Network, NetworkError> {
+    let invalid = |reason: &str| NetworkError::InvalidSubnet {
+        input: input.into(),
+        reason: reason.into(),
+    };
+    if !input.contains('/') {
+        return Err(invalid(
+            "missing prefix length; use CIDR notation such as 10.10.0.0/24",
+        ));
+    }
+    match input.parse::<ipnetwork::IpNetwork>() {
+        Ok(ipnetwork::IpNetwork::V4(net)) => {
+            // Ipam::new checks the prefix size and that this is the network address.
+            crate::ipam::Ipam::new(net, crate::ipam::Ipam::default_gateway(net).map_err(NetworkError::Subnet)?)
+                .map_err(NetworkError::Subnet)?;
+            Ok(net)
+        }
+        Ok(ipnetwork::IpNetwork::V6(_)) => Err(invalid("only IPv4 subnets are supported")),
+        Err(_) => Err(invalid("not CIDR notation such as 10.10.0.0/24")),
+    }
+}

@@ -1,0 +1,629 @@
+//! The mutating commands: up, down, attach, detach, gc, and the reconcile that precedes each.
+
+use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+
+use super::{
+    AttachRequest, Attachment, NetworkError, Released, UpOutcome, UpRequest, check_privileges,
+    model::*, parse_subnet,
+};
+use crate::{
+    ipam::Ipam,
+    net::{
+        NetNs, Netlink, addr, bridge,
+        link::{self, LinkSummary},
+        nftables, route, sysctl, tap, veth,
+    },
+    state::StateLock,
+};
+
+impl super::Network {
+    /// `network up`: the bridge with the gateway address, forwarding, the MASQUERADE fallback.
+    /// Idempotent; refuses to change the settings of a network that has endpoints.
+    pub async fn up(&self, req: &UpRequest) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
+        check_privileges()?;
+        link::validate_name(&req.bridge).map_err(NetworkError::BridgeName)?;
+        let subnet = parse_subnet(&req.subnet)?;
+        let gateway = Ipam::default_gateway(subnet).map_err(NetworkError::Subnet)?;
+        if req.datapath == DatapathMode::Ebpf {
+            return Err(NetworkError::DatapathUnavailable);
+        }
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let mut existing: Option<NetworkDoc> = self.state.read_json(&lock, STATE_DOC)?;
+        if let Some(doc) = existing.as_mut() {
+            self.reconcile(&nl, &lock, doc).await?;
+        }
+        let uplink = resolve_uplink(&nl, &req.uplink).await?;
+        let config = NetworkConfig {
+            bridge: req.bridge.clone(),
+            subnet,
+            gateway,
+            uplink,
+            datapath: req.datapath,
+        };
+
+        let mut outcome = UpOutcome::Created;
+        if let Some(doc) = existing {
+            if doc.config == config {
+                // Same settings: put back whatever is missing (a crashed `up`, a deleted bridge).
+                let mut doc = doc;
+                self.ensure(&nl, &doc).await?;
+                if doc.phase != Phase::Ready {
+                    doc.phase = Phase::Ready;
+                    self.state.write_json(&lock, STATE_DOC, &doc)?;
+                }
+                return Ok((UpOutcome::Unchanged, config));
+            }
+            if !doc.endpoints.is_empty() {
+                return Err(NetworkError::Reconfigure {
+                    current: doc.config.to_string(),
+                    requested: config.to_string(),
+                    endpoints: doc.endpoints.len(),
+                });
+            }
+            let problems = self.teardown(&nl, &doc).await;
+            if !problems.is_empty() {
+                return Err(NetworkError::Teardown(problems));
+            }
+            self.state.remove(&lock, STATE_DOC)?;
+            outcome = UpOutcome::Replaced;
+        }
+
+        // Everything that can refuse runs before the first change.
+        check_overlap(&nl, subnet).await?;
+        if link::find(&nl, &config.bridge)
+            .await
+            .map_err(NetworkError::Links)?
+            .is_some()
+        {
+            return Err(NetworkError::BridgeExists {
+                name: config.bridge,
+            });
+        }
+        let ip_forward_was_off = !sysctl::ip_forward().map_err(NetworkError::Forwarding)?;
+        let mut doc = NetworkDoc {
+            version: STATE_VERSION,
+            phase: Phase::Creating,
+            nft_table: nft_table_name(&config.bridge),
+            active_datapath: ActiveDatapath::Netfilter,
+            ip_forward_was_off,
+            ipam: Ipam::new(subnet, gateway).map_err(NetworkError::Subnet)?,
+            endpoints: Default::default(),
+            config: config.clone(),
+        };
+        // Recorded first: if we die half-way, the next `up` or `down` knows what is ours.
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        if let Err(err) = self.ensure(&nl, &doc).await {
+            let problems = self.teardown(&nl, &doc).await;
+            for p in &problems {
+                log::warn!("while undoing a failed `up`: {p}");
+            }
+            if problems.is_empty() {
+                self.state.remove(&lock, STATE_DOC)?;
+            }
+            return Err(err);
+        }
+        doc.phase = Phase::Ready;
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        Ok((outcome, config))
+    }
+
+    /// Makes the kernel match `doc` (network level); creates only what is missing.
+    async fn ensure(&self, nl: &Netlink, doc: &NetworkDoc) -> Result<(), NetworkError> {
+        let cfg = &doc.config;
+        let index = match link::find(nl, &cfg.bridge)
+            .await
+            .map_err(NetworkError::Links)?
+        {
+            Some(found) => {
+                link::set_up(nl, &cfg.bridge)
+                    .await
+                    .map_err(|source| NetworkError::BridgeUp {
+                        name: cfg.bridge.clone(),
+                        source,
+                    })?;
+                found.header.index
+            }
+            None => bridge::create(nl, &cfg.bridge, Mac::for_ip(cfg.gateway).0)
+                .await
+                .map_err(|source| NetworkError::CreateBridge {
+                    name: cfg.bridge.clone(),
+                    source,
+                })?,
+        };
+        let gateway = Ipv4Network::new(cfg.gateway, cfg.subnet.prefix())
+            .expect("the prefix comes from a valid subnet");
+        addr::ensure(nl, index, IpNetwork::V4(gateway))
+            .await
+            .map_err(|source| NetworkError::GatewayAddress {
+                bridge: cfg.bridge.clone(),
+                gateway: cfg.gateway,
+                source,
+            })?;
+        sysctl::set_ip_forward(true).map_err(NetworkError::Forwarding)?;
+        nftables::apply(&nftables::Masquerade {
+            table: &doc.nft_table,
+            subnet: cfg.subnet,
+            bridge: &cfg.bridge,
+        })
+        .map_err(NetworkError::Masquerade)?;
+        Ok(())
+    }
+
+    /// `network down`: removes everything micropod made and nothing else. Returns false when
+    /// no network was up.
+    pub async fn down(&self, force: bool) -> Result<bool, NetworkError> {
+        check_privileges()?;
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
+            return Ok(false);
+        };
+        self.reconcile(&nl, &lock, &mut doc).await?;
+        if !doc.endpoints.is_empty() && !force {
+            return Err(NetworkError::EndpointsExist {
+                count: doc.endpoints.len(),
+                names: doc.endpoints.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        }
+        let problems = self.teardown(&nl, &doc).await;
+        if !problems.is_empty() {
+            // The record stays, so running `down` again finishes the job.
+            return Err(NetworkError::Teardown(problems));
+        }
+        self.state.remove(&lock, STATE_DOC)?;
+        Ok(true)
+    }
+
+    /// Removes every kernel object and pin of `doc`; runs every step and returns all failures.
+    async fn teardown(&self, nl: &Netlink, doc: &NetworkDoc) -> Vec<String> {
+        let mut problems = Vec::new();
+        for ep in doc.endpoints.values() {
+            if let Err(e) = link::delete_if_exists(nl, &ep.link).await {
+                problems.push(format!("endpoint {}: {}", ep.name, chain(&e)));
+            }
+        }
+        if let Err(e) = link::delete_if_exists(nl, &doc.config.bridge).await {
+            problems.push(format!("bridge {}: {}", doc.config.bridge, chain(&e)));
+        }
+        if let Err(e) = nftables::delete(&doc.nft_table) {
+            problems.push(format!("nf_tables table {}: {}", doc.nft_table, chain(&e)));
+        }
+        if doc.ip_forward_was_off
+            && let Err(e) = sysctl::set_ip_forward(false)
+        {
+            problems.push(format!("ip_forward: {}", chain(&e)));
+        }
+        match std::fs::remove_dir_all(&self.bpf_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => problems.push(format!("BPF pins {}: {e}", self.bpf_dir.display())),
+        }
+        problems
+    }
+
+    /// `network attach`: a TAP for a VMM, or a veth into a namespace, with an address.
+    pub async fn attach(&self, req: &AttachRequest) -> Result<Attachment, NetworkError> {
+        check_privileges()?;
+        if !valid_endpoint_name(&req.name) {
+            return Err(NetworkError::InvalidEndpointName {
+                name: req.name.clone(),
+            });
+        }
+        let target = match (req.kind, &req.netns) {
+            (EndpointKind::Netns, None) => return Err(NetworkError::NetnsRequired),
+            (EndpointKind::Tap, Some(_)) => return Err(NetworkError::NetnsNotForTap),
+            (EndpointKind::Tap, None) if req.ifname.is_some() => {
+                return Err(NetworkError::NetnsNotForTap);
+            }
+            (EndpointKind::Tap, None) => None,
+            (EndpointKind::Netns, Some(path)) => Some(open_endpoint_netns(path)?),
+        };
+        let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
+        link::validate_name(&ifname).map_err(NetworkError::InvalidIfname)?;
+
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let mut doc = self.load_ready(&lock)?;
+        self.reconcile(&nl, &lock, &mut doc).await?;
+        if let Some(ep) = doc.endpoints.get(&req.name) {
+            return Err(NetworkError::DuplicateEndpoint {
+                name: req.name.clone(),
+                ip: ep.ip,
+            });
+        }
+        if doc.endpoints.len() >= BR_MAX_PORTS {
+            return Err(NetworkError::BridgeFull);
+        }
+        let ip = doc
+            .ipam
+            .allocate(&req.name, req.ip)
+            .map_err(|source| NetworkError::Allocate {
+                name: req.name.clone(),
+                source,
+            })?;
+        let mut ep = Endpoint {
+            name: req.name.clone(),
+            kind: req.kind,
+            phase: Phase::Creating,
+            ip,
+            mac: Mac::for_ip(ip),
+            link: link_name(req.kind, ip),
+            netns: match &target {
+                Some((ns, id)) => Some(NetnsRef {
+                    path: ns.path().to_path_buf(),
+                    id: *id,
+                    ifname: ifname.clone(),
+                }),
+                None => None,
+            },
+        };
+        // Recorded before the first kernel object exists; see the module docs.
+        doc.endpoints.insert(ep.name.clone(), ep.clone());
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+
+        let plumbed = self
+            .plumb(&nl, &doc, &ep, target.as_ref().map(|(ns, _)| ns))
+            .await;
+        if let Err(err) = plumbed {
+            if let Err(e) = link::delete_if_exists(&nl, &ep.link).await {
+                log::warn!("while undoing a failed attach: {}", chain(&e));
+            }
+            doc.endpoints.remove(&ep.name);
+            if let Err(e) = doc.ipam.release(ip) {
+                log::warn!("while undoing a failed attach: {e}");
+            }
+            self.state.write_json(&lock, STATE_DOC, &doc)?;
+            return Err(err);
+        }
+        ep.phase = Phase::Ready;
+        doc.endpoints.insert(ep.name.clone(), ep.clone());
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+
+        let subnet = doc.config.subnet;
+        Ok(Attachment {
+            name: ep.name,
+            kind: ep.kind,
+            link: ep.link,
+            bridge: doc.config.bridge.clone(),
+            ip,
+            prefix: subnet.prefix(),
+            cidr: format!("{ip}/{}", subnet.prefix()),
+            gateway: doc.config.gateway,
+            mac: ep.mac,
+            kernel_arg: kernel_ip_arg(ip, subnet, doc.config.gateway),
+            netns: ep.netns.as_ref().map(|n| n.path.clone()),
+            ifname: ep.netns.map(|n| n.ifname),
+        })
+    }
+
+    /// Creates and wires the kernel objects of a recorded endpoint.
+    async fn plumb(
+        &self,
+        nl: &Netlink,
+        doc: &NetworkDoc,
+        ep: &Endpoint,
+        target: Option<&NetNs>,
+    ) -> Result<(), NetworkError> {
+        let bridge_index = link::index(nl, &doc.config.bridge)
+            .await
+            .map_err(NetworkError::Links)?;
+        match (ep.kind, target, &ep.netns) {
+            (EndpointKind::Tap, _, _) => {
+                // The TAP keeps the kernel's random MAC: the guest's MAC (ep.mac) is the VM's
+                // NIC, and a port sharing it would make the bridge deliver the VM's frames
+                // to itself.
+                tap::create_persistent(&ep.link, None).map_err(|source| {
+                    NetworkError::CreateTap {
+                        name: ep.link.clone(),
+                        source,
+                    }
+                })?;
+            }
+            (EndpointKind::Netns, Some(ns), Some(ns_ref)) => {
+                veth::create_with_peer_mac(
+                    nl,
+                    &ep.link,
+                    &ns_ref.ifname,
+                    Some(ns.as_fd()),
+                    Some(ep.mac.0),
+                )
+                .await
+                .map_err(|source| NetworkError::CreateVeth {
+                    name: ep.link.clone(),
+                    source,
+                })?;
+            }
+            (EndpointKind::Netns, _, _) => unreachable!("netns endpoints carry their namespace"),
+        }
+        let index = link::index(nl, &ep.link)
+            .await
+            .map_err(NetworkError::Links)?;
+        link::set_controller_up(nl, &ep.link, index, bridge_index)
+            .await
+            .map_err(|source| NetworkError::Enslave {
+                name: ep.link.clone(),
+                source,
+            })?;
+        if let (Some(ns), Some(ns_ref)) = (target, &ep.netns) {
+            configure_inside(ns, ns_ref, ep, doc).await?;
+        }
+        Ok(())
+    }
+
+    /// `network detach`: deletes the endpoint's link and releases its address. Returns the
+    /// reconcile note if the endpoint had already gone away on its own.
+    pub async fn detach(&self, name: &str) -> Result<Option<Released>, NetworkError> {
+        check_privileges()?;
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let mut doc = self.load_ready(&lock)?;
+        let released = self.reconcile(&nl, &lock, &mut doc).await?;
+        if let Some(gone) = released.into_iter().find(|r| r.name == name) {
+            return Ok(Some(gone));
+        }
+        let Some(ep) = doc.endpoints.get(name).cloned() else {
+            return Err(NetworkError::UnknownEndpoint { name: name.into() });
+        };
+        link::delete_if_exists(&nl, &ep.link)
+            .await
+            .map_err(|source| NetworkError::DeleteLink {
+                name: ep.link.clone(),
+                source,
+            })?;
+        doc.endpoints.remove(name);
+        doc.ipam
+            .release(ep.ip)
+            .map_err(|source| NetworkError::Release { ip: ep.ip, source })?;
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        Ok(None)
+    }
+
+    /// `micropod gc`: releases endpoints whose command died, whose link vanished or whose
+    /// namespace is gone, and deletes micropod-named ports of the bridge nobody records.
+    pub async fn gc(&self) -> Result<Vec<Released>, NetworkError> {
+        check_privileges()?;
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
+            return Ok(Vec::new());
+        };
+        self.reconcile(&nl, &lock, &mut doc).await
+    }
+
+    fn load_ready(&self, lock: &StateLock) -> Result<NetworkDoc, NetworkError> {
+        match self.state.read_json::<NetworkDoc>(lock, STATE_DOC)? {
+            Some(doc) if doc.phase == Phase::Ready => Ok(doc),
+            _ => Err(NetworkError::NotUp {
+                state_dir: self.state.root().to_path_buf(),
+            }),
+        }
+    }
+
+    /// Brings the record in line with the kernel; writes it back if anything changed.
+    async fn reconcile(
+        &self,
+        nl: &Netlink,
+        lock: &StateLock,
+        doc: &mut NetworkDoc,
+    ) -> Result<Vec<Released>, NetworkError> {
+        let links: HashMap<String, LinkSummary> = link::list(nl)
+            .await
+            .map_err(NetworkError::Links)?
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect();
+        let mut released = Vec::new();
+        let mut stale = Vec::new();
+        for ep in doc.endpoints.values() {
+            let reason = if ep.phase == Phase::Creating {
+                Some("its attach was interrupted")
+            } else if !links.contains_key(&ep.link) {
+                Some("its link vanished")
+            } else if ep.netns.as_ref().is_some_and(|n| !netns_alive(n)) {
+                Some("its network namespace is gone")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                stale.push((ep.clone(), reason));
+            }
+        }
+        for (ep, reason) in stale {
+            if links.contains_key(&ep.link)
+                && let Err(e) = link::delete_if_exists(nl, &ep.link).await
+            {
+                // Keep the record so the next reconcile tries again.
+                log::warn!("cannot delete {} of stale endpoint {}: {}", ep.link, ep.name, chain(&e));
+                continue;
+            }
+            doc.endpoints.remove(&ep.name);
+            if let Err(e) = doc.ipam.release(ep.ip) {
+                log::warn!("stale endpoint {}: {e}", ep.name);
+            }
+            log::info!("released endpoint {} ({}): {reason}", ep.name, ep.ip);
+            released.push(Released {
+                name: ep.name,
+                ip: Some(ep.ip),
+                link: Some(ep.link),
+                reason: reason.into(),
+            });
+        }
+        // Addresses held by no endpoint (cannot happen with atomic writes, but cheap to check).
+        let leaked: Vec<_> = doc
+            .ipam
+            .allocations()
+            .filter(|(_, owner)| !doc.endpoints.contains_key(*owner))
+            .map(|(ip, owner)| (ip, owner.to_owned()))
+            .collect();
+        for (ip, owner) in leaked {
+            let _ = doc.ipam.release(ip);
+            released.push(Released {
+                name: owner,
+                ip: Some(ip),
+                link: None,
+                reason: "its address had no endpoint record".into(),
+            });
+        }
+        // Ports of our bridge named like ours but on no record.
+        if let Some(bridge) = links.get(&doc.config.bridge) {
+            for l in links.values() {
+                if l.controller == Some(bridge.index)
+                    && is_endpoint_link_name(&l.name)
+                    && !doc.endpoints.values().any(|ep| ep.link == l.name)
+                {
+                    match link::delete_if_exists(nl, &l.name).await {
+                        Ok(_) => released.push(Released {
+                            name: l.name.clone(),
+                            ip: None,
+                            link: Some(l.name.clone()),
+                            reason: "orphan port of the bridge".into(),
+                        }),
+                        Err(e) => log::warn!("cannot delete orphan {}: {}", l.name, chain(&e)),
+                    }
+                }
+            }
+        }
+        if !released.is_empty() {
+            self.state.write_json(lock, STATE_DOC, doc)?;
+        }
+        Ok(released)
+    }
+}
+
+/// Opens `--netns` and refuses micropod's own namespace.
+fn open_endpoint_netns(path: &Path) -> Result<(NetNs, crate::net::NetnsId), NetworkError> {
+    let wrap = |source| NetworkError::EndpointNetns {
+        path: path.to_path_buf(),
+        source,
+    };
+    let ns = NetNs::open(path).map_err(wrap)?;
+    let id = ns.id().map_err(wrap)?;
+    let own = NetNs::current().and_then(|n| n.id()).map_err(wrap)?;
+    if id == own {
+        return Err(NetworkError::HostNetns {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((ns, id))
+}
+
+/// Whether the namespace recorded for an endpoint is still the one at its path.
+fn netns_alive(ns: &NetnsRef) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(&ns.path).is_ok_and(|m| m.dev() == ns.id.dev && m.ino() == ns.id.ino)
+}
+
+/// Inside the endpoint's namespace: link up, address, default route via the gateway.
+async fn configure_inside(
+    ns: &NetNs,
+    ns_ref: &NetnsRef,
+    ep: &Endpoint,
+    doc: &NetworkDoc,
+) -> Result<(), NetworkError> {
+    let fail = |step: &'static str, source: Box<dyn std::error::Error + Send + Sync>| {
+        NetworkError::ConfigureNetns {
+            netns: ns_ref.path.clone(),
+            ifname: ns_ref.ifname.clone(),
+            step,
+            source,
+        }
+    };
+    let inner = Netlink::connect_in(ns).map_err(|e| fail("netlink", Box::new(e)))?;
+    let index = link::index(&inner, &ns_ref.ifname)
+        .await
+        .map_err(|e| fail("find the interface", Box::new(e)))?;
+    // Up first: IPv4 adds the subnet route (which the gateway route needs) only on a live link.
+    link::set_up(&inner, &ns_ref.ifname)
+        .await
+        .map_err(|e| fail("bring it up", Box::new(e)))?;
+    let cidr = Ipv4Network::new(ep.ip, doc.config.subnet.prefix())
+        .expect("the prefix comes from a valid subnet");
+    addr::ensure(&inner, index, IpNetwork::V4(cidr))
+        .await
+        .map_err(|e| fail("add the address", Box::new(e)))?;
+    route::add_default(&inner, doc.config.gateway, index)
+        .await
+        .map_err(|e| fail("add the default route", Box::new(e)))?;
+    Ok(())
+}
+
+/// Resolves `--uplink`.
+async fn resolve_uplink(
+    nl: &Netlink,
+    choice: &UplinkChoice,
+) -> Result<Option<String>, NetworkError> {
+    match choice {
+        UplinkChoice::Named(name) => {
+            let found = match link::validate_name(name) {
+                Ok(()) => link::find(nl, name).await.map_err(NetworkError::Links)?,
+                Err(_) => None,
+            };
+            match found {
+                Some(_) => Ok(Some(name.clone())),
+                None => Err(NetworkError::UnknownUplink { name: name.clone() }),
+            }
+        }
+        UplinkChoice::Auto => {
+            let routes = route::list(nl).await.map_err(NetworkError::Routes)?;
+            let Some(oif) = routes.iter().find(|r| r.is_default()).and_then(|r| r.oif) else {
+                return Ok(None);
+            };
+            let links = link::list(nl).await.map_err(NetworkError::Links)?;
+            Ok(links.into_iter().find(|l| l.index == oif).map(|l| l.name))
+        }
+    }
+}
+
+/// Refuses a subnet that overlaps an address or a (non-default) route of this namespace.
+async fn check_overlap(nl: &Netlink, subnet: Ipv4Network) -> Result<(), NetworkError> {
+    let overlaps = |other: Ipv4Network| {
+        let other = Ipv4Network::new(other.network(), other.prefix()).unwrap_or(other);
+        subnet.contains(other.network()) || other.contains(subnet.network())
+    };
+    let links = link::list(nl).await.map_err(NetworkError::Links)?;
+    let name_of = |index: u32| {
+        links
+            .iter()
+            .find(|l| l.index == index)
+            .map_or_else(|| format!("#{index}"), |l| l.name.clone())
+    };
+    for a in addr::list_v4(nl).await.map_err(NetworkError::Addresses)? {
+        if a.addr.ip().is_loopback() {
+            continue;
+        }
+        if overlaps(a.addr) {
+            return Err(NetworkError::SubnetOverlap {
+                subnet: subnet.to_string(),
+                what: format!("address {} on {}", a.addr, name_of(a.index)),
+            });
+        }
+    }
+    for r in route::list(nl).await.map_err(NetworkError::Routes)? {
+        if r.is_default() {
+            continue;
+        }
+        if overlaps(r.destination) {
+            let dev = r.oif.map(name_of).unwrap_or_default();
+            return Err(NetworkError::SubnetOverlap {
+                subnet: subnet.to_string(),
+                what: format!("route {} dev {dev}", r.destination),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An error and its causes on one line, for teardown reports.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
