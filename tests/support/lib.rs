@@ -13,6 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod netlab;
+pub mod packets;
+
 use ipnetwork::IpNetwork;
 use micropod::net::{NetNs, Netlink, addr, link, veth};
 

@@ -1,0 +1,556 @@
+//! The network control plane against the kernel: `micropod network …` runs as a process inside
+//! a lab's "host" namespace; results are read back with iproute2/nft (an independent reading
+//! of netlink) and with real traffic.
+
+use std::{
+    collections::HashSet,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use micropod::net::tap::Tap;
+use micropod_tests::{
+    NsGuard,
+    netlab::{
+        NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, as_nobody, ip_json, ping, query, snapshot,
+        snapshot_settled,
+    },
+    packets,
+};
+use serde_json::Value;
+
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+
+fn link<'a>(links: &'a Value, name: &str) -> Option<&'a Value> {
+    links
+        .as_array()
+        .expect("link list")
+        .iter()
+        .find(|l| l["ifname"] == name)
+}
+
+fn addrs_of(ns: &std::path::Path, dev: &str) -> Vec<String> {
+    ip_json(ns, &["-4", "addr", "show"])
+        .as_array()
+        .expect("addr list")
+        .iter()
+        .filter(|a| a["ifname"] == dev)
+        .flat_map(|a| a["addr_info"].as_array().cloned().unwrap_or_default())
+        .map(|i| format!("{}/{}", i["local"].as_str().unwrap(), i["prefixlen"]))
+        .collect()
+}
+
+#[test]
+fn up_creates_bridge_gateway_forwarding_and_masquerade() {
+    let lab = NetLab::new("up");
+    let status = lab.json(["network", "up", "--json"]);
+    assert_eq!(status["outcome"], "created");
+    assert_eq!(status["network"]["uplink"], UPLINK, "auto picks the default route's device");
+    assert_eq!(status["network"]["datapath"], "netfilter");
+
+    let host = lab.host.path();
+    let links = ip_json(host, &["-d", "link", "show"]);
+    let bridge = link(&links, "micropod0").expect("bridge exists");
+    assert_eq!(bridge["linkinfo"]["info_kind"], "bridge");
+    assert_eq!(bridge["address"], "02:6d:0a:0a:00:01", "fixed MAC from the gateway");
+    assert!(bridge["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    assert_eq!(addrs_of(host, "micropod0"), ["10.10.0.1/24"]);
+    assert_eq!(query(host, "cat", &["/proc/sys/net/ipv4/ip_forward"]).trim(), "1");
+    let rules = query(host, "nft", &["list", "ruleset"]);
+    assert!(
+        rules.contains("ip saddr 10.10.0.0/24 oifname != \"micropod0\"")
+            && rules.contains("masquerade"),
+        "{rules}"
+    );
+
+    // A second identical `up` changes nothing.
+    let before = snapshot(host);
+    let again = lab.json(["network", "up", "--json"]);
+    assert_eq!(again["outcome"], "unchanged");
+    assert_eq!(snapshot(host), before);
+
+    // `up` repairs what went missing: the bridge deleted behind micropod's back (it comes
+    // back with a new ifindex, so compare without them).
+    query(host, "ip", &["link", "del", "micropod0"]);
+    lab.up(&[]);
+    let strip = |s: String| {
+        s.lines()
+            .map(|l| l.split(' ').filter(|w| !w.starts_with("index=")).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(snapshot(host)), strip(before));
+}
+
+#[test]
+fn netns_endpoint_is_wired_and_reaches_gateway_and_internet_through_masquerade() {
+    let lab = NetLab::new("nsep");
+    lab.up(&[]);
+    let ep = NsGuard::new("ep");
+    let att = lab.attach_netns("web", &ep, &[]);
+    assert_eq!(att["ip"], "10.10.0.2", "first free address after the gateway");
+    assert_eq!(att["mac"], "02:6d:0a:0a:00:02");
+    assert_eq!(att["gateway"], "10.10.0.1");
+    assert_eq!(
+        att["kernel_arg"],
+        "ip=10.10.0.2::10.10.0.1:255.255.255.0::eth0:off"
+    );
+    let host_end = att["link"].as_str().unwrap().to_owned();
+
+    // Host side: the veth end is a port of the bridge, up.
+    let links = ip_json(lab.host.path(), &["-d", "link", "show"]);
+    let port = link(&links, &host_end).expect("host end exists");
+    assert_eq!(port["master"], "micropod0");
+    assert_eq!(port["linkinfo"]["info_kind"], "veth");
+    // Inside: eth0 with the MAC, the address and a default route via the gateway.
+    let inside = ip_json(ep.path(), &["-d", "link", "show"]);
+    let eth0 = link(&inside, "eth0").expect("eth0 inside the namespace");
+    assert_eq!(eth0["address"], "02:6d:0a:0a:00:02");
+    assert_eq!(addrs_of(ep.path(), "eth0"), ["10.10.0.2/24"]);
+    let routes = ip_json(ep.path(), &["-4", "route", "show", "default"]);
+    assert_eq!(routes[0]["gateway"], "10.10.0.1");
+    assert_eq!(routes[0]["dev"], "eth0");
+
+    // Traffic: the gateway answers pings; a server in the internet sees the uplink address.
+    assert!(ping(&ep, GATEWAY), "no echo reply from the gateway");
+    assert!(ping(&ep, SERVER_ADDR), "no echo reply from the internet server");
+    let server = lab
+        .internet
+        .udp(SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, 7000)));
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let client = ep.udp("0.0.0.0:0".parse().unwrap());
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.send_to(b"hello", (SERVER_ADDR, 7000)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, peer) = server.recv_from(&mut buf).expect("datagram at the server");
+    assert_eq!(&buf[..n], b"hello");
+    assert_eq!(peer.ip(), UPLINK_ADDR, "MASQUERADE rewrote the source");
+    server.send_to(b"back", peer).unwrap();
+    let (n, _) = client.recv_from(&mut buf).expect("reply through the NAT");
+    assert_eq!(&buf[..n], b"back");
+    // TCP too.
+    let listener = lab.internet.run(|| TcpListener::bind((SERVER_ADDR, 7001))).unwrap();
+    let mut stream = ep
+        .run(|| TcpStream::connect_timeout(&(SERVER_ADDR, 7001).into(), Duration::from_secs(5)))
+        .expect("TCP connect through the NAT");
+    let (mut accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), UPLINK_ADDR);
+    accepted.write_all(b"pong").unwrap();
+    let mut got = [0u8; 4];
+    stream.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"pong");
+
+    // Detach removes both ends and releases the address for the next endpoint.
+    lab.ok(["network", "detach", "web"]);
+    let links = ip_json(lab.host.path(), &["link", "show"]);
+    assert!(link(&links, &host_end).is_none(), "host end still there");
+    assert!(link(&ip_json(ep.path(), &["link", "show"]), "eth0").is_none());
+    let ep2 = NsGuard::new("ep2");
+    assert_eq!(lab.attach_netns("web2", &ep2, &[])["ip"], "10.10.0.2");
+}
+
+#[test]
+fn tap_endpoint_answers_arp_and_ping_on_its_fd() {
+    let lab = NetLab::new("tap");
+    lab.up(&[]);
+    let att = lab.json(["network", "attach", "vm1", "--kind", "tap", "--json"]);
+    let tap_name = att["link"].as_str().unwrap().to_owned();
+    assert!(tap_name.len() <= 15);
+    let vm_ip: Ipv4Addr = att["ip"].as_str().unwrap().parse().unwrap();
+    let vm_mac = micropod::network::Mac::for_ip(vm_ip).0;
+    assert_eq!(att["mac"], micropod::network::Mac::for_ip(vm_ip).to_string());
+
+    let links = ip_json(lab.host.path(), &["-d", "link", "show"]);
+    let tap = link(&links, &tap_name).expect("tap exists");
+    assert_eq!(tap["master"], "micropod0");
+    assert_eq!(tap["linkinfo"]["info_kind"], "tun");
+    assert!(tap["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    assert_ne!(tap["address"], att["mac"], "the TAP must not share the guest's MAC");
+
+    // Be the VM: open the persistent TAP as a VMM would, resolve the gateway, ping it.
+    let found = lab.host.run(|| {
+        let tap = Tap::open(&tap_name).expect("opening the TAP");
+        let mut buf = [0u8; 2048];
+        let mut gateway_mac = None;
+        for _ in 0..20 {
+            tap.send(&packets::arp_request(vm_mac, vm_ip, GATEWAY)).unwrap();
+            while let Some(n) = tap.recv(&mut buf, Duration::from_millis(200)).unwrap() {
+                if let Some((mac, ip, target_mac, target_ip)) = packets::parse_arp_reply(&buf[..n])
+                    && ip == GATEWAY
+                {
+                    assert_eq!((target_mac, target_ip), (vm_mac, vm_ip));
+                    gateway_mac = Some(mac);
+                }
+            }
+            if gateway_mac.is_some() {
+                break;
+            }
+        }
+        let gateway_mac = gateway_mac.expect("ARP reply from the gateway");
+        assert_eq!(gateway_mac, [0x02, 0x6d, 10, 10, 0, 1]);
+        let icmp = packets::icmp_echo(8, 0x4d50, 1, b"from the vm");
+        let frame = packets::ethernet(
+            gateway_mac,
+            vm_mac,
+            packets::ETH_P_IP,
+            &packets::ipv4(vm_ip, GATEWAY, 1, &icmp),
+        );
+        for _ in 0..20 {
+            tap.send(&frame).unwrap();
+            while let Some(n) = tap.recv(&mut buf, Duration::from_millis(200)).unwrap() {
+                if let Some(reply) = packets::parse_icmp_echo_reply(&buf[..n]) {
+                    return Some(reply);
+                }
+            }
+        }
+        None
+    });
+    let (dst_mac, src, dst, id, seq) = found.expect("echo reply read back from the TAP");
+    assert_eq!((dst_mac, src, dst, id, seq), (vm_mac, GATEWAY, vm_ip, 0x4d50, 1));
+
+    lab.ok(["network", "detach", "vm1"]);
+    assert!(link(&ip_json(lab.host.path(), &["link", "show"]), &tap_name).is_none());
+}
+
+#[test]
+fn up_refuses_other_settings_while_endpoints_exist_and_down_needs_force() {
+    let lab = NetLab::new("reconf");
+    lab.up(&[]);
+    let ep = NsGuard::new("ep");
+    lab.attach_netns("a", &ep, &[]);
+    let before = snapshot(lab.host.path());
+    let out = lab.run(["network", "up", "--subnet", "10.20.0.0/24"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 endpoint(s) use it"), "{err}");
+    assert_eq!(snapshot(lab.host.path()), before);
+
+    let out = lab.run(["network", "down"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still attached (a)"));
+    assert_eq!(snapshot(lab.host.path()), before);
+
+    lab.ok(["network", "down", "--force"]);
+    assert!(link(&ip_json(ep.path(), &["link", "show"]), "eth0").is_none());
+
+    // Without endpoints, new settings replace the old network.
+    lab.up(&[]);
+    let status = lab.json(["network", "up", "--subnet", "10.20.0.0/24", "--json"]);
+    assert_eq!(status["outcome"], "replaced");
+    assert_eq!(addrs_of(lab.host.path(), "micropod0"), ["10.20.0.1/24"]);
+}
+
+#[test]
+fn status_and_ls_report_endpoints() {
+    let lab = NetLab::new("status");
+    let down = lab.json(["network", "status", "--json"]);
+    assert_eq!(down["up"], false);
+    lab.up(&["--subnet", "10.10.0.0/29"]);
+    let ep = NsGuard::new("ep");
+    lab.attach_netns("c1", &ep, &["--ip", "10.10.0.5"]);
+    lab.ok(["network", "attach", "vm", "--kind", "tap"]);
+    let status = lab.json(["network", "status", "--json"]);
+    let n = &status["network"];
+    assert_eq!(n["bridge"], "micropod0");
+    assert_eq!(n["subnet"], "10.10.0.0/29");
+    assert_eq!(n["gateway"], "10.10.0.1");
+    assert_eq!(n["bridge_present"], true);
+    assert_eq!(n["ipam"]["capacity"], 5);
+    assert_eq!(n["ipam"]["used"], 2);
+    let ls = lab.json(["network", "ls", "--json"]);
+    let names: Vec<_> = ls.as_array().unwrap().iter().map(|e| e["name"].clone()).collect();
+    assert_eq!(names, ["c1", "vm"]);
+    assert_eq!(ls[0]["ip"], "10.10.0.5");
+    assert_eq!(ls[1]["ip"], "10.10.0.2");
+}
+
+#[test]
+fn gc_releases_endpoints_whose_netns_or_link_is_gone() {
+    let lab = NetLab::new("gc");
+    lab.up(&[]);
+    let gone = NsGuard::new("gone");
+    let kept = NsGuard::new("kept");
+    lab.attach_netns("gone", &gone, &[]);
+    lab.attach_netns("kept", &kept, &[]);
+    let vm = lab.json(["network", "attach", "vm", "--kind", "tap", "--json"]);
+    drop(gone); // the namespace dies, and the veth with it
+    query(lab.host.path(), "ip", &["link", "del", vm["link"].as_str().unwrap()]);
+    let released = lab.json(["gc", "--json"]);
+    let mut names: Vec<_> = released
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["gone", "vm"], "{released}");
+    let ls = lab.json(["network", "ls", "--json"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    assert_eq!(ls[0]["name"], "kept");
+    // Their addresses are free again: the next two attaches reuse them.
+    let again = NsGuard::new("again");
+    assert_eq!(lab.attach_netns("again", &again, &[])["ip"], "10.10.0.2");
+    assert_eq!(lab.json(["gc", "--json"]), serde_json::json!([]));
+}
+
+#[test]
+fn parallel_attaches_get_distinct_addresses() {
+    const N: usize = 64;
+    let lab = NetLab::new("par");
+    lab.up(&[]);
+    let namespaces: Vec<NsGuard> = (0..N).map(|i| NsGuard::new(&format!("p{i}"))).collect();
+    let children: Vec<_> = namespaces
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let mut cmd = lab.micropod(["network", "attach", &format!("ep{i}"), "--kind", "netns", "--json"]);
+            cmd.arg("--netns")
+                .arg(ns.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            cmd.spawn().expect("spawning micropod")
+        })
+        .collect();
+    let mut ips = HashSet::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(ips.insert(v["ip"].as_str().unwrap().to_owned()), "duplicate {}", v["ip"]);
+    }
+    assert_eq!(ips.len(), N);
+    // And the kernel agrees: each namespace holds the address its attach printed.
+    let inside: HashSet<String> = namespaces
+        .iter()
+        .map(|ns| addrs_of(ns.path(), "eth0")[0].trim_end_matches("/24").to_owned())
+        .collect();
+    assert_eq!(inside, ips);
+    let status = lab.json(["network", "status", "--json"]);
+    assert_eq!(status["network"]["ipam"]["used"], N);
+}
+
+#[test]
+fn kill_9_during_attach_then_gc_leaves_no_orphans() {
+    let lab = NetLab::new("kill");
+    lab.up(&[]);
+    let host = lab.host.path();
+    // How long one attach takes here, so the kills can be spread over its whole length.
+    let probe = NsGuard::new("probe");
+    let started = std::time::Instant::now();
+    lab.attach_netns("probe", &probe, &[]);
+    let one = started.elapsed();
+    lab.ok(["network", "detach", "probe"]);
+
+    const RUNS: u32 = 30;
+    let mut killed_mid_way = 0;
+    let namespaces: Vec<NsGuard> = (0..RUNS).map(|i| NsGuard::new(&format!("k{i}"))).collect();
+    for (i, ns) in (0..RUNS).zip(&namespaces) {
+        let mut cmd = lab.micropod(["network", "attach", &format!("k{i}"), "--kind"]);
+        cmd.arg(if i % 3 == 0 { "tap" } else { "netns" });
+        if i % 3 != 0 {
+            cmd.arg("--netns").arg(ns.path());
+        }
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        // From right after the fork to just past the end of a whole attach.
+        std::thread::sleep(one * 6 / 5 * i / RUNS);
+        child.kill().unwrap(); // SIGKILL, our own child, by PID
+        if !child.wait().unwrap().success() {
+            killed_mid_way += 1;
+        }
+    }
+    eprintln!("one attach took {one:?}; {killed_mid_way} of {RUNS} attaches were killed");
+    assert!(killed_mid_way > 0, "no attach was interrupted; the test proved nothing");
+
+    let _ = lab.json(["gc", "--json"]);
+    // Every record is whole: link present, a port of the bridge, address held; and nothing
+    // exists without a record.
+    let ls = lab.json(["network", "ls", "--json"]);
+    let records: Vec<&Value> = ls.as_array().unwrap().iter().collect();
+    assert!(records.iter().all(|r| r["phase"] == "ready"), "{ls}");
+    let links = ip_json(host, &["-d", "link", "show"]);
+    let ports: HashSet<String> = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|n| n.starts_with("mpt-") || n.starts_with("mpv-"))
+        .map(str::to_owned)
+        .collect();
+    let recorded: HashSet<String> = records
+        .iter()
+        .map(|r| r["link"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ports, recorded, "links without records, or records without links");
+    for l in links.as_array().unwrap() {
+        if recorded.contains(l["ifname"].as_str().unwrap()) {
+            assert_eq!(l["master"], "micropod0");
+        }
+    }
+    let status = lab.json(["network", "status", "--json"]);
+    assert_eq!(status["network"]["ipam"]["used"], records.len());
+    // No endpoint namespace holds an address micropod does not know about.
+    let recorded_ips: HashSet<String> = records
+        .iter()
+        .map(|r| r["cidr"].as_str().unwrap().to_owned())
+        .collect();
+    for ns in &namespaces {
+        for a in addrs_of(ns.path(), "eth0").into_iter().filter(|_| true) {
+            assert!(recorded_ips.contains(&a), "orphan address {a} in {}", ns.path().display());
+        }
+    }
+    // And everything detaches cleanly.
+    for r in &records {
+        lab.ok(["network", "detach", r["name"].as_str().unwrap()]);
+    }
+    lab.ok(["network", "down"]);
+}
+
+#[test]
+fn up_down_50_times_leaves_the_namespace_as_it_was() {
+    let lab = NetLab::new("cycle");
+    let host = lab.host.path();
+    let before = snapshot_settled(host);
+    for i in 0..50 {
+        lab.up(&[]);
+        if i == 0 {
+            assert_ne!(snapshot(host), before, "up changed nothing?");
+        }
+        lab.ok(["network", "down"]);
+    }
+    assert_eq!(snapshot(host), before);
+    assert_eq!(lab.state_doc(), None);
+}
+
+// ---- bad input: a clear error, exit code != 0, and no change -------------------------------
+
+/// Runs `args` (after `setup`) and checks: failure, `expect` in stderr, the host namespace and
+/// the state document unchanged.
+#[track_caller]
+fn refused(lab: &NetLab, args: &[&str], expect: &str) {
+    let before = (snapshot(lab.host.path()), lab.state_doc());
+    let out = lab.run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded:\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains(expect), "{args:?}: expected {expect:?} in:\n{stderr}");
+    assert_eq!((snapshot(lab.host.path()), lab.state_doc()), before, "{args:?} changed something");
+}
+
+#[test]
+fn bad_subnet_malformed() {
+    let lab = NetLab::new("bad1");
+    refused(&lab, &["network", "up", "--subnet", "10.10.0/24x"], "invalid subnet");
+    refused(&lab, &["network", "up", "--subnet", "10.10.0.0"], "missing prefix length");
+    refused(&lab, &["network", "up", "--subnet", "10.10.0.5/24"], "did you mean 10.10.0.0/24");
+}
+
+#[test]
+fn bad_subnet_not_ipv4() {
+    let lab = NetLab::new("bad2");
+    refused(&lab, &["network", "up", "--subnet", "fd00::/64"], "only IPv4");
+}
+
+#[test]
+fn bad_subnet_too_small() {
+    let lab = NetLab::new("bad3");
+    refused(&lab, &["network", "up", "--subnet", "10.10.0.0/31"], "subnet");
+    refused(&lab, &["network", "up", "--subnet", "10.10.0.0/32"], "subnet");
+}
+
+#[test]
+fn bad_subnet_overlaps_host_address_or_route() {
+    let lab = NetLab::new("bad4");
+    refused(&lab, &["network", "up", "--subnet", "203.0.113.0/25"], "overlaps address 203.0.113.1/24 on uplink0");
+    query(lab.host.path(), "ip", &["route", "add", "192.0.2.0/24", "via", "203.0.113.2"]);
+    refused(&lab, &["network", "up", "--subnet", "192.0.2.128/25"], "overlaps route 192.0.2.0/24");
+}
+
+#[test]
+fn bad_bridge_name() {
+    let lab = NetLab::new("bad5");
+    refused(&lab, &["network", "up", "--bridge", "a-bridge-name-too-long"], "invalid bridge name");
+    refused(&lab, &["network", "up", "--bridge", "br/0"], "invalid bridge name");
+}
+
+#[test]
+fn bad_uplink() {
+    let lab = NetLab::new("bad6");
+    refused(&lab, &["network", "up", "--uplink", "nosuchdev0"], "uplink nosuchdev0 does not exist");
+}
+
+#[test]
+fn bad_ip_outside_reserved_or_taken() {
+    let lab = NetLab::new("bad7");
+    lab.up(&[]);
+    lab.ok(["network", "attach", "first", "--kind", "tap", "--ip", "10.10.0.9"]);
+    let tap = ["network", "attach", "x", "--kind", "tap", "--ip"];
+    let with = |ip: &'static str| [&tap[..], &[ip]].concat();
+    refused(&lab, &with("10.10.1.9"), "outside subnet 10.10.0.0/24");
+    refused(&lab, &with("10.10.0.0"), "the network address");
+    refused(&lab, &with("10.10.0.1"), "the gateway address");
+    refused(&lab, &with("10.10.0.255"), "the broadcast address");
+    refused(&lab, &with("10.10.0.9"), "already assigned to \"first\"");
+    refused(&lab, &with("not-an-ip"), "invalid value");
+}
+
+#[test]
+fn bad_duplicate_endpoint_name() {
+    let lab = NetLab::new("bad8");
+    lab.up(&[]);
+    lab.ok(["network", "attach", "dup", "--kind", "tap"]);
+    refused(&lab, &["network", "attach", "dup", "--kind", "tap"], "already exists");
+}
+
+#[test]
+fn bad_detach_unknown_name() {
+    let lab = NetLab::new("bad9");
+    lab.up(&[]);
+    refused(&lab, &["network", "detach", "nobody"], "no endpoint named \"nobody\"");
+}
+
+#[test]
+fn bad_netns_path_missing_or_not_a_netns() {
+    let lab = NetLab::new("bad10");
+    lab.up(&[]);
+    let attach = ["network", "attach", "x", "--kind", "netns", "--netns"];
+    refused(&lab, &[&attach[..], &["/run/netns/does-not-exist"]].concat(), "No such file");
+    refused(&lab, &[&attach[..], &["/etc/hostname"]].concat(), "is not a network namespace");
+    refused(&lab, &["network", "attach", "x", "--kind", "netns"], "needs --netns");
+    let own = lab.host.path().to_str().unwrap().to_owned();
+    refused(&lab, &[&attach[..], &[own.as_str()]].concat(), "micropod's own network namespace");
+}
+
+#[test]
+fn bad_not_root() {
+    let lab = NetLab::new("bad11");
+    lab.up(&[]);
+    for args in [
+        &["network", "up"][..],
+        &["network", "attach", "x", "--kind", "tap"],
+        &["network", "detach", "x"],
+        &["network", "down"],
+        &["gc"],
+    ] {
+        let before = (snapshot(lab.host.path()), lab.state_doc());
+        let mut cmd = lab.micropod(args);
+        as_nobody(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded as nobody");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("needs CAP_NET_ADMIN"), "{args:?}: {err}");
+        assert_eq!((snapshot(lab.host.path()), lab.state_doc()), before);
+    }
+}
+
+#[test]
+fn bad_pool_exhausted() {
+    let lab = NetLab::new("bad12");
+    lab.up(&["--subnet", "10.10.0.0/30"]);
+    lab.ok(["network", "attach", "only", "--kind", "tap"]);
+    refused(&lab, &["network", "attach", "more", "--kind", "tap"], "is full");
+}

@@ -1,0 +1,307 @@
+//! A lab for the network control plane: a "host" namespace where micropod runs (bridge, NAT),
+//! joined by an uplink veth to an "internet" namespace that holds a server address. The
+//! internet has no route back to the micropod subnet, so only NATed traffic gets answers.
+
+use std::{
+    ffi::OsStr,
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use micropod::net::{addr, link, route, veth};
+use serde_json::Value;
+
+use crate::{NsGuard, TestDirs, block_on, micropod_bin};
+
+/// The host's end of the uplink, and its address (what MASQUERADE rewrites sources to).
+pub const UPLINK: &str = "uplink0";
+pub const UPLINK_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The internet's end of the uplink.
+pub const WAN: &str = "wan0";
+pub const WAN_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+/// A server address in the internet namespace, one routing hop behind the uplink.
+pub const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+
+pub struct NetLab {
+    pub host: NsGuard,
+    pub internet: NsGuard,
+    pub dirs: TestDirs,
+    /// Kept open for the children's `setns`.
+    host_file: File,
+}
+
+impl NetLab {
+    pub fn new(tag: &str) -> Self {
+        let host = NsGuard::new(&format!("{tag}-host"));
+        let internet = NsGuard::new(&format!("{tag}-inet"));
+        // No IPv6 duplicate address detection: link-local addresses are final at once, so
+        // namespace snapshots do not change under the test's feet.
+        for ns in [&host, &internet] {
+            ns.run(|| {
+                std::fs::write("/proc/sys/net/ipv6/conf/default/accept_dad", "0")
+                    .expect("disabling IPv6 DAD in the lab");
+            });
+        }
+        block_on(async {
+            let h = host.netlink();
+            let i = internet.netlink();
+            veth::create(&h, UPLINK, WAN, Some(std::os::fd::AsFd::as_fd(internet.ns())))
+                .await
+                .expect("creating the uplink veth");
+            addr::add(&h, UPLINK, IpNetwork::V4(Ipv4Network::new(UPLINK_ADDR, 24).unwrap()))
+                .await
+                .expect("uplink address");
+            link::set_up(&h, UPLINK).await.expect("uplink up");
+            addr::add(&i, WAN, IpNetwork::V4(Ipv4Network::new(WAN_ADDR, 24).unwrap()))
+                .await
+                .expect("wan address");
+            addr::add(&i, "lo", IpNetwork::V4(Ipv4Network::new(SERVER_ADDR, 32).unwrap()))
+                .await
+                .expect("server address");
+            link::set_up(&i, WAN).await.expect("wan up");
+            let uplink_index = link::index(&h, UPLINK).await.expect("uplink index");
+            route::add_default(&h, WAN_ADDR, uplink_index)
+                .await
+                .expect("host default route");
+        });
+        let host_file = File::open(host.path()).expect("opening the host namespace");
+        Self {
+            host,
+            internet,
+            dirs: TestDirs::new(tag),
+            host_file,
+        }
+    }
+
+    /// `micropod` with this lab's state and pin dirs, run inside the host namespace.
+    pub fn micropod<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(micropod_bin());
+        cmd.arg("--state-dir")
+            .arg(&self.dirs.state)
+            .arg("--bpf-dir")
+            .arg(self.dirs.pins.join("micropod"))
+            .args(args)
+            .env_remove("MICROPOD_STATE_DIR")
+            .env_remove("MICROPOD_BPF_DIR")
+            .env("MICROPOD_LOG", "warn")
+            .stdin(Stdio::null());
+        in_netns(&mut cmd, &self.host_file);
+        cmd
+    }
+
+    /// Runs micropod and returns its output, whatever the exit status.
+    pub fn run<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.micropod(args).output().expect("running micropod")
+    }
+
+    /// Runs micropod, asserts success, returns stdout.
+    #[track_caller]
+    pub fn ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.run(&args);
+        assert!(
+            out.status.success(),
+            "micropod {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs micropod with `--json` output expected on stdout.
+    #[track_caller]
+    pub fn json<I, S>(&self, args: I) -> Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON {out:?}: {e}"))
+    }
+
+    /// `network up` with defaults plus `extra`.
+    #[track_caller]
+    pub fn up(&self, extra: &[&str]) {
+        let mut args = vec!["network", "up"];
+        args.extend_from_slice(extra);
+        self.ok(args);
+    }
+
+    /// Attaches a netns endpoint in `ns`, returns the attach JSON.
+    #[track_caller]
+    pub fn attach_netns(&self, name: &str, ns: &NsGuard, extra: &[&str]) -> Value {
+        let fixed = ["network", "attach", name, "--kind", "netns", "--json"];
+        let mut args: Vec<&OsStr> = fixed.iter().map(OsStr::new).collect();
+        args.push(OsStr::new("--netns"));
+        args.push(ns.path().as_os_str());
+        args.extend(extra.iter().map(OsStr::new));
+        self.json(args)
+    }
+
+    /// The state document, raw (or `None` when absent).
+    pub fn state_doc(&self) -> Option<String> {
+        std::fs::read_to_string(self.dirs.state.join("network.json")).ok()
+    }
+}
+
+/// Makes `cmd`'s child enter the namespace `ns` before it execs.
+pub fn in_netns(cmd: &mut Command, ns: &File) {
+    let fd = ns.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only makes the setns
+    // syscall, which is async-signal-safe; `fd` stays open in the parent (and so in the child)
+    // for as long as the Command can spawn, because the lab owns the File.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// Makes `cmd`'s child drop to uid/gid 65534 with no capabilities, after [`in_netns`] (std
+/// would switch uid before the setns hook, and setns needs CAP_SYS_ADMIN).
+pub fn as_nobody(cmd: &mut Command) {
+    // SAFETY: runs in the forked child before exec; setgroups/setgid/setuid are plain
+    // async-signal-safe syscalls and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::libc;
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// [`snapshot`] once the namespace has settled (IPv6 link-local addresses and their routes
+/// appear a moment after a link comes up).
+pub fn snapshot_settled(ns: &Path) -> String {
+    let mut last = snapshot(ns);
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = snapshot(ns);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("namespace {} never settled:\n{last}", ns.display());
+}
+
+/// Runs an iproute2/nft query in a namespace and returns its stdout. Tests use these tools as
+/// an independent reading of the kernel; micropod itself never runs them.
+#[track_caller]
+pub fn query(ns: &Path, program: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `ip -j …` in a namespace, parsed.
+#[track_caller]
+pub fn ip_json(ns: &Path, args: &[&str]) -> Value {
+    let mut full = vec!["-j"];
+    full.extend_from_slice(args);
+    let out = query(ns, "ip", &full);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip {args:?}: bad JSON {out:?}: {e}"))
+}
+
+/// Everything micropod might change in a namespace, in a comparable form: links (name, kind,
+/// controller, flags, MAC), addresses, IPv4 and IPv6 routes, the nf_tables ruleset and
+/// ip_forward.
+pub fn snapshot(ns: &Path) -> String {
+    let links = ip_json(ns, &["-d", "link", "show"]);
+    let mut out = String::new();
+    for l in links.as_array().expect("link list") {
+        out += &format!(
+            "link {} index={} kind={} master={} flags={} mac={} mtu={}\n",
+            l["ifname"],
+            l["ifindex"],
+            l["linkinfo"]["info_kind"],
+            l["master"],
+            l["flags"],
+            l["address"],
+            l["mtu"]
+        );
+    }
+    for a in ip_json(ns, &["addr", "show"]).as_array().expect("addr list") {
+        for info in a["addr_info"].as_array().into_iter().flatten() {
+            out += &format!(
+                "addr {} {}/{} scope={}\n",
+                a["ifname"], info["local"], info["prefixlen"], info["scope"]
+            );
+        }
+    }
+    for family in ["-4", "-6"] {
+        for table in ["main", "local"] {
+            let routes = query(ns, "ip", &[family, "route", "show", "table", table]);
+            out += &format!("routes {family} {table}:\n{routes}");
+        }
+    }
+    out += &format!("nft:\n{}", query(ns, "nft", &["list", "ruleset"]));
+    let forward = query(ns, "cat", &["/proc/sys/net/ipv4/ip_forward"]);
+    out += &format!("ip_forward={forward}");
+    out
+}
+
+/// A raw ICMP echo from inside `ns` to `dst`; true when the matching reply arrives in time.
+pub fn ping(ns: &NsGuard, dst: Ipv4Addr) -> bool {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    ns.run(|| {
+        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let id = (std::process::id() & 0xffff) as u16;
+        for seq in 0..15u16 {
+            let request = crate::packets::icmp_echo(8, id, seq, b"micropod ping");
+            sock.send_to(&request, &SockAddr::from(SocketAddrV4::new(dst, 0)))
+                .expect("sending echo");
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                // SAFETY: recv_from initialised the first n bytes.
+                let packet: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+                let from = from.as_socket_ipv4().map(|a| *a.ip());
+                let Some(icmp) = crate::packets::ipv4_payload(&packet) else {
+                    continue;
+                };
+                if from == Some(dst) && icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
