@@ -46,17 +46,32 @@ fn up_creates_bridge_gateway_forwarding_and_masquerade() {
     let lab = NetLab::new("up");
     let status = lab.json(["network", "up", "--json"]);
     assert_eq!(status["outcome"], "created");
-    assert_eq!(status["network"]["uplink"], UPLINK, "auto picks the default route's device");
+    assert_eq!(
+        status["network"]["uplink"], UPLINK,
+        "auto picks the default route's device"
+    );
     assert_eq!(status["network"]["datapath"], "netfilter");
 
     let host = lab.host.path();
     let links = ip_json(host, &["-d", "link", "show"]);
     let bridge = link(&links, "micropod0").expect("bridge exists");
     assert_eq!(bridge["linkinfo"]["info_kind"], "bridge");
-    assert_eq!(bridge["address"], "02:6d:0a:0a:00:01", "fixed MAC from the gateway");
-    assert!(bridge["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    assert_eq!(
+        bridge["address"], "02:6d:0a:0a:00:01",
+        "fixed MAC from the gateway"
+    );
+    assert!(
+        bridge["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "UP")
+    );
     assert_eq!(addrs_of(host, "micropod0"), ["10.10.0.1/24"]);
-    assert_eq!(query(host, "cat", &["/proc/sys/net/ipv4/ip_forward"]).trim(), "1");
+    assert_eq!(
+        query(host, "cat", &["/proc/sys/net/ipv4/ip_forward"]).trim(),
+        "1"
+    );
     let rules = query(host, "nft", &["list", "ruleset"]);
     assert!(
         rules.contains("ip saddr 10.10.0.0/24 oifname != \"micropod0\"")
@@ -76,7 +91,12 @@ fn up_creates_bridge_gateway_forwarding_and_masquerade() {
     lab.up(&[]);
     let strip = |s: String| {
         s.lines()
-            .map(|l| l.split(' ').filter(|w| !w.starts_with("index=")).collect::<Vec<_>>().join(" "))
+            .map(|l| {
+                l.split(' ')
+                    .filter(|w| !w.starts_with("index="))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .collect::<Vec<_>>()
     };
     assert_eq!(strip(snapshot(host)), strip(before));
@@ -88,7 +108,10 @@ fn netns_endpoint_is_wired_and_reaches_gateway_and_internet_through_masquerade()
     lab.up(&[]);
     let ep = NsGuard::new("ep");
     let att = lab.attach_netns("web", &ep, &[]);
-    assert_eq!(att["ip"], "10.10.0.2", "first free address after the gateway");
+    assert_eq!(
+        att["ip"], "10.10.0.2",
+        "first free address after the gateway"
+    );
     assert_eq!(att["mac"], "02:6d:0a:0a:00:02");
     assert_eq!(att["gateway"], "10.10.0.1");
     assert_eq!(
@@ -113,7 +136,10 @@ fn netns_endpoint_is_wired_and_reaches_gateway_and_internet_through_masquerade()
 
     // Traffic: the gateway answers pings; a server in the internet sees the uplink address.
     assert!(ping(&ep, GATEWAY), "no echo reply from the gateway");
-    assert!(ping(&ep, SERVER_ADDR), "no echo reply from the internet server");
+    assert!(
+        ping(&ep, SERVER_ADDR),
+        "no echo reply from the internet server"
+    );
     let server = lab
         .internet
         .udp(SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, 7000)));
@@ -133,7 +159,10 @@ fn netns_endpoint_is_wired_and_reaches_gateway_and_internet_through_masquerade()
     let (n, _) = client.recv_from(&mut buf).expect("reply through the NAT");
     assert_eq!(&buf[..n], b"back");
     // TCP too.
-    let listener = lab.internet.run(|| TcpListener::bind((SERVER_ADDR, 7001))).unwrap();
+    let listener = lab
+        .internet
+        .run(|| TcpListener::bind((SERVER_ADDR, 7001)))
+        .unwrap();
     let mut stream = ep
         .run(|| TcpStream::connect_timeout(&(SERVER_ADDR, 7001).into(), Duration::from_secs(5)))
         .expect("TCP connect through the NAT");
@@ -162,14 +191,20 @@ fn tap_endpoint_answers_arp_and_ping_on_its_fd() {
     assert!(tap_name.len() <= 15);
     let vm_ip: Ipv4Addr = att["ip"].as_str().unwrap().parse().unwrap();
     let vm_mac = micropod::network::Mac::for_ip(vm_ip).0;
-    assert_eq!(att["mac"], micropod::network::Mac::for_ip(vm_ip).to_string());
+    assert_eq!(
+        att["mac"],
+        micropod::network::Mac::for_ip(vm_ip).to_string()
+    );
 
     let links = ip_json(lab.host.path(), &["-d", "link", "show"]);
     let tap = link(&links, &tap_name).expect("tap exists");
     assert_eq!(tap["master"], "micropod0");
     assert_eq!(tap["linkinfo"]["info_kind"], "tun");
     assert!(tap["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
-    assert_ne!(tap["address"], att["mac"], "the TAP must not share the guest's MAC");
+    assert_ne!(
+        tap["address"], att["mac"],
+        "the TAP must not share the guest's MAC"
+    );
 
     // Be the VM: open the persistent TAP as a VMM would, resolve the gateway, ping it.
     let found = lab.host.run(|| {
@@ -177,7 +212,8 @@ fn tap_endpoint_answers_arp_and_ping_on_its_fd() {
         let mut buf = [0u8; 2048];
         let mut gateway_mac = None;
         for _ in 0..20 {
-            tap.send(&packets::arp_request(vm_mac, vm_ip, GATEWAY)).unwrap();
+            tap.send(&packets::arp_request(vm_mac, vm_ip, GATEWAY))
+                .unwrap();
             while let Some(n) = tap.recv(&mut buf, Duration::from_millis(200)).unwrap() {
                 if let Some((mac, ip, target_mac, target_ip)) = packets::parse_arp_reply(&buf[..n])
                     && ip == GATEWAY
@@ -210,7 +246,10 @@ fn tap_endpoint_answers_arp_and_ping_on_its_fd() {
         None
     });
     let (dst_mac, src, dst, id, seq) = found.expect("echo reply read back from the TAP");
-    assert_eq!((dst_mac, src, dst, id, seq), (vm_mac, GATEWAY, vm_ip, 0x4d50, 1));
+    assert_eq!(
+        (dst_mac, src, dst, id, seq),
+        (vm_mac, GATEWAY, vm_ip, 0x4d50, 1)
+    );
 
     lab.ok(["network", "detach", "vm1"]);
     assert!(link(&ip_json(lab.host.path(), &["link", "show"]), &tap_name).is_none());
@@ -262,7 +301,12 @@ fn status_and_ls_report_endpoints() {
     assert_eq!(n["ipam"]["capacity"], 5);
     assert_eq!(n["ipam"]["used"], 2);
     let ls = lab.json(["network", "ls", "--json"]);
-    let names: Vec<_> = ls.as_array().unwrap().iter().map(|e| e["name"].clone()).collect();
+    let names: Vec<_> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].clone())
+        .collect();
     assert_eq!(names, ["c1", "vm"]);
     assert_eq!(ls[0]["ip"], "10.10.0.5");
     assert_eq!(ls[1]["ip"], "10.10.0.2");
@@ -278,7 +322,11 @@ fn gc_releases_endpoints_whose_netns_or_link_is_gone() {
     lab.attach_netns("kept", &kept, &[]);
     let vm = lab.json(["network", "attach", "vm", "--kind", "tap", "--json"]);
     drop(gone); // the namespace dies, and the veth with it
-    query(lab.host.path(), "ip", &["link", "del", vm["link"].as_str().unwrap()]);
+    query(
+        lab.host.path(),
+        "ip",
+        &["link", "del", vm["link"].as_str().unwrap()],
+    );
     let released = lab.json(["gc", "--json"]);
     let mut names: Vec<_> = released
         .as_array()
@@ -307,7 +355,14 @@ fn parallel_attaches_get_distinct_addresses() {
         .iter()
         .enumerate()
         .map(|(i, ns)| {
-            let mut cmd = lab.micropod(["network", "attach", &format!("ep{i}"), "--kind", "netns", "--json"]);
+            let mut cmd = lab.micropod([
+                "network",
+                "attach",
+                &format!("ep{i}"),
+                "--kind",
+                "netns",
+                "--json",
+            ]);
             cmd.arg("--netns")
                 .arg(ns.path())
                 .stdout(std::process::Stdio::piped())
@@ -318,15 +373,27 @@ fn parallel_attaches_get_distinct_addresses() {
     let mut ips = HashSet::new();
     for child in children {
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert!(ips.insert(v["ip"].as_str().unwrap().to_owned()), "duplicate {}", v["ip"]);
+        assert!(
+            ips.insert(v["ip"].as_str().unwrap().to_owned()),
+            "duplicate {}",
+            v["ip"]
+        );
     }
     assert_eq!(ips.len(), N);
     // And the kernel agrees: each namespace holds the address its attach printed.
     let inside: HashSet<String> = namespaces
         .iter()
-        .map(|ns| addrs_of(ns.path(), "eth0")[0].trim_end_matches("/24").to_owned())
+        .map(|ns| {
+            addrs_of(ns.path(), "eth0")[0]
+                .trim_end_matches("/24")
+                .to_owned()
+        })
         .collect();
     assert_eq!(inside, ips);
     let status = lab.json(["network", "status", "--json"]);
@@ -365,7 +432,10 @@ fn kill_9_during_attach_then_gc_leaves_no_orphans() {
         }
     }
     eprintln!("one attach took {one:?}; {killed_mid_way} of {RUNS} attaches were killed");
-    assert!(killed_mid_way > 0, "no attach was interrupted; the test proved nothing");
+    assert!(
+        killed_mid_way > 0,
+        "no attach was interrupted; the test proved nothing"
+    );
 
     let _ = lab.json(["gc", "--json"]);
     // Every record is whole: link present, a port of the bridge, address held; and nothing
@@ -386,7 +456,10 @@ fn kill_9_during_attach_then_gc_leaves_no_orphans() {
         .iter()
         .map(|r| r["link"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(ports, recorded, "links without records, or records without links");
+    assert_eq!(
+        ports, recorded,
+        "links without records, or records without links"
+    );
     for l in links.as_array().unwrap() {
         if recorded.contains(l["ifname"].as_str().unwrap()) {
             assert_eq!(l["master"], "micropod0");
@@ -401,7 +474,11 @@ fn kill_9_during_attach_then_gc_leaves_no_orphans() {
         .collect();
     for ns in &namespaces {
         for a in addrs_of(ns.path(), "eth0").into_iter().filter(|_| true) {
-            assert!(recorded_ips.contains(&a), "orphan address {a} in {}", ns.path().display());
+            assert!(
+                recorded_ips.contains(&a),
+                "orphan address {a} in {}",
+                ns.path().display()
+            );
         }
     }
     // And everything detaches cleanly.
@@ -436,58 +513,125 @@ fn refused(lab: &NetLab, args: &[&str], expect: &str) {
     let before = (snapshot(lab.host.path()), lab.state_doc());
     let out = lab.run(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} succeeded:\n{}", String::from_utf8_lossy(&out.stdout));
-    assert!(stderr.contains(expect), "{args:?}: expected {expect:?} in:\n{stderr}");
-    assert_eq!((snapshot(lab.host.path()), lab.state_doc()), before, "{args:?} changed something");
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(expect),
+        "{args:?}: expected {expect:?} in:\n{stderr}"
+    );
+    assert_eq!(
+        (snapshot(lab.host.path()), lab.state_doc()),
+        before,
+        "{args:?} changed something"
+    );
 }
 
 #[test]
 fn bad_subnet_malformed() {
     let lab = NetLab::new("bad1");
-    refused(&lab, &["network", "up", "--subnet", "10.10.0/24x"], "invalid subnet");
-    refused(&lab, &["network", "up", "--subnet", "10.10.0.0"], "missing prefix length");
-    refused(&lab, &["network", "up", "--subnet", "10.10.0.5/24"], "did you mean 10.10.0.0/24");
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "10.10.0/24x"],
+        "invalid subnet",
+    );
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "10.10.0.0"],
+        "missing prefix length",
+    );
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "10.10.0.5/24"],
+        "did you mean 10.10.0.0/24",
+    );
 }
 
 #[test]
 fn bad_subnet_not_ipv4() {
     let lab = NetLab::new("bad2");
-    refused(&lab, &["network", "up", "--subnet", "fd00::/64"], "only IPv4");
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "fd00::/64"],
+        "only IPv4",
+    );
 }
 
 #[test]
 fn bad_subnet_too_small() {
     let lab = NetLab::new("bad3");
-    refused(&lab, &["network", "up", "--subnet", "10.10.0.0/31"], "subnet");
-    refused(&lab, &["network", "up", "--subnet", "10.10.0.0/32"], "subnet");
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "10.10.0.0/31"],
+        "subnet",
+    );
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "10.10.0.0/32"],
+        "subnet",
+    );
 }
 
 #[test]
 fn bad_subnet_overlaps_host_address_or_route() {
     let lab = NetLab::new("bad4");
-    refused(&lab, &["network", "up", "--subnet", "203.0.113.0/25"], "overlaps address 203.0.113.1/24 on uplink0");
-    query(lab.host.path(), "ip", &["route", "add", "192.0.2.0/24", "via", "203.0.113.2"]);
-    refused(&lab, &["network", "up", "--subnet", "192.0.2.128/25"], "overlaps route 192.0.2.0/24");
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "203.0.113.0/25"],
+        "overlaps address 203.0.113.1/24 on uplink0",
+    );
+    query(
+        lab.host.path(),
+        "ip",
+        &["route", "add", "192.0.2.0/24", "via", "203.0.113.2"],
+    );
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "192.0.2.128/25"],
+        "overlaps route 192.0.2.0/24",
+    );
 }
 
 #[test]
 fn bad_bridge_name() {
     let lab = NetLab::new("bad5");
-    refused(&lab, &["network", "up", "--bridge", "a-bridge-name-too-long"], "invalid bridge name");
-    refused(&lab, &["network", "up", "--bridge", "br/0"], "invalid bridge name");
+    refused(
+        &lab,
+        &["network", "up", "--bridge", "a-bridge-name-too-long"],
+        "invalid bridge name",
+    );
+    refused(
+        &lab,
+        &["network", "up", "--bridge", "br/0"],
+        "invalid bridge name",
+    );
 }
 
 #[test]
 fn bad_uplink() {
     let lab = NetLab::new("bad6");
-    refused(&lab, &["network", "up", "--uplink", "nosuchdev0"], "uplink nosuchdev0 does not exist");
+    refused(
+        &lab,
+        &["network", "up", "--uplink", "nosuchdev0"],
+        "uplink nosuchdev0 does not exist",
+    );
 }
 
 #[test]
 fn bad_ip_outside_reserved_or_taken() {
     let lab = NetLab::new("bad7");
     lab.up(&[]);
-    lab.ok(["network", "attach", "first", "--kind", "tap", "--ip", "10.10.0.9"]);
+    lab.ok([
+        "network",
+        "attach",
+        "first",
+        "--kind",
+        "tap",
+        "--ip",
+        "10.10.0.9",
+    ]);
     let tap = ["network", "attach", "x", "--kind", "tap", "--ip"];
     let with = |ip: &'static str| [&tap[..], &[ip]].concat();
     refused(&lab, &with("10.10.1.9"), "outside subnet 10.10.0.0/24");
@@ -503,14 +647,22 @@ fn bad_duplicate_endpoint_name() {
     let lab = NetLab::new("bad8");
     lab.up(&[]);
     lab.ok(["network", "attach", "dup", "--kind", "tap"]);
-    refused(&lab, &["network", "attach", "dup", "--kind", "tap"], "already exists");
+    refused(
+        &lab,
+        &["network", "attach", "dup", "--kind", "tap"],
+        "already exists",
+    );
 }
 
 #[test]
 fn bad_detach_unknown_name() {
     let lab = NetLab::new("bad9");
     lab.up(&[]);
-    refused(&lab, &["network", "detach", "nobody"], "no endpoint named \"nobody\"");
+    refused(
+        &lab,
+        &["network", "detach", "nobody"],
+        "no endpoint named \"nobody\"",
+    );
 }
 
 #[test]
@@ -518,11 +670,27 @@ fn bad_netns_path_missing_or_not_a_netns() {
     let lab = NetLab::new("bad10");
     lab.up(&[]);
     let attach = ["network", "attach", "x", "--kind", "netns", "--netns"];
-    refused(&lab, &[&attach[..], &["/run/netns/does-not-exist"]].concat(), "No such file");
-    refused(&lab, &[&attach[..], &["/etc/hostname"]].concat(), "is not a network namespace");
-    refused(&lab, &["network", "attach", "x", "--kind", "netns"], "needs --netns");
+    refused(
+        &lab,
+        &[&attach[..], &["/run/netns/does-not-exist"]].concat(),
+        "No such file",
+    );
+    refused(
+        &lab,
+        &[&attach[..], &["/etc/hostname"]].concat(),
+        "is not a network namespace",
+    );
+    refused(
+        &lab,
+        &["network", "attach", "x", "--kind", "netns"],
+        "needs --netns",
+    );
     let own = lab.host.path().to_str().unwrap().to_owned();
-    refused(&lab, &[&attach[..], &[own.as_str()]].concat(), "micropod's own network namespace");
+    refused(
+        &lab,
+        &[&attach[..], &[own.as_str()]].concat(),
+        "micropod's own network namespace",
+    );
 }
 
 #[test]
@@ -552,5 +720,9 @@ fn bad_pool_exhausted() {
     let lab = NetLab::new("bad12");
     lab.up(&["--subnet", "10.10.0.0/30"]);
     lab.ok(["network", "attach", "only", "--kind", "tap"]);
-    refused(&lab, &["network", "attach", "more", "--kind", "tap"], "is full");
+    refused(
+        &lab,
+        &["network", "attach", "more", "--kind", "tap"],
+        "is full",
+    );
 }

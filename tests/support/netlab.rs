@@ -50,19 +50,36 @@ impl NetLab {
         block_on(async {
             let h = host.netlink();
             let i = internet.netlink();
-            veth::create(&h, UPLINK, WAN, Some(std::os::fd::AsFd::as_fd(internet.ns())))
-                .await
-                .expect("creating the uplink veth");
-            addr::add(&h, UPLINK, IpNetwork::V4(Ipv4Network::new(UPLINK_ADDR, 24).unwrap()))
-                .await
-                .expect("uplink address");
+            veth::create(
+                &h,
+                UPLINK,
+                WAN,
+                Some(std::os::fd::AsFd::as_fd(internet.ns())),
+            )
+            .await
+            .expect("creating the uplink veth");
+            addr::add(
+                &h,
+                UPLINK,
+                IpNetwork::V4(Ipv4Network::new(UPLINK_ADDR, 24).unwrap()),
+            )
+            .await
+            .expect("uplink address");
             link::set_up(&h, UPLINK).await.expect("uplink up");
-            addr::add(&i, WAN, IpNetwork::V4(Ipv4Network::new(WAN_ADDR, 24).unwrap()))
-                .await
-                .expect("wan address");
-            addr::add(&i, "lo", IpNetwork::V4(Ipv4Network::new(SERVER_ADDR, 32).unwrap()))
-                .await
-                .expect("server address");
+            addr::add(
+                &i,
+                WAN,
+                IpNetwork::V4(Ipv4Network::new(WAN_ADDR, 24).unwrap()),
+            )
+            .await
+            .expect("wan address");
+            addr::add(
+                &i,
+                "lo",
+                IpNetwork::V4(Ipv4Network::new(SERVER_ADDR, 32).unwrap()),
+            )
+            .await
+            .expect("server address");
             link::set_up(&i, WAN).await.expect("wan up");
             let uplink_index = link::index(&h, UPLINK).await.expect("uplink index");
             route::add_default(&h, WAN_ADDR, uplink_index)
@@ -257,7 +274,10 @@ pub fn snapshot(ns: &Path) -> String {
             l["mtu"]
         );
     }
-    for a in ip_json(ns, &["addr", "show"]).as_array().expect("addr list") {
+    for a in ip_json(ns, &["addr", "show"])
+        .as_array()
+        .expect("addr list")
+    {
         for info in a["addr_info"].as_array().into_iter().flatten() {
             out += &format!(
                 "addr {} {}/{} scope={}\n",
@@ -281,7 +301,8 @@ pub fn snapshot(ns: &Path) -> String {
 pub fn ping(ns: &NsGuard, dst: Ipv4Addr) -> bool {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     ns.run(|| {
-        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket");
+        let sock =
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket");
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
         let id = (std::process::id() & 0xffff) as u16;
@@ -292,12 +313,19 @@ pub fn ping(ns: &NsGuard, dst: Ipv4Addr) -> bool {
             let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
             while let Ok((n, from)) = sock.recv_from(&mut buf) {
                 // SAFETY: recv_from initialised the first n bytes.
-                let packet: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+                let packet: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
                 let from = from.as_socket_ipv4().map(|a| *a.ip());
                 let Some(icmp) = crate::packets::ipv4_payload(&packet) else {
                     continue;
                 };
-                if from == Some(dst) && icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+                if from == Some(dst)
+                    && icmp.len() >= 8
+                    && icmp[0] == 0
+                    && icmp[4..6] == id.to_be_bytes()
+                {
                     return true;
                 }
             }

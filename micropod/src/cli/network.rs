@@ -121,7 +121,10 @@ pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                     config.bridge,
                     config.gateway,
                     config.subnet.prefix(),
-                    config.uplink.as_deref().unwrap_or("none (no default route)")
+                    config
+                        .uplink
+                        .as_deref()
+                        .unwrap_or("none (no default route)")
                 );
             }
         }
@@ -140,13 +143,23 @@ pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                 println!(
                     "bridge     {}{}",
                     n.bridge,
-                    if n.bridge_present { "" } else { " (MISSING: run `micropod network up` to repair)" }
+                    if n.bridge_present {
+                        ""
+                    } else {
+                        " (MISSING: run `micropod network up` to repair)"
+                    }
                 );
                 println!("subnet     {} (gateway {})", n.subnet, n.gateway);
                 println!("uplink     {}", n.uplink.as_deref().unwrap_or("none"));
-                println!("datapath   {} (requested {})", n.datapath, n.datapath_requested);
+                println!(
+                    "datapath   {} (requested {})",
+                    n.datapath, n.datapath_requested
+                );
                 println!("nat table  ip {}", n.nft_table);
-                println!("addresses  {} used, {} free of {}", n.ipam.used, n.ipam.free, n.ipam.capacity);
+                println!(
+                    "addresses  {} used, {} free of {}",
+                    n.ipam.used, n.ipam.free, n.ipam.capacity
+                );
                 println!("endpoints  {}", n.endpoints.len());
                 print_endpoints(&n.endpoints);
             } else {
@@ -211,7 +224,10 @@ fn print_attachment(a: &Attachment) {
             a.link,
             a.bridge,
             a.ifname.as_deref().unwrap_or("?"),
-            a.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            a.netns
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         ),
     }
     println!("  address     {}", a.cidr);

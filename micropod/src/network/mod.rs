@@ -23,8 +23,7 @@ use crate::{
     ipam::IpamError,
     net::{
         NetlinkError, NetnsError, addr::AddrError, bridge::BridgeError, link::LinkError,
-        nftables::NftError, route::RouteError, sysctl::SysctlError, tap::TapError,
-        veth::VethError,
+        nftables::NftError, route::RouteError, sysctl::SysctlError, tap::TapError, veth::VethError,
     },
     state::{StateDir, StateError},
 };
@@ -46,9 +45,7 @@ pub enum NetworkError {
     InvalidSubnet { input: String, reason: String },
     #[error("invalid subnet")]
     Subnet(#[source] IpamError),
-    #[error(
-        "subnet {subnet} overlaps {what} in this network namespace; choose another --subnet"
-    )]
+    #[error("subnet {subnet} overlaps {what} in this network namespace; choose another --subnet")]
     SubnetOverlap { subnet: String, what: String },
     #[error("uplink {name} does not exist; name an existing interface or use --uplink auto")]
     UnknownUplink { name: String },
@@ -430,8 +427,11 @@ pub fn parse_subnet(input: &str) -> Result<ipnetwork::Ipv4Network, NetworkError>
     match input.parse::<ipnetwork::IpNetwork>() {
         Ok(ipnetwork::IpNetwork::V4(net)) => {
             // Ipam::new checks the prefix size and that this is the network address.
-            crate::ipam::Ipam::new(net, crate::ipam::Ipam::default_gateway(net).map_err(NetworkError::Subnet)?)
-                .map_err(NetworkError::Subnet)?;
+            crate::ipam::Ipam::new(
+                net,
+                crate::ipam::Ipam::default_gateway(net).map_err(NetworkError::Subnet)?,
+            )
+            .map_err(NetworkError::Subnet)?;
             Ok(net)
         }
         Ok(ipnetwork::IpNetwork::V6(_)) => Err(invalid("only IPv4 subnets are supported")),

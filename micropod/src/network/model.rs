@@ -1,13 +1,7 @@
 //! What micropod records about a network and its endpoints (the state document), and the
 //! values derived from it: MACs, link names, the guest kernel's `ip=` argument.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::Ipv4Addr,
-    path::PathBuf,
-    str::FromStr,
-};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf, str::FromStr};
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
@@ -227,7 +221,10 @@ pub fn link_name(kind: EndpointKind, ip: Ipv4Addr) -> String {
 
 /// Whether a link name is one micropod gives endpoints.
 pub fn is_endpoint_link_name(name: &str) -> bool {
-    let Some(hex) = name.strip_prefix("mpt-").or_else(|| name.strip_prefix("mpv-")) else {
+    let Some(hex) = name
+        .strip_prefix("mpt-")
+        .or_else(|| name.strip_prefix("mpv-"))
+    else {
         return false;
     };
     hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit())
@@ -290,7 +287,11 @@ mod tests {
     fn kernel_argument() {
         let subnet: Ipv4Network = "10.10.0.0/24".parse().unwrap();
         assert_eq!(
-            kernel_ip_arg(Ipv4Addr::new(10, 10, 0, 2), subnet, Ipv4Addr::new(10, 10, 0, 1)),
+            kernel_ip_arg(
+                Ipv4Addr::new(10, 10, 0, 2),
+                subnet,
+                Ipv4Addr::new(10, 10, 0, 1)
+            ),
             "ip=10.10.0.2::10.10.0.1:255.255.255.0::eth0:off"
         );
     }

@@ -436,7 +436,12 @@ impl super::Network {
                 && let Err(e) = link::delete_if_exists(nl, &ep.link).await
             {
                 // Keep the record so the next reconcile tries again.
-                log::warn!("cannot delete {} of stale endpoint {}: {}", ep.link, ep.name, chain(&e));
+                log::warn!(
+                    "cannot delete {} of stale endpoint {}: {}",
+                    ep.link,
+                    ep.name,
+                    chain(&e)
+                );
                 continue;
             }
             doc.endpoints.remove(&ep.name);
