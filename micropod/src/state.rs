@@ -1,1 +1,793 @@
-//! The state dir: one lock, atomic JSON documents (placeholder, being written).
+//! The state dir: one lock, atomic JSON documents.
+//!
+//! Layout of `<root>` (default `/var/lib/micropod`, created 0700):
+//! - `lock`: an empty file. [`StateDir::lock`] takes an exclusive `flock(2)` on it; every
+//!   read-modify-write of state happens while holding it. The kernel drops the lock when the
+//!   [`StateLock`] is dropped or the process dies, even by `kill -9`, so no stale lock survives
+//!   a crash. The descriptor is close-on-exec, so spawned VMMs do not inherit the lock.
+//! - `<name>`: JSON documents, each replaced atomically (temp file, fsync, rename, fsync of the
+//!   dir). A reader sees the old or the new document, never a torn one, and a crash leaves at
+//!   worst a stale `.<name>.tmp-<pid>` behind, which readers never look at and the next write
+//!   of `<name>` removes.
+//!
+//! Because writes are atomic renames, status commands may read without the lock
+//! ([`StateDir::read_json_unlocked`]); they just may see a state that is about to change.
+
+use std::{
+    fs::{self, DirBuilder, File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Name of the lock file inside the state dir; not usable as a document name.
+pub const LOCK_FILE: &str = "lock";
+
+/// Longest accepted document name, leaving room for the temp-file decoration within NAME_MAX.
+const MAX_NAME_LEN: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("invalid state document name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("cannot create the state dir {path}{}", create_dir_hint(source))]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open the state lock file {path}{}", io_hint(source))]
+    OpenLock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot lock {path}{}", lock_hint(source))]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the state file {path}{}", io_hint(source))]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot parse the state file {path}: it is corrupted or from an incompatible micropod \
+         version; inspect it, or move it aside to start from scratch (what it recorded is then \
+         forgotten)"
+    )]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot serialize the state document for {path} (a bug in micropod)")]
+    Serialize {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write {path}{}", io_hint(source))]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot flush {path} to disk{}", io_hint(source))]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot rename {from} to {path}{}", io_hint(source))]
+    Rename {
+        from: PathBuf,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot remove {path}{}", io_hint(source))]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What to do about the common errors; the errno text itself comes with the `#[source]`.
+fn io_hint(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM) => {
+            " (permission denied: run as root or choose another --state-dir)"
+        }
+        Some(libc::EROFS) => " (read-only file system: choose another --state-dir)",
+        Some(libc::ENOSPC | libc::EDQUOT) => " (no space left on the device: free some space)",
+        Some(libc::ENOTDIR) => " (a path component is not a directory: choose another --state-dir)",
+        _ => "",
+    }
+}
+
+fn create_dir_hint(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        // create_dir_all reports EEXIST when the path exists but is not a directory.
+        Some(libc::EEXIST) => " (it exists but is not a directory: choose another --state-dir)",
+        _ => io_hint(err),
+    }
+}
+
+fn lock_hint(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::ENOLCK | libc::EOPNOTSUPP) => {
+            " (the file system does not support flock: choose a --state-dir on a local file system)"
+        }
+        _ => io_hint(err),
+    }
+}
+
+/// The state directory. Cheap to create; nothing touches the disk before [`StateDir::lock`].
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// Proof of holding the exclusive state lock. Unlocks when dropped.
+#[derive(Debug)]
+#[must_use = "the state lock is released as soon as this is dropped"]
+pub struct StateLock {
+    /// Which dir this lock belongs to, to catch mixing up two state dirs in debug builds.
+    root: PathBuf,
+    _file: Flock<File>,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the dir (0700, parents too) if needed and takes the exclusive lock on
+    /// `<root>/lock`, waiting as long as another holder keeps it.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|source| StateError::CreateDir {
+                path: self.root.clone(),
+                source,
+            })?;
+        let path = self.root.join(LOCK_FILE);
+        // std opens with O_CLOEXEC: a child exec'd while we hold the lock must not keep it.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| StateError::OpenLock {
+                path: path.clone(),
+                source,
+            })?;
+        let lock_err = |errno: Errno| StateError::Lock {
+            path: path.clone(),
+            source: io::Error::from(errno),
+        };
+        // Try first, so that a wait is announced instead of looking like a hang.
+        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => {
+                return Ok(StateLock {
+                    root: self.root.clone(),
+                    _file: locked,
+                });
+            }
+            Err((file, Errno::EWOULDBLOCK)) => {
+                log::info!(
+                    "waiting for {}: another micropod command holds the state lock",
+                    path.display()
+                );
+                file
+            }
+            Err((_, errno)) => return Err(lock_err(errno)),
+        };
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusive) {
+                Ok(locked) => {
+                    return Ok(StateLock {
+                        root: self.root.clone(),
+                        _file: locked,
+                    });
+                }
+                // A signal interrupted the wait; keep waiting.
+                Err((again, Errno::EINTR)) => file = again,
+                Err((_, errno)) => return Err(lock_err(errno)),
+            }
+        }
+    }
+
+    /// Reads `<root>/<name>` as JSON; `Ok(None)` if it does not exist.
+    pub fn read_json<T: DeserializeOwned>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
+        self.check_lock(lock);
+        self.read_json_unlocked(name)
+    }
+
+    /// Like [`StateDir::read_json`] without the lock, for read-only commands. Safe because
+    /// writers replace documents atomically; the result may be outdated a moment later.
+    pub fn read_json_unlocked<T: DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
+        let path = self.doc_path(name)?;
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Parse { path, source })
+    }
+
+    /// Atomically replaces `<root>/<name>` with `value` as JSON: writes `.<name>.tmp-<pid>`,
+    /// fsyncs it, renames it over `<name>` and fsyncs the dir. Also removes temp files of
+    /// `<name>` left by writers that died (under the lock, no other writer can be running).
+    pub fn write_json<T: Serialize>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        self.check_lock(lock);
+        let path = self.doc_path(name)?;
+        let mut bytes =
+            serde_json::to_vec_pretty(value).map_err(|source| StateError::Serialize {
+                path: path.clone(),
+                source,
+            })?;
+        bytes.push(b'\n');
+        self.remove_stale_temps(name);
+        let tmp = self
+            .root
+            .join(format!(".{name}.tmp-{}", std::process::id()));
+        let result = write_synced(&tmp, &bytes).and_then(|()| {
+            fs::rename(&tmp, &path).map_err(|source| StateError::Rename {
+                from: tmp.clone(),
+                path: path.clone(),
+                source,
+            })
+        });
+        if result.is_err() {
+            // Best effort: the next write would remove it anyway.
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        self.sync_dir()
+    }
+
+    /// Removes `<root>/<name>`; Ok if it is already absent.
+    pub fn remove(&self, lock: &StateLock, name: &str) -> Result<(), StateError> {
+        self.check_lock(lock);
+        let path = self.doc_path(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StateError::Remove { path, source }),
+        }
+        self.sync_dir()
+    }
+
+    fn check_lock(&self, lock: &StateLock) {
+        debug_assert_eq!(
+            lock.root, self.root,
+            "the StateLock belongs to another state dir"
+        );
+    }
+
+    fn doc_path(&self, name: &str) -> Result<PathBuf, StateError> {
+        let reason = if name.is_empty() {
+            "it is empty"
+        } else if name.contains('/') {
+            "it contains '/'; use a plain file name"
+        } else if name.starts_with('.') {
+            "it starts with '.', which is reserved for temporary files"
+        } else if name.contains('\0') {
+            "it contains a NUL byte"
+        } else if name == LOCK_FILE {
+            "it is the lock file"
+        } else if name.len() > MAX_NAME_LEN {
+            "it is longer than 200 bytes"
+        } else {
+            return Ok(self.root.join(name));
+        };
+        Err(StateError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })
+    }
+
+    /// Removes `.<name>.tmp-*`. Only called under the lock, when any such file is a leftover
+    /// of a writer that died between creating and renaming it.
+    fn remove_stale_temps(&self, name: &str) {
+        let prefix = format!(".{name}.tmp-");
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(err) => {
+                log::warn!(
+                    "cannot list {} to clean up temp files: {err}",
+                    self.root.display()
+                );
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
+            if file_name.starts_with(&prefix) {
+                let path = entry.path();
+                match fs::remove_file(&path) {
+                    Ok(()) => log::debug!("removed stale temp file {}", path.display()),
+                    Err(err) => log::warn!("cannot remove stale {}: {err}", path.display()),
+                }
+            }
+        }
+    }
+
+    /// Makes renames and removals in the dir durable.
+    fn sync_dir(&self) -> Result<(), StateError> {
+        File::open(&self.root)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|source| StateError::Sync {
+                path: self.root.clone(),
+                source,
+            })
+    }
+}
+
+/// Creates `path` (which must not exist), writes `bytes` and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let write_err = |source| StateError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    // create_new: never follow or reuse something already there (stale temps were removed).
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(write_err)?;
+    file.write_all(bytes).map_err(write_err)?;
+    file.sync_all().map_err(|source| StateError::Sync {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeSet,
+        env,
+        net::Ipv4Addr,
+        os::unix::fs::PermissionsExt,
+        process::{Child, Command, Stdio},
+        sync::{
+            Barrier,
+            atomic::{AtomicBool, AtomicU32, Ordering},
+            mpsc,
+        },
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::ipam::Ipam;
+
+    /// A unique dir under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            static COUNTER: AtomicU32 = AtomicU32::new(0);
+            let path = env::temp_dir().join(format!(
+                "micropod-state-test-{}-{tag}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&path);
+            Self(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Doc {
+        name: String,
+        values: Vec<u64>,
+    }
+
+    fn doc(name: &str, values: Vec<u64>) -> Doc {
+        Doc {
+            name: name.to_owned(),
+            values,
+        }
+    }
+
+    const IPAM_DOC: &str = "ipam.json";
+
+    /// One read-modify-write of the IPAM document, as a real command would do it.
+    fn allocate_one(dir: &StateDir, owner: &str) -> Ipv4Addr {
+        let lock = dir.lock().unwrap();
+        let mut ipam: Ipam = dir.read_json(&lock, IPAM_DOC).unwrap().unwrap_or_else(|| {
+            Ipam::new(
+                "10.10.0.0/24".parse().unwrap(),
+                "10.10.0.1".parse().unwrap(),
+            )
+            .unwrap()
+        });
+        let ip = ipam.allocate(owner, None).unwrap();
+        dir.write_json(&lock, IPAM_DOC, &ipam).unwrap();
+        ip
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn round_trip_absent_and_remove() {
+        let tmp = TempDir::new("roundtrip");
+        let dir = StateDir::new(tmp.0.join("nested/state"));
+        assert_eq!(dir.root(), tmp.0.join("nested/state"));
+        let lock = dir.lock().unwrap();
+        assert_eq!(mode(dir.root()), 0o700);
+        assert_eq!(dir.read_json::<Doc>(&lock, "doc.json").unwrap(), None);
+
+        let first = doc("first", vec![1, 2, 3]);
+        dir.write_json(&lock, "doc.json", &first).unwrap();
+        assert_eq!(mode(&dir.root().join("doc.json")), 0o600);
+        assert_eq!(dir.read_json(&lock, "doc.json").unwrap(), Some(first));
+
+        let second = doc("second", vec![]);
+        dir.write_json(&lock, "doc.json", &second).unwrap();
+        assert_eq!(dir.read_json_unlocked("doc.json").unwrap(), Some(second));
+
+        dir.remove(&lock, "doc.json").unwrap();
+        dir.remove(&lock, "doc.json").unwrap();
+        assert_eq!(dir.read_json::<Doc>(&lock, "doc.json").unwrap(), None);
+        // Only the lock file is left: no temp files linger after successful writes.
+        let names: Vec<_> = fs::read_dir(dir.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [LOCK_FILE]);
+    }
+
+    #[test]
+    fn stale_temp_files_are_ignored_then_cleaned() {
+        let tmp = TempDir::new("stale");
+        let dir = StateDir::new(&tmp.0);
+        let lock = dir.lock().unwrap();
+        dir.write_json(&lock, "doc.json", &doc("good", vec![7]))
+            .unwrap();
+        // What a writer killed before its rename leaves behind.
+        let stale = [
+            dir.root().join(".doc.json.tmp-4194301"),
+            dir.root()
+                .join(format!(".doc.json.tmp-{}", std::process::id())),
+        ];
+        for path in &stale {
+            fs::write(path, b"{\"name\": \"torn").unwrap();
+        }
+        let other = dir.root().join(".other.json.tmp-12");
+        fs::write(&other, b"{").unwrap();
+
+        assert_eq!(
+            dir.read_json(&lock, "doc.json").unwrap(),
+            Some(doc("good", vec![7]))
+        );
+        dir.write_json(&lock, "doc.json", &doc("newer", vec![8]))
+            .unwrap();
+        assert_eq!(
+            dir.read_json_unlocked("doc.json").unwrap(),
+            Some(doc("newer", vec![8]))
+        );
+        for path in &stale {
+            assert!(!path.exists(), "{} not cleaned up", path.display());
+        }
+        // Temp files of other documents are left to their own writers.
+        assert!(other.exists());
+    }
+
+    #[test]
+    fn invalid_names_refused() {
+        let tmp = TempDir::new("names");
+        let dir = StateDir::new(&tmp.0);
+        let lock = dir.lock().unwrap();
+        let long = "x".repeat(201);
+        for name in ["", "a/b", "../escape", ".hidden", "lock", "a\0b", &long] {
+            let is_invalid = |r: Result<(), StateError>| matches!(r, Err(StateError::InvalidName { name: n, .. }) if n == name);
+            assert!(
+                is_invalid(dir.write_json(&lock, name, &1).map(drop)),
+                "{name:?}"
+            );
+            assert!(is_invalid(dir.read_json::<u32>(&lock, name).map(drop)));
+            assert!(is_invalid(dir.read_json_unlocked::<u32>(name).map(drop)));
+            assert!(is_invalid(dir.remove(&lock, name)));
+        }
+        // The lock file itself is intact.
+        assert!(dir.root().join(LOCK_FILE).exists());
+    }
+
+    #[test]
+    fn corrupted_document_is_a_parse_error() {
+        let tmp = TempDir::new("corrupt");
+        let dir = StateDir::new(&tmp.0);
+        let lock = dir.lock().unwrap();
+        fs::write(dir.root().join("doc.json"), b"{\"name\": 3").unwrap();
+        let err = dir.read_json::<Doc>(&lock, "doc.json").unwrap_err();
+        assert!(
+            matches!(&err, StateError::Parse { path, .. } if *path == dir.root().join("doc.json")),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("move it aside"), "{err}");
+
+        // An IPAM document that breaks its invariants is refused the same way.
+        fs::write(
+            dir.root().join(IPAM_DOC),
+            br#"{"subnet":"10.10.0.0/24","gateway":"10.10.0.1","allocations":{"10.20.0.2":"a"}}"#,
+        )
+        .unwrap();
+        let err = dir.read_json::<Ipam>(&lock, IPAM_DOC).unwrap_err();
+        let StateError::Parse { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(source.to_string().contains("outside subnet"), "{source}");
+    }
+
+    #[test]
+    fn unwritable_dir_says_what_to_do() {
+        let tmp = TempDir::new("eacces");
+        fs::create_dir_all(&tmp.0).unwrap();
+        // A regular file where a parent dir should be: fails for root too, unlike permissions.
+        let blocker = tmp.0.join("file");
+        fs::write(&blocker, b"").unwrap();
+        let err = StateDir::new(blocker.join("state")).lock().unwrap_err();
+        assert!(matches!(err, StateError::CreateDir { .. }), "{err:?}");
+        assert!(err.to_string().contains("--state-dir"), "{err}");
+        let err = StateDir::new(&blocker).lock().unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+
+        let denied = io::Error::from_raw_os_error(libc::EACCES);
+        assert!(io_hint(&denied).contains("run as root or choose another --state-dir"));
+    }
+
+    #[test]
+    fn readers_never_see_a_partial_write() {
+        let tmp = TempDir::new("atomic");
+        let dir = StateDir::new(&tmp.0);
+        const GENERATIONS: u64 = 40;
+        // About 0.25 MB of JSON per generation: many pages, far beyond one atomic write(2).
+        const LEN: usize = 30_000;
+        {
+            let lock = dir.lock().unwrap();
+            dir.write_json(&lock, "big.json", &doc("big", vec![0; LEN]))
+                .unwrap();
+        }
+        let done = AtomicBool::new(false);
+        let reads = thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut reads = 0u32;
+                let mut last = 0;
+                while !done.load(Ordering::Acquire) {
+                    let got: Doc = dir.read_json_unlocked("big.json").unwrap().unwrap();
+                    assert_eq!(got.values.len(), LEN);
+                    let generation = got.values[0];
+                    assert!(got.values.iter().all(|v| *v == generation), "mixed doc");
+                    assert!(generation >= last, "went back in time");
+                    last = generation;
+                    reads += 1;
+                }
+                reads
+            });
+            for generation in 1..=GENERATIONS {
+                let lock = dir.lock().unwrap();
+                dir.write_json(&lock, "big.json", &doc("big", vec![generation; LEN]))
+                    .unwrap();
+            }
+            done.store(true, Ordering::Release);
+            reader.join().unwrap()
+        });
+        assert!(reads > 0);
+        let last: Doc = dir.read_json_unlocked("big.json").unwrap().unwrap();
+        assert_eq!(last.values[0], GENERATIONS);
+    }
+
+    #[test]
+    fn lock_excludes_other_open_file_descriptions() {
+        let tmp = TempDir::new("exclusive");
+        let dir = StateDir::new(&tmp.0);
+        let held = dir.lock().unwrap();
+        let acquired = AtomicBool::new(false);
+        thread::scope(|s| {
+            s.spawn(|| {
+                let _lock = StateDir::new(&tmp.0).lock().unwrap();
+                acquired.store(true, Ordering::SeqCst);
+            });
+            thread::sleep(Duration::from_millis(200));
+            assert!(!acquired.load(Ordering::SeqCst), "lock taken twice");
+            drop(held);
+        });
+        assert!(acquired.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn threads_allocate_distinct_addresses() {
+        const THREADS: usize = 32;
+        let tmp = TempDir::new("threads");
+        let barrier = Barrier::new(THREADS);
+        let ips: Vec<(String, Ipv4Addr)> = thread::scope(|s| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|i| {
+                    let (root, barrier) = (&tmp.0, &barrier);
+                    s.spawn(move || {
+                        // Each thread has its own StateDir and its own lock file descriptor.
+                        let dir = StateDir::new(root);
+                        let owner = format!("t{i}");
+                        barrier.wait();
+                        let ip = allocate_one(&dir, &owner);
+                        (owner, ip)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let distinct: BTreeSet<_> = ips.iter().map(|(_, ip)| *ip).collect();
+        assert_eq!(distinct.len(), THREADS);
+
+        let ipam: Ipam = StateDir::new(&tmp.0)
+            .read_json_unlocked(IPAM_DOC)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ipam.used() as usize, THREADS);
+        for (owner, ip) in &ips {
+            assert_eq!(ipam.address_of(owner), Some(*ip));
+        }
+        // Lowest-free allocation under a correct lock fills .2 ..= .33 exactly.
+        let expected: BTreeSet<Ipv4Addr> = (2..2 + THREADS as u8)
+            .map(|last| Ipv4Addr::new(10, 10, 0, last))
+            .collect();
+        assert_eq!(distinct, expected);
+    }
+
+    // Multi-process tests: the test binary re-runs itself with `--exact` on this entry point,
+    // which does nothing in a normal test run.
+    const CHILD_MODE: &str = "MICROPOD_STATE_TEST_CHILD";
+    const CHILD_DIR: &str = "MICROPOD_STATE_TEST_DIR";
+    const CHILD_ARG: &str = "MICROPOD_STATE_TEST_ARG";
+    const CHILD_ENTRY: &str = "state::tests::child_process_entry";
+
+    #[test]
+    fn child_process_entry() {
+        let Ok(mode) = env::var(CHILD_MODE) else {
+            return;
+        };
+        let dir = StateDir::new(env::var(CHILD_DIR).unwrap());
+        let arg = env::var(CHILD_ARG).unwrap();
+        match mode.as_str() {
+            // Allocate 5 addresses, one lock round each.
+            "alloc" => {
+                for i in 0..5 {
+                    allocate_one(&dir, &format!("{arg}-{i}"));
+                }
+            }
+            // Take the lock, signal readiness through the marker file, wait to be killed.
+            "hold" => {
+                let _lock = dir.lock().unwrap();
+                fs::write(&arg, b"").unwrap();
+                // Bounded, in case the parent dies without killing us.
+                thread::sleep(Duration::from_secs(60));
+            }
+            other => panic!("unknown child mode {other}"),
+        }
+    }
+
+    /// Kills the child if the test fails before reaping it.
+    struct ChildGuard(Child);
+
+    impl Drop for ChildGuard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn spawn_child(mode: &str, dir: &Path, arg: &str) -> ChildGuard {
+        let child = Command::new(env::current_exe().unwrap())
+            .args([CHILD_ENTRY, "--exact", "--test-threads=1", "--nocapture"])
+            .env(CHILD_MODE, mode)
+            .env(CHILD_DIR, dir)
+            .env(CHILD_ARG, arg)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        ChildGuard(child)
+    }
+
+    #[test]
+    fn processes_allocate_distinct_addresses() {
+        const PROCESSES: usize = 6;
+        let tmp = TempDir::new("procs");
+        let children: Vec<_> = (0..PROCESSES)
+            .map(|i| spawn_child("alloc", &tmp.0, &format!("p{i}")))
+            .collect();
+        for mut child in children {
+            assert!(child.0.wait().unwrap().success());
+        }
+        let ipam: Ipam = StateDir::new(&tmp.0)
+            .read_json_unlocked(IPAM_DOC)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ipam.used() as usize, PROCESSES * 5);
+        for i in 0..PROCESSES {
+            for j in 0..5 {
+                assert!(ipam.address_of(&format!("p{i}-{j}")).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn lock_released_when_holder_is_killed() {
+        let tmp = TempDir::new("kill9");
+        fs::create_dir_all(&tmp.0).unwrap();
+        let marker = tmp.0.join("holding");
+        let mut holder = spawn_child("hold", &tmp.0, marker.to_str().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "child never took the lock");
+            assert!(holder.0.try_wait().unwrap().is_none(), "child exited early");
+            thread::sleep(Duration::from_millis(10));
+        }
+
+        let (tx, rx) = mpsc::channel();
+        let root = tmp.0.clone();
+        let waiter = thread::spawn(move || {
+            let lock = StateDir::new(root).lock();
+            tx.send(lock.is_ok()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "lock taken while the child holds it"
+        );
+        // SIGKILL: no destructor runs in the child, the kernel alone releases the flock.
+        holder.0.kill().unwrap();
+        holder.0.wait().unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        waiter.join().unwrap();
+    }
+}
