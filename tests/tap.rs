@@ -1,1 +1,401 @@
-//! placeholder
+//! Persistent TAPs through `/dev/net/tun`, checked against the kernel over netlink, each test in
+//! namespaces of its own.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use micropod::net::{
+    addr, link,
+    tap::{self, Tap, TapError},
+};
+use micropod_tests::{NsGuard, block_on};
+use nix::errno::Errno;
+
+const TAP: &str = "mp-tap0";
+
+/// `IFLA_TUN_*` from `<linux/if_link.h>`: the tun attributes inside `IFLA_INFO_DATA`.
+const IFLA_TUN_OWNER: u16 = 1;
+const IFLA_TUN_TYPE: u16 = 3;
+const IFLA_TUN_PI: u16 = 4;
+const IFLA_TUN_VNET_HDR: u16 = 5;
+const IFLA_TUN_PERSIST: u16 = 6;
+const IFLA_TUN_MULTI_QUEUE: u16 = 7;
+
+/// What the kernel reports about a link over netlink.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    index: u32,
+    flags: u32,
+    mac: Vec<u8>,
+    kind: Option<String>,
+    /// `IFLA_TUN_*` attribute -> raw value.
+    tun: BTreeMap<u16, Vec<u8>>,
+}
+
+impl Seen {
+    fn is_up(&self) -> bool {
+        self.flags & nix::libc::IFF_UP as u32 != 0
+    }
+
+    fn tun_u8(&self, attr: u16) -> Option<u8> {
+        self.tun.get(&attr).map(|v| v[0])
+    }
+}
+
+/// Looks `name` up over netlink in `guard`'s namespace.
+///
+/// This crate does not depend on rtnetlink, so the attribute types cannot be named here; they
+/// are read from their `Debug` form (the version is pinned by Cargo.lock, and a format change
+/// makes the asserts below fail loudly, not pass).
+fn lookup(guard: &NsGuard, name: &str) -> Option<Seen> {
+    let msg = block_on(async {
+        let nl = guard.netlink();
+        link::find(&nl, name).await
+    })
+    .unwrap_or_else(|e| panic!("looking up {name}: {e:?}"))?;
+    let mut seen = Seen {
+        index: msg.header.index,
+        flags: msg.header.flags.bits(),
+        mac: Vec::new(),
+        kind: None,
+        tun: BTreeMap::new(),
+    };
+    for attr in &msg.attributes {
+        let text = format!("{attr:?}");
+        if let Some(rest) = text.strip_prefix("Address(") {
+            seen.mac = byte_list(rest);
+        } else if text.starts_with("LinkInfo(") {
+            seen.kind = between(&text, "Kind(", ")").map(str::to_owned);
+            // Data(Tun([Other(DefaultNla { kind: 3, value: [2] }), ...]))
+            let mut rest = text.as_str();
+            while let Some(at) = rest.find("DefaultNla { kind: ") {
+                rest = &rest[at + "DefaultNla { kind: ".len()..];
+                let kind = rest[..rest.find(',').unwrap()].parse().unwrap();
+                seen.tun.insert(kind, byte_list(rest));
+            }
+        }
+    }
+    Some(seen)
+}
+
+fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(&text[from..from + len])
+}
+
+/// The first `[1, 2, 3]` list in `text`.
+fn byte_list(text: &str) -> Vec<u8> {
+    let list = between(text, "[", "]").unwrap_or_else(|| panic!("no byte list in {text}"));
+    list.split(", ")
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap_or_else(|e| panic!("{s:?} in {text}: {e}")))
+        .collect()
+}
+
+/// Every interface in `guard`'s namespace, by name, from `/proc/thread-self/net/dev` read
+/// inside it (a full link dump over netlink needs a stream helper this crate lacks).
+fn all_links(guard: &NsGuard) -> Vec<String> {
+    let dev = guard.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"));
+    let dev = dev.expect("reading /proc/thread-self/net/dev in the namespace");
+    let mut names: Vec<String> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, _)| name.trim().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn create_in(guard: &NsGuard, name: &str, owner: Option<u32>) -> Result<(), TapError> {
+    guard.run(|| tap::create_persistent(name, owner))
+}
+
+fn assert_is_persistent_tap(seen: &Seen) {
+    assert_eq!(seen.kind.as_deref(), Some("Tun"), "{seen:?}");
+    assert_eq!(
+        seen.tun_u8(IFLA_TUN_TYPE),
+        Some(nix::libc::IFF_TAP as u8),
+        "{seen:?}"
+    );
+    assert_eq!(seen.tun_u8(IFLA_TUN_PERSIST), Some(1), "{seen:?}");
+    assert_eq!(seen.tun_u8(IFLA_TUN_PI), Some(0), "IFF_NO_PI: {seen:?}");
+    assert_eq!(seen.tun_u8(IFLA_TUN_MULTI_QUEUE), Some(0), "{seen:?}");
+    assert_eq!(seen.mac.len(), 6, "{seen:?}");
+}
+
+#[test]
+fn created_tap_persists_in_its_namespace_only() {
+    let guard = NsGuard::new("tapmk");
+    create_in(&guard, TAP, None).expect("creating the TAP");
+    // The creating fd was closed and its thread has ended: only persistence keeps it.
+    let seen = lookup(&guard, TAP).expect("the TAP exists after its creator let go");
+    assert_is_persistent_tap(&seen);
+    assert_eq!(seen.tun_u8(IFLA_TUN_VNET_HDR), Some(1), "{seen:?}");
+    assert!(!seen.tun.contains_key(&IFLA_TUN_OWNER), "no owner asked");
+    assert!(!seen.is_up(), "a new TAP is down: {seen:?}");
+    assert_eq!(all_links(&guard), ["lo", TAP]);
+
+    let other = NsGuard::new("tapother");
+    assert!(
+        lookup(&other, TAP).is_none(),
+        "the TAP leaked into another namespace"
+    );
+    assert_eq!(all_links(&other), ["lo"]);
+}
+
+#[test]
+fn owner_is_set_when_asked() {
+    let guard = NsGuard::new("tapown");
+    create_in(&guard, TAP, Some(4242)).expect("creating the TAP");
+    let seen = lookup(&guard, TAP).expect("TAP exists");
+    assert_is_persistent_tap(&seen);
+    assert_eq!(
+        seen.tun.get(&IFLA_TUN_OWNER).map(Vec::as_slice),
+        Some(4242u32.to_ne_bytes().as_slice()),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn existing_names_are_refused_and_left_alone() {
+    let guard = NsGuard::new("tapdup");
+    create_in(&guard, TAP, Some(1000)).expect("creating the TAP");
+    let before = lookup(&guard, TAP).expect("TAP exists");
+
+    let err = create_in(&guard, TAP, None).expect_err("second create succeeded");
+    assert!(
+        matches!(&err, TapError::Exists { name } if name == TAP),
+        "{err:?}"
+    );
+    assert_eq!(
+        lookup(&guard, TAP).as_ref(),
+        Some(&before),
+        "the first TAP changed"
+    );
+
+    // Attached (as by a VMM): still refused, and the attachment stays.
+    let attached = guard.run(|| Tap::open(TAP)).expect("attaching");
+    let err = create_in(&guard, TAP, None).expect_err("create over an attached TAP succeeded");
+    assert!(matches!(err, TapError::Exists { .. }), "{err:?}");
+    assert_eq!(lookup(&guard, TAP).map(|s| s.index), Some(before.index));
+    let err = guard
+        .run(|| Tap::open(TAP))
+        .expect_err("the attachment was lost");
+    assert!(matches!(err, TapError::Busy { .. }), "{err:?}");
+    drop(attached);
+
+    // Not a TAP at all.
+    let err = create_in(&guard, "lo", None).expect_err("create over lo succeeded");
+    assert!(matches!(err, TapError::Exists { .. }), "{err:?}");
+    assert_eq!(all_links(&guard), ["lo", TAP]);
+}
+
+#[test]
+fn invalid_names_are_refused_and_create_nothing() {
+    let guard = NsGuard::new("tapbad");
+    // "" and "%d" would let the kernel pick a name (tap0, mp-0); too long would be cut.
+    for bad in ["", "mp-0123456789abcdef", "mp/tap", "mp-%d", "mp tap"] {
+        let err = create_in(&guard, bad, None).expect_err(bad);
+        assert!(
+            matches!(&err, TapError::InvalidName { name } if name == bad),
+            "{bad:?}: {err:?}"
+        );
+        let err = guard.run(|| Tap::open(bad)).expect_err(bad);
+        assert!(
+            matches!(err, TapError::InvalidName { .. }),
+            "{bad:?}: {err:?}"
+        );
+    }
+    assert_eq!(all_links(&guard), ["lo"], "something was created");
+}
+
+#[test]
+fn open_attaches_only_to_existing_taps() {
+    let guard = NsGuard::new("tapopen");
+    let err = guard
+        .run(|| Tap::open(TAP))
+        .expect_err("opened a missing TAP");
+    assert!(matches!(err, TapError::NotFound { .. }), "{err:?}");
+    assert_eq!(
+        all_links(&guard),
+        ["lo"],
+        "opening a missing TAP created one"
+    );
+
+    let err = guard
+        .run(|| Tap::open("lo"))
+        .expect_err("opened lo as a TAP");
+    assert!(matches!(err, TapError::NotATap { .. }), "{err:?}");
+
+    create_in(&guard, TAP, None).expect("creating the TAP");
+    let first = guard.run(|| Tap::open(TAP)).expect("attaching");
+    assert_eq!(first.name(), TAP);
+    // Single-queue: one fd at a time, as a VMM would find it.
+    let err = guard.run(|| Tap::open(TAP)).expect_err("attached twice");
+    assert!(matches!(err, TapError::Busy { .. }), "{err:?}");
+    drop(first);
+    // Closing the attached fd leaves the device.
+    assert!(
+        lookup(&guard, TAP).is_some(),
+        "TAP gone after its user closed"
+    );
+    guard
+        .run(|| Tap::open(TAP))
+        .expect("re-attaching after close");
+}
+
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const TAP_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const ETHERTYPE_ARP: u16 = 0x0806;
+
+/// An ARP request (Ethernet broadcast) from `PEER_MAC`/`PEER_IP` asking for `TAP_IP`.
+fn arp_request() -> Vec<u8> {
+    let mut frame = Vec::with_capacity(42);
+    frame.extend_from_slice(&[0xff; 6]); // destination: broadcast
+    frame.extend_from_slice(&PEER_MAC);
+    frame.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+    frame.extend_from_slice(&1u16.to_be_bytes()); // hardware type: Ethernet
+    frame.extend_from_slice(&0x0800u16.to_be_bytes()); // protocol type: IPv4
+    frame.extend_from_slice(&[6, 4]); // address lengths
+    frame.extend_from_slice(&1u16.to_be_bytes()); // opcode: request
+    frame.extend_from_slice(&PEER_MAC);
+    frame.extend_from_slice(&PEER_IP.octets());
+    frame.extend_from_slice(&[0; 6]); // target MAC: unknown
+    frame.extend_from_slice(&TAP_IP.octets());
+    frame
+}
+
+/// The fields of an Ethernet ARP frame.
+#[derive(Debug)]
+struct Arp {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    opcode: u16,
+    sender_mac: [u8; 6],
+    sender_ip: Ipv4Addr,
+    target_mac: [u8; 6],
+    target_ip: Ipv4Addr,
+}
+
+/// `frame` as an IPv4-over-Ethernet ARP packet, or `None` for anything else.
+fn parse_arp(frame: &[u8]) -> Option<Arp> {
+    let mac = |at: usize| -> [u8; 6] { frame[at..at + 6].try_into().unwrap() };
+    let ip = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+    let u16_at = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    if frame.len() < 42 || u16_at(12) != ETHERTYPE_ARP || u16_at(14) != 1 || u16_at(16) != 0x0800 {
+        return None;
+    }
+    Some(Arp {
+        eth_dst: mac(0),
+        eth_src: mac(6),
+        opcode: u16_at(20),
+        sender_mac: mac(22),
+        sender_ip: ip(28),
+        target_mac: mac(32),
+        target_ip: ip(38),
+    })
+}
+
+#[test]
+fn kernel_answers_arp_through_the_tap_fd() {
+    let guard = NsGuard::new("tapfrm");
+    create_in(&guard, TAP, None).expect("creating the TAP");
+    let tap = guard.run(|| Tap::open(TAP)).expect("attaching");
+    // The kernel refuses frames while the link is down.
+    let err = tap
+        .send(&arp_request())
+        .expect_err("sent through a down TAP");
+    assert!(
+        matches!(
+            err,
+            TapError::Send {
+                source: Errno::EIO,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Nor does anything come out: recv waits the whole timeout and reports none.
+    let mut buf = [0u8; 2048];
+    let start = Instant::now();
+    let got = tap.recv(&mut buf, Duration::from_millis(100));
+    assert_eq!(got.expect("reading from a down TAP"), None);
+    assert!(
+        start.elapsed() >= Duration::from_millis(100),
+        "recv returned early"
+    );
+
+    block_on(async {
+        let nl = guard.netlink();
+        addr::add(&nl, TAP, format!("{TAP_IP}/24").parse().unwrap())
+            .await
+            .expect("adding the address");
+        link::set_up(&nl, TAP).await.expect("bringing the TAP up");
+    });
+    let tap_mac = lookup(&guard, TAP).expect("TAP exists").mac;
+
+    tap.send(&arp_request()).expect("sending the ARP request");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut skipped = Vec::new();
+    let reply = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(n) = tap.recv(&mut buf, left).expect("reading from the TAP") else {
+            panic!("no ARP reply within 5 s; other frames: {skipped:02x?}");
+        };
+        match parse_arp(&buf[..n]) {
+            Some(arp) if arp.opcode == 2 => break arp,
+            // IPv6 router solicitations, MLD reports, …
+            _ => skipped.push(buf[..n.min(20)].to_vec()),
+        }
+    };
+    assert_eq!(reply.sender_ip, TAP_IP, "{reply:?}");
+    assert_eq!(reply.target_ip, PEER_IP, "{reply:?}");
+    assert_eq!(reply.target_mac, PEER_MAC, "{reply:?}");
+    assert_eq!(
+        reply.eth_dst, PEER_MAC,
+        "reply is unicast to the asker: {reply:?}"
+    );
+    assert_eq!(reply.sender_mac.as_slice(), tap_mac, "{reply:?}");
+    assert_eq!(reply.eth_src.as_slice(), tap_mac, "{reply:?}");
+}
+
+#[test]
+fn netlink_delete_removes_the_tap() {
+    let guard = NsGuard::new("tapdel");
+    create_in(&guard, TAP, None).expect("creating the TAP");
+    assert!(lookup(&guard, TAP).is_some());
+    block_on(async {
+        let nl = guard.netlink();
+        link::delete(&nl, TAP).await.expect("deleting over netlink");
+    });
+    assert!(
+        lookup(&guard, TAP).is_none(),
+        "TAP still there after delete"
+    );
+    assert_eq!(all_links(&guard), ["lo"]);
+    // The name is free again.
+    create_in(&guard, TAP, None).expect("re-creating after delete");
+}
+
+#[test]
+fn make_transient_removes_the_tap() {
+    let guard = NsGuard::new("taptr");
+    create_in(&guard, TAP, None).expect("creating the TAP");
+    let attached = guard.run(|| Tap::open(TAP)).expect("attaching");
+    let err = guard
+        .run(|| tap::make_transient(TAP))
+        .expect_err("made transient while attached");
+    assert!(matches!(err, TapError::Busy { .. }), "{err:?}");
+    drop(attached);
+    guard
+        .run(|| tap::make_transient(TAP))
+        .expect("making it transient");
+    assert!(lookup(&guard, TAP).is_none(), "TAP still there");
+}

@@ -117,7 +117,7 @@ pub enum TapError {
 }
 
 /// Creates a persistent TAP `name` in the calling thread's network namespace, down and
-/// without addresses, owned by `owner` (a uid that may then attach without CAP_NET_ADMIN)
+/// without addresses, owned by `owner` (a uid that may then attach without `CAP_NET_ADMIN`)
 /// if given.
 ///
 /// Fails with [`TapError::Exists`] if any link of that name exists: the kernel checks and
@@ -240,7 +240,11 @@ impl Tap {
             match unistd::read(&self.fd, buf) {
                 Ok(n) => return Ok(Some(n)),
                 // The fd is non-blocking: someone else read the frame first; wait again.
-                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(Errno::EAGAIN | Errno::EINTR) => {
+                    if Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                }
                 Err(source) => {
                     return Err(TapError::Recv {
                         name: self.name.clone(),
@@ -267,7 +271,8 @@ fn open_tun() -> Result<OwnedFd, TapError> {
     .map_err(TapError::OpenTun)
 }
 
-/// The `ifr_flags` value of `IFF_*` tun flags (they all fit the kernel's `short`).
+/// The `ifr_flags` value of `IFF_*` tun flags: the kernel's `short`, so `IFF_TUN_EXCL`
+/// (0x8000) lands on the sign bit, as in C.
 fn flags(bits: libc::c_int) -> libc::c_short {
     bits as libc::c_short
 }
@@ -352,8 +357,8 @@ fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool, Errno> {
         let ret = unsafe { libc::poll(&raw mut pfd, 1, ms) };
         match Errno::result(ret) {
             // POLLERR/POLLHUP count as readable: the read then reports the error.
-            Ok(_) => return Ok(true),
-            Err(Errno::EINTR) => continue,
+            Ok(n) => return Ok(n > 0),
+            Err(Errno::EINTR) => {}
             Err(e) => return Err(e),
         }
     }
