@@ -10,9 +10,11 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    ffi::CString,
+    ffi::{CStr, CString},
     fmt, io,
     net::Ipv4Addr,
+    os::fd::AsRawFd as _,
+    time::Duration,
 };
 
 use ipnetwork::Ipv4Network;
@@ -26,10 +28,14 @@ use super::link::{self, IFNAME_MAX, LinkError};
 
 /// The one base chain of the table.
 pub const CHAIN: &str = "postrouting";
+const CHAIN_C: &CStr = c"postrouting";
 /// `NF_IP_PRI_NAT_SRC`, the priority `nft` calls `srcnat`.
 pub const SRCNAT_PRIORITY: i32 = 100;
 /// Longest table name nf_tables accepts (`NFT_NAME_MAXLEN` minus the NUL).
 pub const TABLE_NAME_MAX: usize = 255;
+/// How long to wait for each answer from the kernel: an error instead of a hang should it ever
+/// not answer (it answers at once in practice, even when loading modules).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// micropod's MASQUERADE fallback for one network, in an `ip` family table of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +90,11 @@ pub enum NftError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "no answer from nf_tables about table ip {table} within {waited:?}; a batch may or may \
+         not have been applied (check with `nft list table ip {table}`)"
+    )]
+    Timeout { table: String, waited: Duration },
     #[error("cannot read the kernel's answer to the nf_tables batch for table ip {table}")]
     Receive {
         table: String,
@@ -128,7 +139,7 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
     let oifname = padded_ifname(m.bridge)?;
 
     let table = Table::new(&name, ProtoFamily::Ipv4);
-    let mut chain = Chain::new(c"postrouting", &table);
+    let mut chain = Chain::new(CHAIN_C, &table);
     chain.set_type(ChainType::Nat);
     chain.set_hook(Hook::PostRouting, SRCNAT_PRIORITY);
     chain.set_policy(Policy::Accept);
@@ -226,6 +237,12 @@ fn ip_tables(table: &str) -> Result<HashSet<CString>, NftError> {
         match result {
             Ok(names) => return Ok(names),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => last = Some(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(NftError::Timeout {
+                    table: table.into(),
+                    waited: ANSWER_TIMEOUT,
+                });
+            }
             Err(source) => {
                 return Err(NftError::Dump {
                     table: table.into(),
@@ -271,9 +288,15 @@ impl Transaction {
                 source,
             })?;
 
-        let receive_error = |source| NftError::Receive {
-            table: table.into(),
-            source,
+        let receive_error = |source: io::Error| match source.kind() {
+            io::ErrorKind::WouldBlock => NftError::Timeout {
+                table: table.into(),
+                waited: ANSWER_TIMEOUT,
+            },
+            _ => NftError::Receive {
+                table: table.into(),
+                source,
+            },
         };
         let mut buffer = RecvBuffer::new();
         while !pending.is_empty() {
@@ -296,7 +319,7 @@ impl Transaction {
                 };
                 // cb_run checks port id and sequence number and turns an NLMSG_ERROR with a
                 // non-zero code into that errno; an ACK (error 0) is MNL_CB_STOP.
-                match mnl::cb_run(message, seq, portid).or(Ok::<_, io::Error>(CbResult::Stop)) {
+                match mnl::cb_run(message, seq, portid) {
                     Ok(CbResult::Stop) => {
                         pending.remove(&seq);
                     }
@@ -339,7 +362,34 @@ fn ack_map(seqs: std::ops::Range<u32>, steps: &[Step]) -> BTreeMap<u32, Step> {
 }
 
 fn open_socket() -> Result<mnl::Socket, NftError> {
-    mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::OpenSocket)
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::OpenSocket)?;
+    set_receive_timeout(&socket, ANSWER_TIMEOUT).map_err(NftError::OpenSocket)?;
+    Ok(socket)
+}
+
+/// `SO_RCVTIMEO`: mnl has no timeout of its own, and nix is built without its socket feature.
+fn set_receive_timeout(socket: &mnl::Socket, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    let len = libc::socklen_t::try_from(size_of::<libc::timeval>()).expect("timeval is small");
+    // SAFETY: the descriptor is the socket's own and stays open for the call (`socket` is
+    // borrowed); `tv` is a live `timeval` and `len` its exact size, which SO_RCVTIMEO expects.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// What to tell the user about an errno the kernel answered `step` with.
@@ -464,6 +514,11 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
+    }
+
+    #[test]
+    fn chain_name_constants_agree() {
+        assert_eq!(CHAIN_C.to_str(), Ok(CHAIN));
     }
 
     #[test]
