@@ -40,11 +40,11 @@ pub enum NetworkError {
     )]
     NotPrivileged,
     #[error("invalid bridge name")]
-    BridgeName(#[source] LinkError),
+    BridgeName(#[source] Box<LinkError>),
     #[error("invalid subnet {input:?}: {reason}")]
     InvalidSubnet { input: String, reason: String },
     #[error("invalid subnet")]
-    Subnet(#[source] IpamError),
+    Subnet(#[source] Box<IpamError>),
     #[error("subnet {subnet} overlaps {what} in this network namespace; choose another --subnet")]
     SubnetOverlap { subnet: String, what: String },
     #[error("uplink {name} does not exist; name an existing interface or use --uplink auto")]
@@ -76,7 +76,7 @@ pub enum NetworkError {
     )]
     InvalidEndpointName { name: String },
     #[error("invalid interface name for inside the namespace")]
-    InvalidIfname(#[source] LinkError),
+    InvalidIfname(#[source] Box<LinkError>),
     #[error("an endpoint named {name:?} already exists (address {ip}); pick another name")]
     DuplicateEndpoint { name: String, ip: Ipv4Addr },
     #[error("no endpoint named {name:?}; `micropod network ls` lists them")]
@@ -103,47 +103,47 @@ pub enum NetworkError {
     Allocate {
         name: String,
         #[source]
-        source: IpamError,
+        source: Box<IpamError>,
     },
     #[error("cannot release {ip}")]
     Release {
         ip: Ipv4Addr,
         #[source]
-        source: IpamError,
+        source: Box<IpamError>,
     },
     #[error(transparent)]
     State(#[from] StateError),
     #[error("cannot talk to the kernel over netlink")]
     Netlink(#[source] NetlinkError),
     #[error("cannot read this namespace's links")]
-    Links(#[source] LinkError),
+    Links(#[source] Box<LinkError>),
     #[error("cannot read this namespace's addresses")]
-    Addresses(#[source] AddrError),
+    Addresses(#[source] Box<AddrError>),
     #[error("cannot read this namespace's routes")]
-    Routes(#[source] RouteError),
+    Routes(#[source] Box<RouteError>),
     #[error("cannot create bridge {name}")]
     CreateBridge {
         name: String,
         #[source]
-        source: BridgeError,
+        source: Box<BridgeError>,
     },
     #[error("cannot bring bridge {name} up")]
     BridgeUp {
         name: String,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("cannot add the gateway address {gateway} to {bridge}")]
     GatewayAddress {
         bridge: String,
         gateway: Ipv4Addr,
         #[source]
-        source: AddrError,
+        source: Box<AddrError>,
     },
     #[error("cannot enable IPv4 forwarding")]
     Forwarding(#[source] SysctlError),
     #[error("cannot install the MASQUERADE fallback")]
-    Masquerade(#[source] NftError),
+    Masquerade(#[source] Box<NftError>),
     #[error("cannot create TAP {name}")]
     CreateTap {
         name: String,
@@ -154,13 +154,13 @@ pub enum NetworkError {
     CreateVeth {
         name: String,
         #[source]
-        source: VethError,
+        source: Box<VethError>,
     },
     #[error("cannot attach {name} to the bridge")]
     Enslave {
         name: String,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("cannot configure {ifname} in {netns}: {step}")]
     ConfigureNetns {
@@ -174,7 +174,7 @@ pub enum NetworkError {
     DeleteLink {
         name: String,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("teardown left {} problem(s); run the command again once fixed:\n  - {}", .0.len(), .0.join("\n  - "))]
     Teardown(Vec<String>),
@@ -350,7 +350,7 @@ impl Network {
                 let nl = crate::net::Netlink::connect().map_err(NetworkError::Netlink)?;
                 let bridge_present = crate::net::link::find(&nl, &doc.config.bridge)
                     .await
-                    .map_err(NetworkError::Links)?
+                    .map_err(|e| NetworkError::Links(Box::new(e)))?
                     .is_some();
                 Some(NetworkStatus {
                     phase: doc.phase,
@@ -429,9 +429,10 @@ pub fn parse_subnet(input: &str) -> Result<ipnetwork::Ipv4Network, NetworkError>
             // Ipam::new checks the prefix size and that this is the network address.
             crate::ipam::Ipam::new(
                 net,
-                crate::ipam::Ipam::default_gateway(net).map_err(NetworkError::Subnet)?,
+                crate::ipam::Ipam::default_gateway(net)
+                    .map_err(|e| NetworkError::Subnet(Box::new(e)))?,
             )
-            .map_err(NetworkError::Subnet)?;
+            .map_err(|e| NetworkError::Subnet(Box::new(e)))?;
             Ok(net)
         }
         Ok(ipnetwork::IpNetwork::V6(_)) => Err(invalid("only IPv4 subnets are supported")),

@@ -23,9 +23,10 @@ impl super::Network {
     /// Idempotent; refuses to change the settings of a network that has endpoints.
     pub async fn up(&self, req: &UpRequest) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
         check_privileges()?;
-        link::validate_name(&req.bridge).map_err(NetworkError::BridgeName)?;
+        link::validate_name(&req.bridge).map_err(|e| NetworkError::BridgeName(Box::new(e)))?;
         let subnet = parse_subnet(&req.subnet)?;
-        let gateway = Ipam::default_gateway(subnet).map_err(NetworkError::Subnet)?;
+        let gateway =
+            Ipam::default_gateway(subnet).map_err(|e| NetworkError::Subnet(Box::new(e)))?;
         if req.datapath == DatapathMode::Ebpf {
             return Err(NetworkError::DatapathUnavailable);
         }
@@ -75,7 +76,7 @@ impl super::Network {
         check_overlap(&nl, subnet).await?;
         if link::find(&nl, &config.bridge)
             .await
-            .map_err(NetworkError::Links)?
+            .map_err(|e| NetworkError::Links(Box::new(e)))?
             .is_some()
         {
             return Err(NetworkError::BridgeExists {
@@ -89,7 +90,7 @@ impl super::Network {
             nft_table: nft_table_name(&config.bridge),
             active_datapath: ActiveDatapath::Netfilter,
             ip_forward_was_off,
-            ipam: Ipam::new(subnet, gateway).map_err(NetworkError::Subnet)?,
+            ipam: Ipam::new(subnet, gateway).map_err(|e| NetworkError::Subnet(Box::new(e)))?,
             endpoints: Default::default(),
             config: config.clone(),
         };
@@ -115,14 +116,14 @@ impl super::Network {
         let cfg = &doc.config;
         let index = match link::find(nl, &cfg.bridge)
             .await
-            .map_err(NetworkError::Links)?
+            .map_err(|e| NetworkError::Links(Box::new(e)))?
         {
             Some(found) => {
                 link::set_up(nl, &cfg.bridge)
                     .await
                     .map_err(|source| NetworkError::BridgeUp {
                         name: cfg.bridge.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
                 found.header.index
             }
@@ -130,7 +131,7 @@ impl super::Network {
                 .await
                 .map_err(|source| NetworkError::CreateBridge {
                     name: cfg.bridge.clone(),
-                    source,
+                    source: Box::new(source),
                 })?,
         };
         let gateway = Ipv4Network::new(cfg.gateway, cfg.subnet.prefix())
@@ -140,7 +141,7 @@ impl super::Network {
             .map_err(|source| NetworkError::GatewayAddress {
                 bridge: cfg.bridge.clone(),
                 gateway: cfg.gateway,
-                source,
+                source: Box::new(source),
             })?;
         sysctl::set_ip_forward(true).map_err(NetworkError::Forwarding)?;
         nftables::apply(&nftables::Masquerade {
@@ -148,7 +149,7 @@ impl super::Network {
             subnet: cfg.subnet,
             bridge: &cfg.bridge,
         })
-        .map_err(NetworkError::Masquerade)?;
+        .map_err(|e| NetworkError::Masquerade(Box::new(e)))?;
         Ok(())
     }
 
@@ -222,7 +223,7 @@ impl super::Network {
             (EndpointKind::Netns, Some(path)) => Some(open_endpoint_netns(path)?),
         };
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
-        link::validate_name(&ifname).map_err(NetworkError::InvalidIfname)?;
+        link::validate_name(&ifname).map_err(|e| NetworkError::InvalidIfname(Box::new(e)))?;
 
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
@@ -242,7 +243,7 @@ impl super::Network {
             .allocate(&req.name, req.ip)
             .map_err(|source| NetworkError::Allocate {
                 name: req.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let mut ep = Endpoint {
             name: req.name.clone(),
@@ -251,14 +252,11 @@ impl super::Network {
             ip,
             mac: Mac::for_ip(ip),
             link: link_name(req.kind, ip),
-            netns: match &target {
-                Some((ns, id)) => Some(NetnsRef {
-                    path: ns.path().to_path_buf(),
-                    id: *id,
-                    ifname: ifname.clone(),
-                }),
-                None => None,
-            },
+            netns: target.as_ref().map(|(ns, id)| NetnsRef {
+                path: ns.path().to_path_buf(),
+                id: *id,
+                ifname: ifname.clone(),
+            }),
         };
         // Recorded before the first kernel object exists; see the module docs.
         doc.endpoints.insert(ep.name.clone(), ep.clone());
@@ -309,7 +307,7 @@ impl super::Network {
     ) -> Result<(), NetworkError> {
         let bridge_index = link::index(nl, &doc.config.bridge)
             .await
-            .map_err(NetworkError::Links)?;
+            .map_err(|e| NetworkError::Links(Box::new(e)))?;
         match (ep.kind, target, &ep.netns) {
             (EndpointKind::Tap, _, _) => {
                 // The TAP keeps the kernel's random MAC: the guest's MAC (ep.mac) is the VM's
@@ -333,19 +331,19 @@ impl super::Network {
                 .await
                 .map_err(|source| NetworkError::CreateVeth {
                     name: ep.link.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             }
             (EndpointKind::Netns, _, _) => unreachable!("netns endpoints carry their namespace"),
         }
         let index = link::index(nl, &ep.link)
             .await
-            .map_err(NetworkError::Links)?;
+            .map_err(|e| NetworkError::Links(Box::new(e)))?;
         link::set_controller_up(nl, &ep.link, index, bridge_index)
             .await
             .map_err(|source| NetworkError::Enslave {
                 name: ep.link.clone(),
-                source,
+                source: Box::new(source),
             })?;
         if let (Some(ns), Some(ns_ref)) = (target, &ep.netns) {
             configure_inside(ns, ns_ref, ep, doc).await?;
@@ -371,12 +369,15 @@ impl super::Network {
             .await
             .map_err(|source| NetworkError::DeleteLink {
                 name: ep.link.clone(),
-                source,
+                source: Box::new(source),
             })?;
         doc.endpoints.remove(name);
         doc.ipam
             .release(ep.ip)
-            .map_err(|source| NetworkError::Release { ip: ep.ip, source })?;
+            .map_err(|source| NetworkError::Release {
+                ip: ep.ip,
+                source: Box::new(source),
+            })?;
         self.state.write_json(&lock, STATE_DOC, &doc)?;
         Ok(None)
     }
@@ -411,7 +412,7 @@ impl super::Network {
     ) -> Result<Vec<Released>, NetworkError> {
         let links: HashMap<String, LinkSummary> = link::list(nl)
             .await
-            .map_err(NetworkError::Links)?
+            .map_err(|e| NetworkError::Links(Box::new(e)))?
             .into_iter()
             .map(|l| (l.name.clone(), l))
             .collect();
@@ -563,7 +564,9 @@ async fn resolve_uplink(
     match choice {
         UplinkChoice::Named(name) => {
             let found = match link::validate_name(name) {
-                Ok(()) => link::find(nl, name).await.map_err(NetworkError::Links)?,
+                Ok(()) => link::find(nl, name)
+                    .await
+                    .map_err(|e| NetworkError::Links(Box::new(e)))?,
                 Err(_) => None,
             };
             match found {
@@ -572,11 +575,15 @@ async fn resolve_uplink(
             }
         }
         UplinkChoice::Auto => {
-            let routes = route::list(nl).await.map_err(NetworkError::Routes)?;
+            let routes = route::list(nl)
+                .await
+                .map_err(|e| NetworkError::Routes(Box::new(e)))?;
             let Some(oif) = routes.iter().find(|r| r.is_default()).and_then(|r| r.oif) else {
                 return Ok(None);
             };
-            let links = link::list(nl).await.map_err(NetworkError::Links)?;
+            let links = link::list(nl)
+                .await
+                .map_err(|e| NetworkError::Links(Box::new(e)))?;
             Ok(links.into_iter().find(|l| l.index == oif).map(|l| l.name))
         }
     }
@@ -588,14 +595,19 @@ async fn check_overlap(nl: &Netlink, subnet: Ipv4Network) -> Result<(), NetworkE
         let other = Ipv4Network::new(other.network(), other.prefix()).unwrap_or(other);
         subnet.contains(other.network()) || other.contains(subnet.network())
     };
-    let links = link::list(nl).await.map_err(NetworkError::Links)?;
+    let links = link::list(nl)
+        .await
+        .map_err(|e| NetworkError::Links(Box::new(e)))?;
     let name_of = |index: u32| {
         links
             .iter()
             .find(|l| l.index == index)
             .map_or_else(|| format!("#{index}"), |l| l.name.clone())
     };
-    for a in addr::list_v4(nl).await.map_err(NetworkError::Addresses)? {
+    for a in addr::list_v4(nl)
+        .await
+        .map_err(|e| NetworkError::Addresses(Box::new(e)))?
+    {
         if a.addr.ip().is_loopback() {
             continue;
         }
@@ -606,7 +618,10 @@ async fn check_overlap(nl: &Netlink, subnet: Ipv4Network) -> Result<(), NetworkE
             });
         }
     }
-    for r in route::list(nl).await.map_err(NetworkError::Routes)? {
+    for r in route::list(nl)
+        .await
+        .map_err(|e| NetworkError::Routes(Box::new(e)))?
+    {
         if r.is_default() {
             continue;
         }
