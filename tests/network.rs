@@ -404,7 +404,6 @@ fn parallel_attaches_get_distinct_addresses() {
 fn kill_9_during_attach_then_gc_leaves_no_orphans() {
     let lab = NetLab::new("kill");
     lab.up(&[]);
-    let host = lab.host.path();
     // How long one attach takes here, so the kills can be spread over its whole length.
     let probe = NsGuard::new("probe");
     let started = std::time::Instant::now();
@@ -438,12 +437,22 @@ fn kill_9_during_attach_then_gc_leaves_no_orphans() {
     );
 
     let _ = lab.json(["gc", "--json"]);
-    // Every record is whole: link present, a port of the bridge, address held; and nothing
-    // exists without a record.
+    let records = assert_consistent(&lab, &namespaces);
+    // And everything detaches cleanly.
+    for r in &records {
+        lab.ok(["network", "detach", r["name"].as_str().unwrap()]);
+    }
+    lab.ok(["network", "down"]);
+}
+
+/// After a gc: every record is whole (its link exists and is a port of the bridge, its address
+/// is held) and nothing exists without a record (no micropod-named link, no address in an
+/// endpoint namespace). Returns the records.
+#[track_caller]
+fn assert_consistent(lab: &NetLab, namespaces: &[NsGuard]) -> Vec<Value> {
     let ls = lab.json(["network", "ls", "--json"]);
-    let records: Vec<&Value> = ls.as_array().unwrap().iter().collect();
-    assert!(records.iter().all(|r| r["phase"] == "ready"), "{ls}");
-    let links = ip_json(host, &["-d", "link", "show"]);
+    let records: Vec<Value> = ls.as_array().unwrap().clone();
+    let links = ip_json(lab.host.path(), &["-d", "link", "show"]);
     let ports: HashSet<String> = links
         .as_array()
         .unwrap()
@@ -462,18 +471,17 @@ fn kill_9_during_attach_then_gc_leaves_no_orphans() {
     );
     for l in links.as_array().unwrap() {
         if recorded.contains(l["ifname"].as_str().unwrap()) {
-            assert_eq!(l["master"], "micropod0");
+            assert_eq!(l["master"], "micropod0", "{l}");
         }
     }
     let status = lab.json(["network", "status", "--json"]);
     assert_eq!(status["network"]["ipam"]["used"], records.len());
-    // No endpoint namespace holds an address micropod does not know about.
     let recorded_ips: HashSet<String> = records
         .iter()
         .map(|r| r["cidr"].as_str().unwrap().to_owned())
         .collect();
-    for ns in &namespaces {
-        for a in addrs_of(ns.path(), "eth0").into_iter().filter(|_| true) {
+    for ns in namespaces {
+        for a in addrs_of(ns.path(), "eth0") {
             assert!(
                 recorded_ips.contains(&a),
                 "orphan address {a} in {}",
@@ -481,11 +489,92 @@ fn kill_9_during_attach_then_gc_leaves_no_orphans() {
             );
         }
     }
-    // And everything detaches cleanly.
-    for r in &records {
-        lab.ok(["network", "detach", r["name"].as_str().unwrap()]);
+    records
+}
+
+/// Starts `micropod ARGS` with a failpoint armed, waits until it is frozen there, kills it
+/// with SIGKILL (our own child, by PID).
+#[track_caller]
+fn kill_at(lab: &NetLab, point: &str, args: &[&std::ffi::OsStr]) {
+    use std::io::BufRead as _;
+    let mut child = lab
+        .micropod(args)
+        .env(micropod::failpoint::ENV, point)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait().unwrap();
+            panic!("micropod {args:?} ended ({status}) before failpoint {point}:\n{seen}");
+        }
+        if line.trim() == format!("micropod: failpoint {point}") {
+            break;
+        }
+        seen += &line;
     }
-    lab.ok(["network", "down"]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
+    use std::ffi::OsStr;
+    let lab = NetLab::new("fail");
+    lab.up(&[]);
+    let mut namespaces = Vec::new();
+    // (failpoint, endpoint kind, is the endpoint there once gc has run?)
+    let cases = [
+        ("attach:locked", "tap", false),
+        ("attach:locked", "netns", false),
+        ("attach:link-created", "tap", false),
+        ("attach:link-created", "netns", false),
+        ("attach:configured", "netns", false),
+        ("attach:recorded", "tap", true),
+        ("attach:recorded", "netns", true),
+        ("detach:link-deleted", "tap", false),
+        ("detach:link-deleted", "netns", false),
+    ];
+    for (i, (point, kind, survives)) in cases.into_iter().enumerate() {
+        let name = format!("f{i}");
+        let ns = NsGuard::new(&name);
+        let mut attach: Vec<&OsStr> = ["network", "attach", &name, "--kind", kind]
+            .into_iter()
+            .map(OsStr::new)
+            .collect();
+        if kind == "netns" {
+            attach.extend([OsStr::new("--netns"), ns.path().as_os_str()]);
+        }
+        if point.starts_with("detach") {
+            lab.ok(&attach);
+            kill_at(
+                &lab,
+                point,
+                &[
+                    OsStr::new("network"),
+                    OsStr::new("detach"),
+                    OsStr::new(&name),
+                ],
+            );
+        } else {
+            kill_at(&lab, point, &attach);
+        }
+        namespaces.push(ns);
+        lab.ok(["gc"]);
+        let records = assert_consistent(&lab, &namespaces);
+        let present = records.iter().any(|r| r["name"] == name.as_str());
+        assert_eq!(
+            present, survives,
+            "{point} ({kind}): endpoint present = {present}"
+        );
+    }
+    // The addresses of everything that did not survive are free again.
+    let status = lab.json(["network", "status", "--json"]);
+    assert_eq!(status["network"]["ipam"]["used"], 2);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! - [`datapath`]: the eBPF programs from `micropod-ebpf`, loaded and attached with aya.
 
 pub mod datapath;
+pub mod failpoint;
 pub mod ipam;
 pub mod net;
 pub mod network;

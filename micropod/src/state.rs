@@ -5,8 +5,8 @@
 //!   read-modify-write of state happens while holding it. The kernel drops the lock when the
 //!   [`StateLock`] is dropped or the process dies, even by `kill -9`, so no stale lock survives
 //!   a crash. The descriptor is close-on-exec, so spawned VMMs do not inherit the lock.
-//! - `<name>`: JSON documents, each replaced atomically (temp file, fsync, rename, fsync of the
-//!   dir). A reader sees the old or the new document, never a torn one, and a crash leaves at
+//! - `<name>`: JSON documents, each replaced atomically (temp file, fdatasync, rename; see
+//!   [`StateDir::write_json`] for why the dir itself is not synced). A reader sees the old or the new document, never a torn one, and a crash leaves at
 //!   worst a stale `.<name>.tmp-<pid>` behind, which readers never look at and the next write
 //!   of `<name>` removes.
 //!
@@ -245,8 +245,15 @@ impl StateDir {
     }
 
     /// Atomically replaces `<root>/<name>` with `value` as JSON: writes `.<name>.tmp-<pid>`,
-    /// fsyncs it, renames it over `<name>` and fsyncs the dir. Also removes temp files of
-    /// `<name>` left by writers that died (under the lock, no other writer can be running).
+    /// fdatasyncs it and renames it over `<name>`. Also removes temp files of `<name>` left by
+    /// writers that died (under the lock, no other writer can be running).
+    ///
+    /// The rename is what makes the write atomic for other processes, and a killed writer
+    /// leaves the old document whole. The data sync means a power cut can never leave a
+    /// renamed but empty file. The directory is deliberately not synced: a power cut may then
+    /// bring back the previous document, which is harmless for micropod, whose documents
+    /// describe kernel objects that do not survive a reboot either (the next reconcile
+    /// releases whatever is gone), and it saves a disk flush on every attach.
     pub fn write_json<T: Serialize>(
         &self,
         lock: &StateLock,
@@ -276,8 +283,7 @@ impl StateDir {
             // Best effort: the next write would remove it anyway.
             let _ = fs::remove_file(&tmp);
         }
-        result?;
-        self.sync_dir()
+        result
     }
 
     /// Removes `<root>/<name>`; Ok if it is already absent.
@@ -361,7 +367,7 @@ impl StateDir {
     }
 }
 
-/// Creates `path` (which must not exist), writes `bytes` and fsyncs it.
+/// Creates `path` (which must not exist), writes `bytes` and fdatasyncs it.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let write_err = |source| StateError::Write {
         path: path.to_owned(),
@@ -375,7 +381,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .open(path)
         .map_err(write_err)?;
     file.write_all(bytes).map_err(write_err)?;
-    file.sync_all().map_err(|source| StateError::Sync {
+    file.sync_data().map_err(|source| StateError::Sync {
         path: path.to_owned(),
         source,
     })

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -33,6 +33,19 @@ enum Task {
     },
     /// Build micropod and run the demo in a lab of network namespaces.
     Demo,
+    /// Release build, then a benchmark in network namespaces of its own (as root).
+    Bench {
+        what: BenchWhat,
+        /// Arguments for the benchmark binary (`--count N`, `--quick`, `--json`, `--help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchWhat {
+    /// One endpoint attach+detach: `micropod` against the CNI bridge plugin with host-local.
+    Attach,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => run(Command::new("bash").arg(root.join("scripts/setup.sh"))),
         Task::Test { filter } => test(&root, &filter),
         Task::Demo => demo(&root),
+        Task::Bench { what, args } => bench(what, &args),
     }
 }
 
@@ -160,4 +174,26 @@ fn demo(_root: &Path) -> anyhow::Result<()> {
     ]))?;
     step("running the demo");
     run(Command::new("target/debug/micropod-demo"))
+}
+
+fn bench(what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark creates network namespaces and bridges in them: run it as root");
+    }
+    step("building micropod and the benchmark (release)");
+    run(cargo([
+        "build",
+        "--release",
+        "-p",
+        "micropod",
+        "-p",
+        "micropod-tests",
+        "--bins",
+    ]))?;
+    match what {
+        BenchWhat::Attach => {
+            step("benchmark: endpoint attach/detach, micropod against the CNI bridge plugin");
+            run(Command::new("target/release/micropod-bench").args(args))
+        }
+    }
 }

@@ -104,18 +104,14 @@ pub async fn list(nl: &Netlink) -> Result<Vec<LinkSummary>, LinkError> {
         .map_err(|source| LinkError::List { source })
 }
 
-/// Makes link `index` (called `name`, for messages) a port of `controller` and brings it up, in
-/// one request.
-pub async fn set_controller_up(
-    nl: &Netlink,
-    name: &str,
-    index: u32,
-    controller: u32,
-) -> Result<(), LinkError> {
+/// Makes the link called `name` a port of `controller` and brings it up, in one request
+/// (addressed by name, so no lookup first).
+pub async fn set_controller_up(nl: &Netlink, name: &str, controller: u32) -> Result<(), LinkError> {
+    validate_name(name)?;
     nl.handle()
         .link()
         .set(
-            LinkUnspec::new_with_index(index)
+            LinkUnspec::new_with_name(name)
                 .controller(controller)
                 .up()
                 .build(),
@@ -190,10 +186,10 @@ pub async fn index(nl: &Netlink, name: &str) -> Result<u32, LinkError> {
 
 /// Brings the link called `name` up.
 pub async fn set_up(nl: &Netlink, name: &str) -> Result<(), LinkError> {
-    let index = index(nl, name).await?;
+    validate_name(name)?;
     nl.handle()
         .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
+        .set(LinkUnspec::new_with_name(name).up().build())
         .execute()
         .await
         .map_err(|source| LinkError::SetUp {

@@ -41,19 +41,54 @@ pub async fn create_with_peer_mac(
     peer_ns: Option<BorrowedFd<'_>>,
     peer_mac: Option<[u8; 6]>,
 ) -> Result<(), VethError> {
+    let spec = PairSpec {
+        peer_ns,
+        peer_mac,
+        ..PairSpec::default()
+    };
+    create_pair(nl, name, peer, &spec).await
+}
+
+/// Everything about a new veth pair that one RTM_NEWLINK request can carry.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PairSpec<'a> {
+    /// Create the peer directly in this namespace.
+    pub peer_ns: Option<BorrowedFd<'a>>,
+    pub peer_mac: Option<[u8; 6]>,
+    /// Make `name` a port of this bridge.
+    pub controller: Option<u32>,
+    /// Bring the main end up. (Not the peer: the kernel opens it before the pair is linked and
+    /// answers ENOTCONN; bring it up afterwards in its own namespace.)
+    pub up: bool,
+}
+
+/// Creates `name` <-> `peer` as `spec` says, in a single request: the kernel applies the
+/// peer's namespace and MAC, and the main end's controller and flags, while creating.
+pub async fn create_pair(
+    nl: &Netlink,
+    name: &str,
+    peer: &str,
+    spec: &PairSpec<'_>,
+) -> Result<(), VethError> {
     link::validate_name(name)?;
     link::validate_name(peer)?;
     let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_owned());
-    if let Some(fd) = peer_ns {
+    if let Some(fd) = spec.peer_ns {
         peer_msg = peer_msg.setns_by_fd(fd.as_raw_fd());
     }
-    if let Some(mac) = peer_mac {
+    if let Some(mac) = spec.peer_mac {
         peer_msg = peer_msg.address(mac.to_vec());
     }
-    let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+    let mut main = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
         .name(name.to_owned())
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
-        .build();
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())));
+    if let Some(controller) = spec.controller {
+        main = main.controller(controller);
+    }
+    if spec.up {
+        main = main.up();
+    }
+    let message = main.build();
     nl.handle()
         .link()
         .add(message)

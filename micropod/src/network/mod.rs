@@ -1,11 +1,15 @@
 //! The network manager: one bridge with its subnet, its endpoints (TAPs for VMMs, veths into
 //! other namespaces), their addresses and the NAT fallback, all in the caller's network namespace.
 //!
-//! Crash safety rests on two rules. Every change happens under the state dir's lock. A change
-//! that spans several kernel objects is recorded (phase `creating`) before the first object is
-//! made and marked `ready` after the last, so whoever takes the lock next and finds a
-//! `creating` record knows its command died and undoes it ([`Network::gc`], and the reconcile
-//! that starts every mutating command).
+//! Crash safety rests on three rules. Every change happens under the state dir's lock, so no
+//! command ever sees another's half-made objects. An endpoint is recorded only once all its
+//! kernel objects exist, in one atomic write; until then the kernel itself is the journal:
+//! its links are named after its address (`mpv-`/`mpt-` + the address in hex), so a link with
+//! such a name for an address of our subnet but no record is the leftover of a command that
+//! died, and the reconcile that starts every mutating command (and [`Network::gc`]) deletes
+//! it. Detach deletes the link first and the record last, so a record whose link is gone is
+//! released by the same reconcile. `up` records the network first (phase `creating`) and
+//! marks it `ready` when done.
 
 mod model;
 mod ops;
@@ -15,7 +19,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 pub use model::{
     ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode, Endpoint,
     EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc, Phase, STATE_DOC, UplinkChoice,
-    is_endpoint_link_name, kernel_ip_arg, link_name, nft_table_name,
+    endpoint_link_ip, is_endpoint_link_name, kernel_ip_arg, link_name, nft_table_name,
 };
 use serde::Serialize;
 
@@ -170,6 +174,8 @@ pub enum NetworkError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("bridge {name} is missing; run `micropod network up` to repair the network")]
+    BridgeMissing { name: String },
     #[error("cannot delete link {name}")]
     DeleteLink {
         name: String,
@@ -294,7 +300,6 @@ pub struct IpamUsage {
 pub struct EndpointView {
     pub name: String,
     pub kind: EndpointKind,
-    pub phase: Phase,
     pub ip: Ipv4Addr,
     pub cidr: String,
     pub mac: Mac,
@@ -312,7 +317,6 @@ impl EndpointView {
         Self {
             name: ep.name.clone(),
             kind: ep.kind,
-            phase: ep.phase,
             ip: ep.ip,
             cidr: format!("{}/{}", ep.ip, subnet.prefix()),
             mac: ep.mac,

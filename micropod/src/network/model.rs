@@ -96,8 +96,8 @@ impl fmt::Display for NetworkConfig {
     }
 }
 
-/// Progress of a multi-step change. A record still `Creating` when someone else holds the state
-/// lock belongs to a command that died half-way: reconcile undoes it.
+/// Progress of `network up`. A document still `Creating` when someone else holds the state lock
+/// belongs to an `up` that died half-way: the next `up` finishes it, `down` removes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
@@ -151,7 +151,6 @@ pub struct NetnsRef {
 pub struct Endpoint {
     pub name: String,
     pub kind: EndpointKind,
-    pub phase: Phase,
     pub ip: Ipv4Addr,
     /// The guest's MAC (the VM's NIC, or the veth end inside the namespace).
     pub mac: Mac,
@@ -219,15 +218,20 @@ pub fn link_name(kind: EndpointKind, ip: Ipv4Addr) -> String {
     format!("{prefix}-{:08x}", u32::from(ip))
 }
 
+/// The address an endpoint link name was made for, if it is a name micropod gives endpoints.
+pub fn endpoint_link_ip(name: &str) -> Option<Ipv4Addr> {
+    let hex = name
+        .strip_prefix("mpt-")
+        .or_else(|| name.strip_prefix("mpv-"))?;
+    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok().map(Ipv4Addr::from)
+}
+
 /// Whether a link name is one micropod gives endpoints.
 pub fn is_endpoint_link_name(name: &str) -> bool {
-    let Some(hex) = name
-        .strip_prefix("mpt-")
-        .or_else(|| name.strip_prefix("mpv-"))
-    else {
-        return false;
-    };
-    hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    endpoint_link_ip(name).is_some()
 }
 
 /// The nf_tables table of the network on `bridge`.
@@ -276,6 +280,8 @@ mod tests {
             let name = link_name(kind, ip);
             assert!(name.len() <= crate::net::link::IFNAME_MAX, "{name}");
             assert!(is_endpoint_link_name(&name), "{name}");
+            assert_eq!(endpoint_link_ip(&name), Some(ip));
+            assert_eq!(endpoint_link_ip(&name), Some(ip));
         }
         assert_eq!(link_name(EndpointKind::Tap, ip), "mpt-0a0afffe");
         for other in ["micropod0", "mpv-", "mpv-0a0a00zz", "eth0", "mpx-0a0a0002"] {

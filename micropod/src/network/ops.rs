@@ -9,6 +9,7 @@ use super::{
     model::*, parse_subnet,
 };
 use crate::{
+    failpoint,
     ipam::Ipam,
     net::{
         NetNs, Netlink, addr, bridge,
@@ -96,6 +97,7 @@ impl super::Network {
         };
         // Recorded first: if we die half-way, the next `up` or `down` knows what is ours.
         self.state.write_json(&lock, STATE_DOC, &doc)?;
+        failpoint::hit("up:recorded");
         if let Err(err) = self.ensure(&nl, &doc).await {
             let problems = self.teardown(&nl, &doc).await;
             for p in &problems {
@@ -228,7 +230,8 @@ impl super::Network {
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
         let mut doc = self.load_ready(&lock)?;
-        self.reconcile(&nl, &lock, &mut doc).await?;
+        let seen = self.reconcile(&nl, &lock, &mut doc).await?;
+        failpoint::hit("attach:locked");
         if let Some(ep) = doc.endpoints.get(&req.name) {
             return Err(NetworkError::DuplicateEndpoint {
                 name: req.name.clone(),
@@ -238,6 +241,12 @@ impl super::Network {
         if doc.endpoints.len() >= BR_MAX_PORTS {
             return Err(NetworkError::BridgeFull);
         }
+        let bridge_index = seen
+            .bridge_index
+            .ok_or_else(|| NetworkError::BridgeMissing {
+                name: doc.config.bridge.clone(),
+            })?;
+        // Allocated in memory only: the address is recorded with the endpoint, once it exists.
         let ip = doc
             .ipam
             .allocate(&req.name, req.ip)
@@ -245,10 +254,9 @@ impl super::Network {
                 name: req.name.clone(),
                 source: Box::new(source),
             })?;
-        let mut ep = Endpoint {
+        let ep = Endpoint {
             name: req.name.clone(),
             kind: req.kind,
-            phase: Phase::Creating,
             ip,
             mac: Mac::for_ip(ip),
             link: link_name(req.kind, ip),
@@ -258,27 +266,29 @@ impl super::Network {
                 ifname: ifname.clone(),
             }),
         };
-        // Recorded before the first kernel object exists; see the module docs.
-        doc.endpoints.insert(ep.name.clone(), ep.clone());
-        self.state.write_json(&lock, STATE_DOC, &doc)?;
-
         let plumbed = self
-            .plumb(&nl, &doc, &ep, target.as_ref().map(|(ns, _)| ns))
+            .plumb(
+                &nl,
+                &doc,
+                &ep,
+                bridge_index,
+                target.as_ref().map(|(ns, _)| ns),
+            )
             .await;
         if let Err(err) = plumbed {
+            // Nothing was recorded; removing the link undoes everything (a veth's peer and
+            // its addresses and routes go with it).
             if let Err(e) = link::delete_if_exists(&nl, &ep.link).await {
-                log::warn!("while undoing a failed attach: {}", chain(&e));
+                log::warn!(
+                    "while undoing a failed attach: {}; `micropod gc` will retry",
+                    chain(&e)
+                );
             }
-            doc.endpoints.remove(&ep.name);
-            if let Err(e) = doc.ipam.release(ip) {
-                log::warn!("while undoing a failed attach: {e}");
-            }
-            self.state.write_json(&lock, STATE_DOC, &doc)?;
             return Err(err);
         }
-        ep.phase = Phase::Ready;
         doc.endpoints.insert(ep.name.clone(), ep.clone());
         self.state.write_json(&lock, STATE_DOC, &doc)?;
+        failpoint::hit("attach:recorded");
 
         let subnet = doc.config.subnet;
         Ok(Attachment {
@@ -297,17 +307,17 @@ impl super::Network {
         })
     }
 
-    /// Creates and wires the kernel objects of a recorded endpoint.
+    /// Creates and wires the kernel objects of an endpoint, in as few requests as the kernel
+    /// allows: a veth is created with its peer inside the namespace (MAC set) and its host end
+    /// on the bridge and up in one request; inside, link up, address and default route.
     async fn plumb(
         &self,
         nl: &Netlink,
         doc: &NetworkDoc,
         ep: &Endpoint,
+        bridge_index: u32,
         target: Option<&NetNs>,
     ) -> Result<(), NetworkError> {
-        let bridge_index = link::index(nl, &doc.config.bridge)
-            .await
-            .map_err(|e| NetworkError::Links(Box::new(e)))?;
         match (ep.kind, target, &ep.netns) {
             (EndpointKind::Tap, _, _) => {
                 // The TAP keeps the kernel's random MAC: the guest's MAC (ep.mac) is the VM's
@@ -319,36 +329,34 @@ impl super::Network {
                         source,
                     }
                 })?;
+                failpoint::hit("attach:link-created");
+                link::set_controller_up(nl, &ep.link, bridge_index)
+                    .await
+                    .map_err(|source| NetworkError::Enslave {
+                        name: ep.link.clone(),
+                        source: Box::new(source),
+                    })
             }
             (EndpointKind::Netns, Some(ns), Some(ns_ref)) => {
-                veth::create_with_peer_mac(
-                    nl,
-                    &ep.link,
-                    &ns_ref.ifname,
-                    Some(ns.as_fd()),
-                    Some(ep.mac.0),
-                )
-                .await
-                .map_err(|source| NetworkError::CreateVeth {
-                    name: ep.link.clone(),
-                    source: Box::new(source),
-                })?;
+                let spec = veth::PairSpec {
+                    peer_ns: Some(ns.as_fd()),
+                    peer_mac: Some(ep.mac.0),
+                    controller: Some(bridge_index),
+                    up: true,
+                };
+                veth::create_pair(nl, &ep.link, &ns_ref.ifname, &spec)
+                    .await
+                    .map_err(|source| NetworkError::CreateVeth {
+                        name: ep.link.clone(),
+                        source: Box::new(source),
+                    })?;
+                failpoint::hit("attach:link-created");
+                configure_inside(ns, ns_ref, ep, doc).await?;
+                failpoint::hit("attach:configured");
+                Ok(())
             }
             (EndpointKind::Netns, _, _) => unreachable!("netns endpoints carry their namespace"),
         }
-        let index = link::index(nl, &ep.link)
-            .await
-            .map_err(|e| NetworkError::Links(Box::new(e)))?;
-        link::set_controller_up(nl, &ep.link, index, bridge_index)
-            .await
-            .map_err(|source| NetworkError::Enslave {
-                name: ep.link.clone(),
-                source: Box::new(source),
-            })?;
-        if let (Some(ns), Some(ns_ref)) = (target, &ep.netns) {
-            configure_inside(ns, ns_ref, ep, doc).await?;
-        }
-        Ok(())
     }
 
     /// `network detach`: deletes the endpoint's link and releases its address. Returns the
@@ -358,7 +366,7 @@ impl super::Network {
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
         let mut doc = self.load_ready(&lock)?;
-        let released = self.reconcile(&nl, &lock, &mut doc).await?;
+        let released = self.reconcile(&nl, &lock, &mut doc).await?.released;
         if let Some(gone) = released.into_iter().find(|r| r.name == name) {
             return Ok(Some(gone));
         }
@@ -371,6 +379,7 @@ impl super::Network {
                 name: ep.link.clone(),
                 source: Box::new(source),
             })?;
+        failpoint::hit("detach:link-deleted");
         doc.endpoints.remove(name);
         doc.ipam
             .release(ep.ip)
@@ -391,7 +400,7 @@ impl super::Network {
         let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
             return Ok(Vec::new());
         };
-        self.reconcile(&nl, &lock, &mut doc).await
+        Ok(self.reconcile(&nl, &lock, &mut doc).await?.released)
     }
 
     fn load_ready(&self, lock: &StateLock) -> Result<NetworkDoc, NetworkError> {
@@ -409,7 +418,7 @@ impl super::Network {
         nl: &Netlink,
         lock: &StateLock,
         doc: &mut NetworkDoc,
-    ) -> Result<Vec<Released>, NetworkError> {
+    ) -> Result<Reconciled, NetworkError> {
         let links: HashMap<String, LinkSummary> = link::list(nl)
             .await
             .map_err(|e| NetworkError::Links(Box::new(e)))?
@@ -419,9 +428,7 @@ impl super::Network {
         let mut released = Vec::new();
         let mut stale = Vec::new();
         for ep in doc.endpoints.values() {
-            let reason = if ep.phase == Phase::Creating {
-                Some("its attach was interrupted")
-            } else if !links.contains_key(&ep.link) {
+            let reason = if !links.contains_key(&ep.link) {
                 Some("its link vanished")
             } else if ep.netns.as_ref().is_some_and(|n| !netns_alive(n)) {
                 Some("its network namespace is gone")
@@ -473,30 +480,40 @@ impl super::Network {
                 reason: "its address had no endpoint record".into(),
             });
         }
-        // Ports of our bridge named like ours but on no record.
-        if let Some(bridge) = links.get(&doc.config.bridge) {
-            for l in links.values() {
-                if l.controller == Some(bridge.index)
-                    && is_endpoint_link_name(&l.name)
-                    && !doc.endpoints.values().any(|ep| ep.link == l.name)
-                {
-                    match link::delete_if_exists(nl, &l.name).await {
-                        Ok(_) => released.push(Released {
-                            name: l.name.clone(),
-                            ip: None,
-                            link: Some(l.name.clone()),
-                            reason: "orphan port of the bridge".into(),
-                        }),
-                        Err(e) => log::warn!("cannot delete orphan {}: {}", l.name, chain(&e)),
-                    }
+        // Links named for an address of our subnet that no record owns: what an attach that
+        // died before its record was written left behind.
+        let subnet = doc.config.subnet;
+        for l in links.values() {
+            let ours = endpoint_link_ip(&l.name).is_some_and(|ip| subnet.contains(ip));
+            if ours && !doc.endpoints.values().any(|ep| ep.link == l.name) {
+                match link::delete_if_exists(nl, &l.name).await {
+                    Ok(_) => released.push(Released {
+                        name: l.name.clone(),
+                        ip: endpoint_link_ip(&l.name),
+                        link: Some(l.name.clone()),
+                        reason: "a link left by an interrupted attach".into(),
+                    }),
+                    Err(e) => log::warn!("cannot delete orphan {}: {}", l.name, chain(&e)),
                 }
             }
         }
-        if !released.is_empty() {
+        if released
+            .iter()
+            .any(|r| r.reason != "a link left by an interrupted attach")
+        {
             self.state.write_json(lock, STATE_DOC, doc)?;
         }
-        Ok(released)
+        Ok(Reconciled {
+            released,
+            bridge_index: links.get(&doc.config.bridge).map(|l| l.index),
+        })
     }
+}
+
+/// What a reconcile found.
+struct Reconciled {
+    released: Vec<Released>,
+    bridge_index: Option<u32>,
 }
 
 /// Opens `--netns` and refuses micropod's own namespace.
