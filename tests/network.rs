@@ -531,6 +531,8 @@ fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
     let cases = [
         ("attach:locked", "tap", false),
         ("attach:locked", "netns", false),
+        ("attach:intent-recorded", "tap", false),
+        ("attach:intent-recorded", "netns", false),
         ("attach:link-created", "tap", false),
         ("attach:link-created", "netns", false),
         ("attach:configured", "netns", false),

@@ -260,19 +260,42 @@ impl StateDir {
         name: &str,
         value: &T,
     ) -> Result<(), StateError> {
+        self.write(lock, name, value, true)
+    }
+
+    /// [`Self::write_json`] without the data sync: still atomic for every other process and
+    /// safe against a killed writer (the page cache is shared), but a power cut may lose it or
+    /// leave it empty. For short-lived intent records that are rewritten with
+    /// [`Self::write_json`] moments later.
+    pub fn write_json_unsynced<T: Serialize>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        self.write(lock, name, value, false)
+    }
+
+    fn write<T: Serialize>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+        value: &T,
+        sync: bool,
+    ) -> Result<(), StateError> {
         self.check_lock(lock);
         let path = self.doc_path(name)?;
-        let mut bytes =
-            serde_json::to_vec_pretty(value).map_err(|source| StateError::Serialize {
-                path: path.clone(),
-                source,
-            })?;
+        // Compact: documents are rewritten on every change (`jq` makes them readable).
+        let mut bytes = serde_json::to_vec(value).map_err(|source| StateError::Serialize {
+            path: path.clone(),
+            source,
+        })?;
         bytes.push(b'\n');
         self.remove_stale_temps(name);
         let tmp = self
             .root
             .join(format!(".{name}.tmp-{}", std::process::id()));
-        let result = write_synced(&tmp, &bytes).and_then(|()| {
+        let result = write_new(&tmp, &bytes, sync).and_then(|()| {
             fs::rename(&tmp, &path).map_err(|source| StateError::Rename {
                 from: tmp.clone(),
                 path: path.clone(),
@@ -288,14 +311,22 @@ impl StateDir {
 
     /// Removes `<root>/<name>`; Ok if it is already absent.
     pub fn remove(&self, lock: &StateLock, name: &str) -> Result<(), StateError> {
+        if self.remove_unsynced(lock, name)? {
+            self.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::remove`] without syncing the dir (see [`Self::write_json_unsynced`]); returns
+    /// whether there was something to remove.
+    pub fn remove_unsynced(&self, lock: &StateLock, name: &str) -> Result<bool, StateError> {
         self.check_lock(lock);
         let path = self.doc_path(name)?;
         match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => return Err(StateError::Remove { path, source }),
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StateError::Remove { path, source }),
         }
-        self.sync_dir()
     }
 
     fn check_lock(&self, lock: &StateLock) {
@@ -367,8 +398,8 @@ impl StateDir {
     }
 }
 
-/// Creates `path` (which must not exist), writes `bytes` and fdatasyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+/// Creates `path` (which must not exist), writes `bytes` and, if `sync`, fdatasyncs it.
+fn write_new(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StateError> {
     let write_err = |source| StateError::Write {
         path: path.to_owned(),
         source,
@@ -381,6 +412,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .open(path)
         .map_err(write_err)?;
     file.write_all(bytes).map_err(write_err)?;
+    if !sync {
+        return Ok(());
+    }
     file.sync_data().map_err(|source| StateError::Sync {
         path: path.to_owned(),
         source,

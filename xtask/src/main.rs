@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo`: the project's tasks.
+//! `cargo xtask setup | test | demo | bench attach`: the project's tasks.
 //!
 //! `setup` installs toolchains, bpf-linker and Debian packages (scripts/setup.sh, which `./dev`
 //! also runs before anything else, since cargo itself may not exist yet).

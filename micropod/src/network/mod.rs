@@ -1,15 +1,24 @@
 //! The network manager: one bridge with its subnet, its endpoints (TAPs for VMMs, veths into
 //! other namespaces), their addresses and the NAT fallback, all in the caller's network namespace.
 //!
-//! Crash safety rests on three rules. Every change happens under the state dir's lock, so no
-//! command ever sees another's half-made objects. An endpoint is recorded only once all its
-//! kernel objects exist, in one atomic write; until then the kernel itself is the journal:
-//! its links are named after its address (`mpv-`/`mpt-` + the address in hex), so a link with
-//! such a name for an address of our subnet but no record is the leftover of a command that
-//! died, and the reconcile that starts every mutating command (and [`Network::gc`]) deletes
-//! it. Detach deletes the link first and the record last, so a record whose link is gone is
-//! released by the same reconcile. `up` records the network first (phase `creating`) and
-//! marks it `ready` when done.
+//! Crash safety rests on two rules. Every change happens under the state dir's lock, so no
+//! command ever sees another's half-made objects. A change that spans several kernel objects
+//! is recorded before the first object is made and completed after the last, so whoever takes
+//! the lock next and finds an unfinished record knows its command died (it would still hold the
+//! lock otherwise) and undoes it:
+//! - attach writes the endpoint it is about to make to a small intent document, makes the
+//!   links, adds the endpoint to the state document, then removes the intent;
+//! - detach deletes the link first and the record last, so a record whose link is gone is
+//!   released by the same reconcile;
+//! - `up` records the network first (phase `creating`) and marks it `ready` when done.
+//!
+//! This reconcile starts every mutating command; [`Network::gc`] also sweeps for links named
+//! like micropod's endpoints (`mpv-`/`mpt-` + the address in hex) for an address of our subnet
+//! that no record owns.
+//!
+//! The intent is written and removed without a disk sync: it only has to survive the death of
+//! the process (the page cache is shared), since after a power cut the links it describes are
+//! gone too. The state document is synced.
 
 mod model;
 mod ops;
@@ -17,9 +26,10 @@ mod ops;
 use std::{net::Ipv4Addr, path::PathBuf};
 
 pub use model::{
-    ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode, Endpoint,
-    EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc, Phase, STATE_DOC, UplinkChoice,
-    endpoint_link_ip, is_endpoint_link_name, kernel_ip_arg, link_name, nft_table_name,
+    ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode,
+    Endpoint, EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc, Phase, STATE_DOC,
+    UplinkChoice, endpoint_link_ip, is_endpoint_link_name, kernel_ip_arg, link_name,
+    nft_table_name,
 };
 use serde::Serialize;
 
@@ -174,6 +184,8 @@ pub enum NetworkError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("cannot look up interfaces (SIOCGIFINDEX)")]
+    Probe(#[source] std::io::Error),
     #[error("bridge {name} is missing; run `micropod network up` to repair the network")]
     BridgeMissing { name: String },
     #[error("cannot delete link {name}")]

@@ -12,6 +12,9 @@ pub const DEFAULT_BRIDGE: &str = "micropod0";
 pub const DEFAULT_SUBNET: &str = "10.10.0.0/24";
 /// The state document, under the state dir.
 pub const STATE_DOC: &str = "network.json";
+/// The endpoint an attach is making, recorded before its first kernel object exists and
+/// removed once the endpoint is in [`STATE_DOC`].
+pub const ATTACH_INTENT: &str = "attach-intent.json";
 /// A Linux bridge holds at most this many ports (`BR_MAX_PORTS` in net/bridge/br_private.h).
 pub const BR_MAX_PORTS: usize = 1023;
 /// Bumped when the document's meaning changes.
@@ -97,7 +100,8 @@ impl fmt::Display for NetworkConfig {
 }
 
 /// Progress of `network up`. A document still `Creating` when someone else holds the state lock
-/// belongs to an `up` that died half-way: the next `up` finishes it, `down` removes it.
+/// belongs to an `up` that died half-way (it would still hold the lock otherwise): the next
+/// `up` finishes it, `down` removes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {

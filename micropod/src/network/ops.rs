@@ -1,6 +1,6 @@
 //! The mutating commands: up, down, attach, detach, gc, and the reconcile that precedes each.
 
-use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
+use std::{os::fd::AsFd as _, path::Path};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 
@@ -11,11 +11,7 @@ use super::{
 use crate::{
     failpoint,
     ipam::Ipam,
-    net::{
-        NetNs, Netlink, addr, bridge,
-        link::{self, LinkSummary},
-        nftables, route, sysctl, tap, veth,
-    },
+    net::{NetNs, Netlink, addr, bridge, link, nftables, route, sysctl, tap, veth},
     state::StateLock,
 };
 
@@ -35,7 +31,7 @@ impl super::Network {
         let lock = self.state.lock()?;
         let mut existing: Option<NetworkDoc> = self.state.read_json(&lock, STATE_DOC)?;
         if let Some(doc) = existing.as_mut() {
-            self.reconcile(&nl, &lock, doc).await?;
+            self.reconcile(&nl, &lock, doc, false).await?;
         }
         let uplink = resolve_uplink(&nl, &req.uplink).await?;
         let config = NetworkConfig {
@@ -164,7 +160,7 @@ impl super::Network {
         let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
             return Ok(false);
         };
-        self.reconcile(&nl, &lock, &mut doc).await?;
+        self.reconcile(&nl, &lock, &mut doc, false).await?;
         if !doc.endpoints.is_empty() && !force {
             return Err(NetworkError::EndpointsExist {
                 count: doc.endpoints.len(),
@@ -230,7 +226,7 @@ impl super::Network {
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
         let mut doc = self.load_ready(&lock)?;
-        let seen = self.reconcile(&nl, &lock, &mut doc).await?;
+        let seen = self.reconcile(&nl, &lock, &mut doc, false).await?;
         failpoint::hit("attach:locked");
         if let Some(ep) = doc.endpoints.get(&req.name) {
             return Err(NetworkError::DuplicateEndpoint {
@@ -246,7 +242,6 @@ impl super::Network {
             .ok_or_else(|| NetworkError::BridgeMissing {
                 name: doc.config.bridge.clone(),
             })?;
-        // Allocated in memory only: the address is recorded with the endpoint, once it exists.
         let ip = doc
             .ipam
             .allocate(&req.name, req.ip)
@@ -266,6 +261,9 @@ impl super::Network {
                 ifname: ifname.clone(),
             }),
         };
+        // The intent, recorded before the first kernel object exists; see the module docs.
+        self.state.write_json_unsynced(&lock, ATTACH_INTENT, &ep)?;
+        failpoint::hit("attach:intent-recorded");
         let plumbed = self
             .plumb(
                 &nl,
@@ -276,19 +274,23 @@ impl super::Network {
             )
             .await;
         if let Err(err) = plumbed {
-            // Nothing was recorded; removing the link undoes everything (a veth's peer and
-            // its addresses and routes go with it).
-            if let Err(e) = link::delete_if_exists(&nl, &ep.link).await {
-                log::warn!(
+            // Removing the link undoes everything (a veth's peer and its addresses and routes
+            // go with it); if that fails, the intent stays for reconcile.
+            match link::delete_if_exists(&nl, &ep.link).await {
+                Ok(_) => {
+                    self.state.remove_unsynced(&lock, ATTACH_INTENT)?;
+                }
+                Err(e) => log::warn!(
                     "while undoing a failed attach: {}; `micropod gc` will retry",
                     chain(&e)
-                );
+                ),
             }
             return Err(err);
         }
         doc.endpoints.insert(ep.name.clone(), ep.clone());
         self.state.write_json(&lock, STATE_DOC, &doc)?;
         failpoint::hit("attach:recorded");
+        self.state.remove_unsynced(&lock, ATTACH_INTENT)?;
 
         let subnet = doc.config.subnet;
         Ok(Attachment {
@@ -366,7 +368,7 @@ impl super::Network {
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
         let mut doc = self.load_ready(&lock)?;
-        let released = self.reconcile(&nl, &lock, &mut doc).await?.released;
+        let released = self.reconcile(&nl, &lock, &mut doc, false).await?.released;
         if let Some(gone) = released.into_iter().find(|r| r.name == name) {
             return Ok(Some(gone));
         }
@@ -400,7 +402,7 @@ impl super::Network {
         let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
             return Ok(Vec::new());
         };
-        Ok(self.reconcile(&nl, &lock, &mut doc).await?.released)
+        Ok(self.reconcile(&nl, &lock, &mut doc, true).await?.released)
     }
 
     fn load_ready(&self, lock: &StateLock) -> Result<NetworkDoc, NetworkError> {
@@ -412,23 +414,43 @@ impl super::Network {
         }
     }
 
-    /// Brings the record in line with the kernel; writes it back if anything changed.
+    /// Brings the record in line with the kernel; writes it back if anything changed. Cheap
+    /// enough for every command: one `SIOCGIFINDEX` and one `stat` per endpoint. `sweep` (for
+    /// `micropod gc`) also dumps every link to find micropod-named links without a record.
     async fn reconcile(
         &self,
         nl: &Netlink,
         lock: &StateLock,
         doc: &mut NetworkDoc,
+        sweep: bool,
     ) -> Result<Reconciled, NetworkError> {
-        let links: HashMap<String, LinkSummary> = link::list(nl)
-            .await
-            .map_err(|e| NetworkError::Links(Box::new(e)))?
-            .into_iter()
-            .map(|l| (l.name.clone(), l))
-            .collect();
+        let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+        let exists = |name: &str| probe.index(name).map_err(NetworkError::Probe);
         let mut released = Vec::new();
+        // An attach that died: undo what it made, unless it got as far as recording it.
+        if let Some(intent) = self.state.read_json::<Endpoint>(lock, ATTACH_INTENT)? {
+            let recorded = doc.endpoints.get(&intent.name) == Some(&intent);
+            if !recorded {
+                link::delete_if_exists(nl, &intent.link)
+                    .await
+                    .map_err(|source| NetworkError::DeleteLink {
+                        name: intent.link.clone(),
+                        source: Box::new(source),
+                    })?;
+                log::info!("undid the interrupted attach of {}", intent.name);
+                released.push(Released {
+                    name: intent.name,
+                    ip: Some(intent.ip),
+                    link: Some(intent.link),
+                    reason: "its attach was interrupted".into(),
+                });
+            }
+            self.state.remove_unsynced(lock, ATTACH_INTENT)?;
+        }
+        let undone_intents = released.len();
         let mut stale = Vec::new();
         for ep in doc.endpoints.values() {
-            let reason = if !links.contains_key(&ep.link) {
+            let reason = if exists(&ep.link)?.is_none() {
                 Some("its link vanished")
             } else if ep.netns.as_ref().is_some_and(|n| !netns_alive(n)) {
                 Some("its network namespace is gone")
@@ -440,9 +462,7 @@ impl super::Network {
             }
         }
         for (ep, reason) in stale {
-            if links.contains_key(&ep.link)
-                && let Err(e) = link::delete_if_exists(nl, &ep.link).await
-            {
+            if let Err(e) = link::delete_if_exists(nl, &ep.link).await {
                 // Keep the record so the next reconcile tries again.
                 log::warn!(
                     "cannot delete {} of stale endpoint {}: {}",
@@ -480,32 +500,35 @@ impl super::Network {
                 reason: "its address had no endpoint record".into(),
             });
         }
-        // Links named for an address of our subnet that no record owns: what an attach that
-        // died before its record was written left behind.
-        let subnet = doc.config.subnet;
-        for l in links.values() {
-            let ours = endpoint_link_ip(&l.name).is_some_and(|ip| subnet.contains(ip));
-            if ours && !doc.endpoints.values().any(|ep| ep.link == l.name) {
-                match link::delete_if_exists(nl, &l.name).await {
-                    Ok(_) => released.push(Released {
-                        name: l.name.clone(),
-                        ip: endpoint_link_ip(&l.name),
-                        link: Some(l.name.clone()),
-                        reason: "a link left by an interrupted attach".into(),
-                    }),
-                    Err(e) => log::warn!("cannot delete orphan {}: {}", l.name, chain(&e)),
+        // The intent never touched the document; anything else did.
+        if released.len() > undone_intents {
+            self.state.write_json(lock, STATE_DOC, doc)?;
+        }
+        if sweep {
+            // Links named for an address of our subnet that no record owns (left by a crash
+            // micropod could not record, or by hand).
+            let subnet = doc.config.subnet;
+            let links = link::list(nl)
+                .await
+                .map_err(|e| NetworkError::Links(Box::new(e)))?;
+            for l in links {
+                let ours = endpoint_link_ip(&l.name).is_some_and(|ip| subnet.contains(ip));
+                if ours && !doc.endpoints.values().any(|ep| ep.link == l.name) {
+                    match link::delete_if_exists(nl, &l.name).await {
+                        Ok(_) => released.push(Released {
+                            name: l.name.clone(),
+                            ip: endpoint_link_ip(&l.name),
+                            link: Some(l.name.clone()),
+                            reason: "a micropod-named link without a record".into(),
+                        }),
+                        Err(e) => log::warn!("cannot delete orphan {}: {}", l.name, chain(&e)),
+                    }
                 }
             }
         }
-        if released
-            .iter()
-            .any(|r| r.reason != "a link left by an interrupted attach")
-        {
-            self.state.write_json(lock, STATE_DOC, doc)?;
-        }
         Ok(Reconciled {
             released,
-            bridge_index: links.get(&doc.config.bridge).map(|l| l.index),
+            bridge_index: exists(&doc.config.bridge)?,
         })
     }
 }
