@@ -244,9 +244,8 @@ impl IndexProbe {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd was just returned by socket() and is owned by nobody else.
-        Ok(Self {
-            sock: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { sock })
     }
 
     /// The index of the link called `name`, or `None` if there is none.
