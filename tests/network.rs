@@ -313,6 +313,45 @@ fn status_and_ls_report_endpoints() {
 }
 
 #[test]
+fn state_and_pin_dirs_come_from_the_environment_and_down_removes_the_pins() {
+    let lab = NetLab::new("env");
+    let state = lab.dirs.state.join("from-env");
+    let pins = lab.dirs.pins.join("from-env");
+    // Something micropod pinned (bpffs holds only directories and BPF objects).
+    std::fs::create_dir_all(pins.join("links")).unwrap();
+    let run = |args: &[&str]| {
+        let out = lab
+            .micropod_bare(args)
+            .env("MICROPOD_STATE_DIR", &state)
+            .env("MICROPOD_BPF_DIR", &pins)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["network", "up"]);
+    assert!(
+        state.join("network.json").is_file(),
+        "state not under MICROPOD_STATE_DIR"
+    );
+    assert_eq!(
+        lab.state_doc(),
+        None,
+        "the flag-less run used the lab's other dir"
+    );
+    let status: Value = serde_json::from_str(&run(&["network", "status", "--json"])).unwrap();
+    assert_eq!(status["state_dir"], state.to_str().unwrap());
+    assert_eq!(status["bpf_dir"], pins.to_str().unwrap());
+    run(&["network", "down"]);
+    assert!(!pins.exists(), "down left the pin dir");
+    assert!(!state.join("network.json").exists());
+}
+
+#[test]
 fn gc_releases_endpoints_whose_netns_or_link_is_gone() {
     let lab = NetLab::new("gc");
     lab.up(&[]);

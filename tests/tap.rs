@@ -1,9 +1,7 @@
-//! Persistent TAPs through `/dev/net/tun`, checked against the kernel over netlink, each test in
-//! namespaces of its own.
+//! Persistent TAPs through `/dev/net/tun`, checked against the kernel with iproute2's JSON
+//! output, each test in namespaces of its own.
 
 use std::{
-    collections::BTreeMap,
-    fmt::Debug,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -12,101 +10,110 @@ use micropod::net::{
     addr, link,
     tap::{self, Tap, TapError},
 };
-use micropod_tests::{NsGuard, block_on};
-use nix::errno::Errno;
+use micropod_tests::{NsGuard, block_on, netlab::ip_json};
+use nix::{errno::Errno, unistd::User};
+use serde_json::{Map, Value};
 
 const TAP: &str = "mp-tap0";
 
-/// `IFLA_TUN_*` from `<linux/if_link.h>`: the tun attributes inside `IFLA_INFO_DATA`.
-const IFLA_TUN_OWNER: u16 = 1;
-const IFLA_TUN_TYPE: u16 = 3;
-const IFLA_TUN_PI: u16 = 4;
-const IFLA_TUN_VNET_HDR: u16 = 5;
-const IFLA_TUN_PERSIST: u16 = 6;
-const IFLA_TUN_MULTI_QUEUE: u16 = 7;
-
-/// What the kernel reports about a link over netlink.
+/// What the kernel reports about a link, as `ip -d -j link show` prints it.
 #[derive(Debug, PartialEq)]
 struct Seen {
-    index: u32,
-    flags: u32,
+    index: u64,
+    /// `flags`: "BROADCAST", "MULTICAST", "UP", …
+    flags: Vec<String>,
     mac: Vec<u8>,
+    /// `linkinfo.info_kind`.
     kind: Option<String>,
-    /// `IFLA_TUN_*` attribute -> raw value.
-    tun: BTreeMap<u16, Vec<u8>>,
+    /// `linkinfo.info_data`: the tun attributes ("type", "pi", "vnet_hdr", "multi_queue",
+    /// "persist", "user", …); empty for links without any.
+    tun: Map<String, Value>,
 }
 
 impl Seen {
     fn is_up(&self) -> bool {
-        self.flags & nix::libc::IFF_UP as u32 != 0
+        self.flags.iter().any(|f| f == "UP")
     }
 
-    fn tun_u8(&self, attr: u16) -> Option<u8> {
-        self.tun.get(&attr).map(|v| v[0])
+    fn tun_str(&self, key: &str) -> Option<&str> {
+        self.tun.get(key)?.as_str()
     }
-}
 
-/// Looks `name` up over netlink in `guard`'s namespace.
-///
-/// This crate does not depend on rtnetlink, so the attribute types cannot be named here; they
-/// are read from their `Debug` form (the version is pinned by Cargo.lock, and a format change
-/// makes the asserts below fail loudly, not pass).
-fn lookup(guard: &NsGuard, name: &str) -> Option<Seen> {
-    let msg = block_on(async {
-        let nl = guard.netlink();
-        link::find(&nl, name).await
-    })
-    .unwrap_or_else(|e| panic!("looking up {name}: {e:?}"))?;
-    let mut seen = Seen {
-        index: msg.header.index,
-        flags: msg.header.flags.bits(),
-        mac: Vec::new(),
-        kind: None,
-        tun: BTreeMap::new(),
-    };
-    for attr in &msg.attributes {
-        let text = format!("{attr:?}");
-        if let Some(rest) = text.strip_prefix("Address(") {
-            seen.mac = byte_list(rest);
-        } else if text.starts_with("LinkInfo(") {
-            seen.kind = between(&text, "Kind(", ")").map(str::to_owned);
-            // Data(Tun([Other(DefaultNla { kind: 3, value: [2] }), ...]))
-            let mut rest = text.as_str();
-            while let Some(at) = rest.find("DefaultNla { kind: ") {
-                rest = &rest[at + "DefaultNla { kind: ".len()..];
-                let kind = rest[..rest.find(',').unwrap()].parse().unwrap();
-                seen.tun.insert(kind, byte_list(rest));
+    fn tun_bool(&self, key: &str) -> Option<bool> {
+        self.tun.get(key)?.as_bool()
+    }
+
+    /// The owner uid. iproute2 prints a user name when the uid has a passwd entry and the
+    /// number otherwise; a name is mapped back to its uid here.
+    fn owner(&self) -> Option<u32> {
+        match self.tun.get("user")? {
+            Value::Number(n) => {
+                let n = n
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("owner {n} in {self:?}"));
+                Some(u32::try_from(n).unwrap_or_else(|_| panic!("owner {n} in {self:?}")))
             }
+            Value::String(name) => {
+                let user = User::from_name(name)
+                    .unwrap_or_else(|e| panic!("looking up user {name:?}: {e}"))
+                    .unwrap_or_else(|| panic!("no user {name:?} for {self:?}"));
+                Some(user.uid.as_raw())
+            }
+            other => panic!("owner {other} in {self:?}"),
         }
     }
-    Some(seen)
 }
 
-fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
-    let from = text.find(start)? + start.len();
-    let len = text[from..].find(end)?;
-    Some(&text[from..from + len])
+/// Looks `name` up in `guard`'s namespace with `ip -d -j link show` (the full listing, so a
+/// missing link is `None` rather than a failing command).
+fn lookup(guard: &NsGuard, name: &str) -> Option<Seen> {
+    let links = ip_json(guard.path(), &["-d", "link", "show"]);
+    let link = links
+        .as_array()
+        .unwrap_or_else(|| panic!("link list: {links}"))
+        .iter()
+        .find(|l| l["ifname"] == name)?;
+    let flags = link["flags"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no flags: {link}"))
+        .iter()
+        .map(|f| f.as_str().unwrap_or_else(|| panic!("flag {f}")).to_owned())
+        .collect();
+    let mac = link["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address: {link}"))
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("{b:?} in {link}: {e}")))
+        .collect();
+    let tun = match &link["linkinfo"]["info_data"] {
+        Value::Object(data) => data.clone(),
+        Value::Null => Map::new(),
+        other => panic!("info_data {other} in {link}"),
+    };
+    Some(Seen {
+        index: link["ifindex"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no ifindex: {link}")),
+        flags,
+        mac,
+        kind: link["linkinfo"]["info_kind"].as_str().map(str::to_owned),
+        tun,
+    })
 }
 
-/// The first `[1, 2, 3]` list in `text`.
-fn byte_list(text: &str) -> Vec<u8> {
-    let list = between(text, "[", "]").unwrap_or_else(|| panic!("no byte list in {text}"));
-    list.split(", ")
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap_or_else(|e| panic!("{s:?} in {text}: {e}")))
-        .collect()
-}
-
-/// Every interface in `guard`'s namespace, by name, from `/proc/thread-self/net/dev` read
-/// inside it (a full link dump over netlink needs a stream helper this crate lacks).
+/// Every interface in `guard`'s namespace, by name, from `ip -j link show`.
 fn all_links(guard: &NsGuard) -> Vec<String> {
-    let dev = guard.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"));
-    let dev = dev.expect("reading /proc/thread-self/net/dev in the namespace");
-    let mut names: Vec<String> = dev
-        .lines()
-        .skip(2)
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, _)| name.trim().to_owned())
+    let links = ip_json(guard.path(), &["link", "show"]);
+    let mut names: Vec<String> = links
+        .as_array()
+        .unwrap_or_else(|| panic!("link list: {links}"))
+        .iter()
+        .map(|l| {
+            l["ifname"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no ifname: {l}"))
+                .to_owned()
+        })
         .collect();
     names.sort();
     names
@@ -117,15 +124,11 @@ fn create_in(guard: &NsGuard, name: &str, owner: Option<u32>) -> Result<(), TapE
 }
 
 fn assert_is_persistent_tap(seen: &Seen) {
-    assert_eq!(seen.kind.as_deref(), Some("Tun"), "{seen:?}");
-    assert_eq!(
-        seen.tun_u8(IFLA_TUN_TYPE),
-        Some(nix::libc::IFF_TAP as u8),
-        "{seen:?}"
-    );
-    assert_eq!(seen.tun_u8(IFLA_TUN_PERSIST), Some(1), "{seen:?}");
-    assert_eq!(seen.tun_u8(IFLA_TUN_PI), Some(0), "IFF_NO_PI: {seen:?}");
-    assert_eq!(seen.tun_u8(IFLA_TUN_MULTI_QUEUE), Some(0), "{seen:?}");
+    assert_eq!(seen.kind.as_deref(), Some("tun"), "{seen:?}");
+    assert_eq!(seen.tun_str("type"), Some("tap"), "{seen:?}");
+    assert_eq!(seen.tun_bool("persist"), Some(true), "{seen:?}");
+    assert_eq!(seen.tun_bool("pi"), Some(false), "IFF_NO_PI: {seen:?}");
+    assert_eq!(seen.tun_bool("multi_queue"), Some(false), "{seen:?}");
     assert_eq!(seen.mac.len(), 6, "{seen:?}");
 }
 
@@ -136,8 +139,8 @@ fn created_tap_persists_in_its_namespace_only() {
     // The creating fd was closed and its thread has ended: only persistence keeps it.
     let seen = lookup(&guard, TAP).expect("the TAP exists after its creator let go");
     assert_is_persistent_tap(&seen);
-    assert_eq!(seen.tun_u8(IFLA_TUN_VNET_HDR), Some(1), "{seen:?}");
-    assert!(!seen.tun.contains_key(&IFLA_TUN_OWNER), "no owner asked");
+    assert_eq!(seen.tun_bool("vnet_hdr"), Some(true), "{seen:?}");
+    assert_eq!(seen.owner(), None, "no owner asked: {seen:?}");
     assert!(!seen.is_up(), "a new TAP is down: {seen:?}");
     assert_eq!(all_links(&guard), ["lo", TAP]);
 
@@ -155,11 +158,7 @@ fn owner_is_set_when_asked() {
     create_in(&guard, TAP, Some(4242)).expect("creating the TAP");
     let seen = lookup(&guard, TAP).expect("TAP exists");
     assert_is_persistent_tap(&seen);
-    assert_eq!(
-        seen.tun.get(&IFLA_TUN_OWNER).map(Vec::as_slice),
-        Some(4242u32.to_ne_bytes().as_slice()),
-        "{seen:?}"
-    );
+    assert_eq!(seen.owner(), Some(4242), "{seen:?}");
 }
 
 #[test]
@@ -339,7 +338,9 @@ fn kernel_answers_arp_through_the_tap_fd() {
             .expect("adding the address");
         link::set_up(&nl, TAP).await.expect("bringing the TAP up");
     });
-    let tap_mac = lookup(&guard, TAP).expect("TAP exists").mac;
+    let seen = lookup(&guard, TAP).expect("TAP exists");
+    assert!(seen.is_up(), "the TAP did not come up: {seen:?}");
+    let tap_mac = seen.mac;
 
     tap.send(&arp_request()).expect("sending the ARP request");
     let deadline = Instant::now() + Duration::from_secs(5);

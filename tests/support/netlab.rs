@@ -95,6 +95,22 @@ impl NetLab {
         }
     }
 
+    /// `micropod ARGS` inside the host namespace, with no state or pin dir given at all.
+    pub fn micropod_bare<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(micropod_bin());
+        cmd.args(args)
+            .env_remove("MICROPOD_STATE_DIR")
+            .env_remove("MICROPOD_BPF_DIR")
+            .env("MICROPOD_LOG", "warn")
+            .stdin(Stdio::null());
+        in_netns(&mut cmd, &self.host_file);
+        cmd
+    }
+
     /// `micropod` with this lab's state and pin dirs, run inside the host namespace.
     pub fn micropod<I, S>(&self, args: I) -> Command
     where
