@@ -619,6 +619,57 @@ fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
 }
 
 #[test]
+fn kill_9_during_up_then_up_finishes_and_down_restores_the_namespace() {
+    use std::ffi::OsStr;
+    let lab = NetLab::new("upkill");
+    let host = lab.host.path();
+    let before = snapshot_settled(host);
+    lab.up(&[]);
+    let made = snapshot(host);
+    lab.ok(["network", "down"]);
+    for point in ["up:recorded", "up:made"] {
+        kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("up")]);
+        let status = lab.json(["network", "status", "--json"]);
+        assert_eq!(status["network"]["phase"], "creating", "{point}");
+        // Attaching to a half-made network is refused...
+        let out = lab.run(["network", "attach", "x", "--kind", "tap"]);
+        assert!(
+            !out.status.success(),
+            "{point}: attach to a half-made network"
+        );
+        // ...`up` finishes it...
+        assert_eq!(
+            lab.json(["network", "up", "--json"])["network"]["phase"],
+            "ready"
+        );
+        assert_eq!(
+            strip_indexes(&snapshot(host)),
+            strip_indexes(&made),
+            "{point}: up did not finish the network"
+        );
+        lab.ok(["network", "down"]);
+        assert_eq!(snapshot(host), before, "{point}");
+        // ...and `down` alone cleans up after a killed `up` too.
+        kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("up")]);
+        lab.ok(["network", "down"]);
+        assert_eq!(snapshot(host), before, "{point}: down after a killed up");
+    }
+}
+
+/// A snapshot without interface indexes (a re-created bridge gets a new one).
+fn strip_indexes(snapshot: &str) -> Vec<String> {
+    snapshot
+        .lines()
+        .map(|l| {
+            l.split(' ')
+                .filter(|w| !w.starts_with("index="))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+#[test]
 fn up_down_50_times_leaves_the_namespace_as_it_was() {
     let lab = NetLab::new("cycle");
     let host = lab.host.path();
@@ -821,6 +872,38 @@ fn bad_netns_path_missing_or_not_a_netns() {
         &[&attach[..], &[own.as_str()]].concat(),
         "micropod's own network namespace",
     );
+}
+
+#[test]
+fn bad_ifname_taken_in_the_namespace() {
+    let lab = NetLab::new("bad13");
+    lab.up(&[]);
+    let ep = NsGuard::new("busy");
+    query(
+        ep.path(),
+        "ip",
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ],
+    );
+    let before = snapshot(ep.path());
+    let path = ep.path().to_str().unwrap().to_owned();
+    refused(
+        &lab,
+        &[
+            "network", "attach", "x", "--kind", "netns", "--netns", &path,
+        ],
+        "already has an interface named eth0; choose another with --ifname",
+    );
+    assert_eq!(
+        snapshot(ep.path()),
+        before,
+        "the endpoint namespace changed"
+    );
+    // The same namespace takes the endpoint under another name.
+    let att = lab.attach_netns("x", &ep, &["--ifname", "mp0"]);
+    assert_eq!(att["ifname"], "mp0");
+    assert_eq!(addrs_of(ep.path(), "mp0"), ["10.10.0.2/24"]);
 }
 
 #[test]

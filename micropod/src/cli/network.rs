@@ -3,8 +3,8 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use micropod::network::{
-    AttachRequest, Attachment, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode, EndpointKind,
-    EndpointView, Network, Released, UpOutcome, UpRequest, UplinkChoice,
+    AttachRequest, Attachment, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode,
+    EndpointKind, EndpointView, Network, Released, UpOutcome, UpRequest, UplinkChoice,
 };
 
 #[derive(Debug, clap::Subcommand)]
@@ -125,6 +125,14 @@ pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                         .uplink
                         .as_deref()
                         .unwrap_or("none (no default route)")
+                );
+            }
+            // Hosts minus network, broadcast and gateway.
+            let capacity = (1u64 << (32 - u32::from(config.subnet.prefix()))).saturating_sub(3);
+            if capacity > BR_MAX_PORTS as u64 {
+                eprintln!(
+                    "note: {} has {capacity} addresses, but one bridge holds at most {BR_MAX_PORTS} endpoints",
+                    config.subnet
                 );
             }
         }

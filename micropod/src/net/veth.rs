@@ -22,6 +22,14 @@ pub enum VethError {
     },
 }
 
+impl VethError {
+    /// Whether the kernel refused because one of the two names is taken.
+    pub fn is_exists(&self) -> bool {
+        matches!(self, Self::Create { source: rtnetlink::Error::NetlinkError(e), .. }
+            if e.raw_code() == -libc::EEXIST)
+    }
+}
+
 /// Creates the veth pair `name` <-> `peer` in `nl`'s namespace; `peer_ns` moves the peer into
 /// another namespace as part of the same request, so no half-made pair is ever visible.
 pub async fn create(

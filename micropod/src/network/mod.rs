@@ -170,6 +170,8 @@ pub enum NetworkError {
         #[source]
         source: Box<VethError>,
     },
+    #[error("{netns} already has an interface named {ifname}; choose another with --ifname")]
+    IfnameTaken { ifname: String, netns: PathBuf },
     #[error("cannot attach {name} to the bridge")]
     Enslave {
         name: String,

@@ -104,6 +104,7 @@ impl super::Network {
             }
             return Err(err);
         }
+        failpoint::hit("up:made");
         doc.phase = Phase::Ready;
         self.state.write_json(&lock, STATE_DOC, &doc)?;
         Ok((outcome, config))
@@ -346,12 +347,20 @@ impl super::Network {
                     controller: Some(bridge_index),
                     up: true,
                 };
-                veth::create_pair(nl, &ep.link, &ns_ref.ifname, &spec)
-                    .await
-                    .map_err(|source| NetworkError::CreateVeth {
+                if let Err(source) = veth::create_pair(nl, &ep.link, &ns_ref.ifname, &spec).await {
+                    // EEXIST names neither end; the host end's name is ours and was free (we
+                    // hold the lock and reconciled), so it is the name inside the namespace.
+                    if source.is_exists() {
+                        return Err(NetworkError::IfnameTaken {
+                            ifname: ns_ref.ifname.clone(),
+                            netns: ns_ref.path.clone(),
+                        });
+                    }
+                    return Err(NetworkError::CreateVeth {
                         name: ep.link.clone(),
                         source: Box::new(source),
-                    })?;
+                    });
+                }
                 failpoint::hit("attach:link-created");
                 configure_inside(ns, ns_ref, ep, doc).await?;
                 failpoint::hit("attach:configured");
