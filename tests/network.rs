@@ -12,10 +12,7 @@ use std::{
 use micropod::net::tap::Tap;
 use micropod_tests::{
     NsGuard,
-    netlab::{
-        NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, as_nobody, ip_json, ping, query, snapshot,
-        snapshot_settled,
-    },
+    netlab::{NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, as_nobody, ip_json, ping, query, snapshot},
     packets,
 };
 use serde_json::Value;
@@ -276,11 +273,23 @@ fn up_refuses_other_settings_while_endpoints_exist_and_down_needs_force() {
     lab.ok(["network", "down", "--force"]);
     assert!(link(&ip_json(ep.path(), &["link", "show"]), "eth0").is_none());
 
-    // Without endpoints, new settings replace the old network.
+    // Without endpoints, new settings replace the old network...
     lab.up(&[]);
     let status = lab.json(["network", "up", "--subnet", "10.20.0.0/24", "--json"]);
     assert_eq!(status["outcome"], "replaced");
     assert_eq!(addrs_of(lab.host.path(), "micropod0"), ["10.20.0.1/24"]);
+    // ...even by one that contains the old subnet (the old bridge's route is not an overlap)...
+    let status = lab.json(["network", "up", "--subnet", "10.20.0.0/16", "--json"]);
+    assert_eq!(status["outcome"], "replaced");
+    assert_eq!(addrs_of(lab.host.path(), "micropod0"), ["10.20.0.1/16"]);
+    // ...but a replacement that is refused leaves the old network as it was.
+    let before = snapshot(lab.host.path());
+    refused(
+        &lab,
+        &["network", "up", "--subnet", "203.0.113.0/25"],
+        "overlaps address 203.0.113.1/24 on uplink0",
+    );
+    assert_eq!(snapshot(lab.host.path()), before);
 }
 
 #[test]
@@ -623,7 +632,7 @@ fn kill_9_during_up_then_up_finishes_and_down_restores_the_namespace() {
     use std::ffi::OsStr;
     let lab = NetLab::new("upkill");
     let host = lab.host.path();
-    let before = snapshot_settled(host);
+    let before = snapshot(host);
     lab.up(&[]);
     let made = snapshot(host);
     lab.ok(["network", "down"]);
@@ -673,7 +682,7 @@ fn strip_indexes(snapshot: &str) -> Vec<String> {
 fn up_down_50_times_leaves_the_namespace_as_it_was() {
     let lab = NetLab::new("cycle");
     let host = lab.host.path();
-    let before = snapshot_settled(host);
+    let before = snapshot(host);
     for i in 0..50 {
         lab.up(&[]);
         if i == 0 {

@@ -230,21 +230,6 @@ pub fn as_nobody(cmd: &mut Command) {
     }
 }
 
-/// [`snapshot`] once the namespace has settled (IPv6 link-local addresses and their routes
-/// appear a moment after a link comes up).
-pub fn snapshot_settled(ns: &Path) -> String {
-    let mut last = snapshot(ns);
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = snapshot(ns);
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    panic!("namespace {} never settled:\n{last}", ns.display());
-}
-
 /// Runs an iproute2/nft query in a namespace and returns its stdout. Tests use these tools as
 /// an independent reading of the kernel; micropod itself never runs them.
 #[track_caller]
@@ -274,18 +259,42 @@ pub fn ip_json(ns: &Path, args: &[&str]) -> Value {
 
 /// Everything micropod might change in a namespace, in a comparable form: links (name, kind,
 /// controller, flags, MAC), addresses, IPv4 and IPv6 routes, the nf_tables ruleset and
-/// ip_forward.
+/// ip_forward; taken once the namespace has settled (IPv6 link-local addresses and their
+/// routes appear a moment after a link comes up), so two snapshots differ only if something
+/// was really changed.
 pub fn snapshot(ns: &Path) -> String {
+    let mut last = snapshot_now(ns);
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = snapshot_now(ns);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("namespace {} never settled:\n{last}", ns.display());
+}
+
+/// [`snapshot`] as it is right now.
+fn snapshot_now(ns: &Path) -> String {
     let links = ip_json(ns, &["-d", "link", "show"]);
     let mut out = String::new();
     for l in links.as_array().expect("link list") {
+        // Configuration flags only: carrier and operational state (NO-CARRIER, LOWER_UP, …)
+        // follow a link's peer or its users, and the kernel reports them up to a second late.
+        let flags: Vec<&str> = l["flags"]
+            .as_array()
+            .expect("link flags")
+            .iter()
+            .filter_map(|f| f.as_str())
+            .filter(|f| !matches!(*f, "NO-CARRIER" | "LOWER_UP" | "DORMANT" | "M-DOWN"))
+            .collect();
         out += &format!(
-            "link {} index={} kind={} master={} flags={} mac={} mtu={}\n",
+            "link {} index={} kind={} master={} flags={flags:?} mac={} mtu={}\n",
             l["ifname"],
             l["ifindex"],
             l["linkinfo"]["info_kind"],
             l["master"],
-            l["flags"],
             l["address"],
             l["mtu"]
         );
@@ -303,7 +312,9 @@ pub fn snapshot(ns: &Path) -> String {
     }
     for family in ["-4", "-6"] {
         for table in ["main", "local"] {
-            let routes = query(ns, "ip", &[family, "route", "show", "table", table]);
+            // "linkdown" marks routes of a link without carrier: state, not configuration.
+            let routes = query(ns, "ip", &[family, "route", "show", "table", table])
+                .replace(" linkdown", "");
             out += &format!("routes {family} {table}:\n{routes}");
         }
     }

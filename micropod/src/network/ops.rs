@@ -42,14 +42,20 @@ impl super::Network {
             datapath: req.datapath,
         };
 
-        let mut outcome = UpOutcome::Created;
-        if let Some(doc) = existing {
-            if doc.config == config {
+        if let Some(doc) = &existing {
+            // `--uplink auto` follows the default route, so it is not a change of settings.
+            let same = NetworkConfig {
+                uplink: config.uplink.clone(),
+                ..doc.config.clone()
+            } == config
+                && (req.uplink == UplinkChoice::Auto || doc.config.uplink == config.uplink);
+            if same {
                 // Same settings: put back whatever is missing (a crashed `up`, a deleted bridge).
-                let mut doc = doc;
+                let mut doc = doc.clone();
                 self.ensure(&nl, &doc).await?;
-                if doc.phase != Phase::Ready {
+                if doc.phase != Phase::Ready || doc.config != config {
                     doc.phase = Phase::Ready;
+                    doc.config = config.clone();
                     self.state.write_json(&lock, STATE_DOC, &doc)?;
                 }
                 return Ok((UpOutcome::Unchanged, config));
@@ -61,24 +67,30 @@ impl super::Network {
                     endpoints: doc.endpoints.len(),
                 });
             }
+        }
+
+        // Everything that can refuse runs before the first change (the network being replaced,
+        // if any, is not in the way of its successor).
+        let old_bridge = existing.as_ref().map(|d| d.config.bridge.as_str());
+        check_overlap(&nl, subnet, old_bridge).await?;
+        if old_bridge != Some(config.bridge.as_str())
+            && link::find(&nl, &config.bridge)
+                .await
+                .map_err(|e| NetworkError::Links(Box::new(e)))?
+                .is_some()
+        {
+            return Err(NetworkError::BridgeExists {
+                name: config.bridge,
+            });
+        }
+        let mut outcome = UpOutcome::Created;
+        if let Some(doc) = existing {
             let problems = self.teardown(&nl, &doc).await;
             if !problems.is_empty() {
                 return Err(NetworkError::Teardown(problems));
             }
             self.state.remove(&lock, STATE_DOC)?;
             outcome = UpOutcome::Replaced;
-        }
-
-        // Everything that can refuse runs before the first change.
-        check_overlap(&nl, subnet).await?;
-        if link::find(&nl, &config.bridge)
-            .await
-            .map_err(|e| NetworkError::Links(Box::new(e)))?
-            .is_some()
-        {
-            return Err(NetworkError::BridgeExists {
-                name: config.bridge,
-            });
         }
         let ip_forward_was_off = !sysctl::ip_forward().map_err(NetworkError::Forwarding)?;
         let mut doc = NetworkDoc {
@@ -638,8 +650,13 @@ async fn resolve_uplink(
     }
 }
 
-/// Refuses a subnet that overlaps an address or a (non-default) route of this namespace.
-async fn check_overlap(nl: &Netlink, subnet: Ipv4Network) -> Result<(), NetworkError> {
+/// Refuses a subnet that overlaps an address or a (non-default) route of this namespace,
+/// other than those of `replacing` (the bridge of the network about to be replaced).
+async fn check_overlap(
+    nl: &Netlink,
+    subnet: Ipv4Network,
+    replacing: Option<&str>,
+) -> Result<(), NetworkError> {
     let overlaps = |other: Ipv4Network| {
         let other = Ipv4Network::new(other.network(), other.prefix()).unwrap_or(other);
         subnet.contains(other.network()) || other.contains(subnet.network())
@@ -653,11 +670,12 @@ async fn check_overlap(nl: &Netlink, subnet: Ipv4Network) -> Result<(), NetworkE
             .find(|l| l.index == index)
             .map_or_else(|| format!("#{index}"), |l| l.name.clone())
     };
+    let ignored = replacing.and_then(|name| links.iter().find(|l| l.name == name).map(|l| l.index));
     for a in addr::list_v4(nl)
         .await
         .map_err(|e| NetworkError::Addresses(Box::new(e)))?
     {
-        if a.addr.ip().is_loopback() {
+        if a.addr.ip().is_loopback() || Some(a.index) == ignored {
             continue;
         }
         if overlaps(a.addr) {
@@ -671,7 +689,7 @@ async fn check_overlap(nl: &Netlink, subnet: Ipv4Network) -> Result<(), NetworkE
         .await
         .map_err(|e| NetworkError::Routes(Box::new(e)))?
     {
-        if r.is_default() {
+        if r.is_default() || (r.oif.is_some() && r.oif == ignored) {
             continue;
         }
         if overlaps(r.destination) {
