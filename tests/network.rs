@@ -752,16 +752,13 @@ fn bad_subnet_not_ipv4() {
 #[test]
 fn bad_subnet_too_small() {
     let lab = NetLab::new("bad3");
-    refused(
-        &lab,
-        &["network", "up", "--subnet", "10.10.0.0/31"],
-        "subnet",
-    );
-    refused(
-        &lab,
-        &["network", "up", "--subnet", "10.10.0.0/32"],
-        "subnet",
-    );
+    for subnet in ["10.10.0.0/31", "10.10.0.0/32"] {
+        refused(
+            &lab,
+            &["network", "up", "--subnet", subnet],
+            &format!("subnet {subnet} is too small"),
+        );
+    }
 }
 
 #[test]

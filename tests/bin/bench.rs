@@ -695,13 +695,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             reference.attach.push(took);
             Ok(())
         };
-        if i % 2 == 0 {
-            run_mp()?;
-            run_cni()?;
-        } else {
-            run_cni()?;
-            run_mp()?;
-        }
+        in_turn(i, &mut run_mp, &mut run_cni)?;
         if (i + 1) % 50 == 0 {
             eprintln!("  {} attached", i + 1);
         }
@@ -740,13 +734,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             reference.detach.push(cni.del(&id, ns.path())?);
             Ok(())
         };
-        if i % 2 == 0 {
-            run_mp()?;
-            run_cni()?;
-        } else {
-            run_cni()?;
-            run_mp()?;
-        }
+        in_turn(i, &mut run_mp, &mut run_cni)?;
     }
 
     // Everything released, on both sides.
@@ -794,6 +782,22 @@ fn bench(args: &Args) -> anyhow::Result<()> {
 /// How long each binary takes to start and exit doing nothing: `micropod --version` and the
 /// bridge plugin's VERSION command. Not part of the comparison; it shows how much of each
 /// figure is process start-up. Returns the p50s (micropod, CNI).
+/// Runs both sides for endpoint `i`, alternating which goes first, so drift in the machine's
+/// load hits both alike.
+fn in_turn(
+    i: usize,
+    micropod: &mut dyn FnMut() -> anyhow::Result<()>,
+    cni: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if i.is_multiple_of(2) {
+        micropod()?;
+        cni()
+    } else {
+        cni()?;
+        micropod()
+    }
+}
+
 fn process_floor(mp: &Micropod, cni: &Cni) -> anyhow::Result<(f64, f64)> {
     let (mut mp_runs, mut cni_runs) = (Vec::new(), Vec::new());
     for _ in 0..FLOOR_RUNS {

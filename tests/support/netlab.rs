@@ -117,17 +117,14 @@ impl NetLab {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = Command::new(micropod_bin());
-        cmd.arg("--state-dir")
-            .arg(&self.dirs.state)
-            .arg("--bpf-dir")
-            .arg(self.dirs.pins.join("micropod"))
-            .args(args)
-            .env_remove("MICROPOD_STATE_DIR")
-            .env_remove("MICROPOD_BPF_DIR")
-            .env("MICROPOD_LOG", "warn")
-            .stdin(Stdio::null());
-        in_netns(&mut cmd, &self.host_file);
+        let pins = self.dirs.pins.join("micropod");
+        let mut cmd = self.micropod_bare([
+            OsStr::new("--state-dir"),
+            self.dirs.state.as_os_str(),
+            OsStr::new("--bpf-dir"),
+            pins.as_os_str(),
+        ]);
+        cmd.args(args);
         cmd
     }
 
