@@ -38,20 +38,8 @@ pub async fn create(
     peer: &str,
     peer_ns: Option<BorrowedFd<'_>>,
 ) -> Result<(), VethError> {
-    create_with_peer_mac(nl, name, peer, peer_ns, None).await
-}
-
-/// [`create`], with the peer's MAC set in the same request.
-pub async fn create_with_peer_mac(
-    nl: &Netlink,
-    name: &str,
-    peer: &str,
-    peer_ns: Option<BorrowedFd<'_>>,
-    peer_mac: Option<[u8; 6]>,
-) -> Result<(), VethError> {
     let spec = PairSpec {
         peer_ns,
-        peer_mac,
         ..PairSpec::default()
     };
     create_pair(nl, name, peer, &spec).await

@@ -233,11 +233,6 @@ pub fn endpoint_link_ip(name: &str) -> Option<Ipv4Addr> {
     u32::from_str_radix(hex, 16).ok().map(Ipv4Addr::from)
 }
 
-/// Whether a link name is one micropod gives endpoints.
-pub fn is_endpoint_link_name(name: &str) -> bool {
-    endpoint_link_ip(name).is_some()
-}
-
 /// The nf_tables table of the network on `bridge`.
 pub fn nft_table_name(bridge: &str) -> String {
     format!("micropod_{bridge}")
@@ -283,13 +278,12 @@ mod tests {
         for kind in [EndpointKind::Tap, EndpointKind::Netns] {
             let name = link_name(kind, ip);
             assert!(name.len() <= crate::net::link::IFNAME_MAX, "{name}");
-            assert!(is_endpoint_link_name(&name), "{name}");
             assert_eq!(endpoint_link_ip(&name), Some(ip));
             assert_eq!(endpoint_link_ip(&name), Some(ip));
         }
         assert_eq!(link_name(EndpointKind::Tap, ip), "mpt-0a0afffe");
         for other in ["micropod0", "mpv-", "mpv-0a0a00zz", "eth0", "mpx-0a0a0002"] {
-            assert!(!is_endpoint_link_name(other), "{other}");
+            assert_eq!(endpoint_link_ip(other), None, "{other}");
         }
     }
 
