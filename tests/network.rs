@@ -344,7 +344,7 @@ fn state_and_pin_dirs_come_from_the_environment_and_down_removes_the_pins() {
     };
     run(&["network", "up"]);
     assert!(
-        state.join("network.json").is_file(),
+        state.join(micropod::network::STATE_DOC).is_file(),
         "state not under MICROPOD_STATE_DIR"
     );
     assert_eq!(
@@ -357,7 +357,7 @@ fn state_and_pin_dirs_come_from_the_environment_and_down_removes_the_pins() {
     assert_eq!(status["bpf_dir"], pins.to_str().unwrap());
     run(&["network", "down"]);
     assert!(!pins.exists(), "down left the pin dir");
-    assert!(!state.join("network.json").exists());
+    assert!(!state.join(micropod::network::STATE_DOC).exists());
 }
 
 #[test]

@@ -187,7 +187,7 @@ impl NetLab {
 
     /// The state document, raw (or `None` when absent).
     pub fn state_doc(&self) -> Option<String> {
-        std::fs::read_to_string(self.dirs.state.join("network.json")).ok()
+        std::fs::read_to_string(self.dirs.state.join(micropod::network::STATE_DOC)).ok()
     }
 }
 

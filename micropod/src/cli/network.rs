@@ -2,9 +2,12 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use micropod::network::{
-    AttachRequest, Attachment, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode,
-    EndpointKind, EndpointView, Network, Released, UpOutcome, UpRequest, UplinkChoice,
+use micropod::{
+    ipam::Ipam,
+    network::{
+        AttachRequest, Attachment, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode,
+        EndpointKind, EndpointView, Network, Released, UpOutcome, UpRequest, UplinkChoice,
+    },
 };
 
 #[derive(Debug, clap::Subcommand)]
@@ -127,9 +130,8 @@ pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                         .unwrap_or("none (no default route)")
                 );
             }
-            // Hosts minus network, broadcast and gateway.
-            let capacity = (1u64 << (32 - u32::from(config.subnet.prefix()))).saturating_sub(3);
-            if capacity > BR_MAX_PORTS as u64 {
+            let capacity = Ipam::new(config.subnet, config.gateway)?.capacity();
+            if capacity as usize > BR_MAX_PORTS {
                 eprintln!(
                     "note: {} has {capacity} addresses, but one bridge holds at most {BR_MAX_PORTS} endpoints",
                     config.subnet

@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf, str::FromStr
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
-use crate::{ipam::Ipam, net::NetnsId};
+use crate::{
+    ipam::{Ipam, IpamError},
+    net::NetnsId,
+};
 
 pub const DEFAULT_BRIDGE: &str = "micropod0";
 pub const DEFAULT_SUBNET: &str = "10.10.0.0/24";
@@ -122,6 +125,15 @@ pub struct NetworkDoc {
     pub ip_forward_was_off: bool,
     pub ipam: Ipam,
     pub endpoints: BTreeMap<String, Endpoint>,
+}
+
+impl NetworkDoc {
+    /// Forgets endpoint `name` and frees its address; the one place both happen together.
+    pub fn release_endpoint(&mut self, name: &str) -> Option<(Endpoint, Result<(), IpamError>)> {
+        let ep = self.endpoints.remove(name)?;
+        let freed = self.ipam.release(ep.ip).map(drop);
+        Some((ep, freed))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

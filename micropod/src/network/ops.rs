@@ -403,19 +403,19 @@ impl super::Network {
                 source: Box::new(source),
             })?;
         failpoint::hit("detach:link-deleted");
-        doc.endpoints.remove(name);
-        doc.ipam
-            .release(ep.ip)
-            .map_err(|source| NetworkError::Release {
+        if let Some((_, Err(source))) = doc.release_endpoint(name) {
+            return Err(NetworkError::Release {
                 ip: ep.ip,
                 source: Box::new(source),
-            })?;
+            });
+        }
         self.state.write_json(&lock, STATE_DOC, &doc)?;
         Ok(None)
     }
 
     /// `micropod gc`: releases endpoints whose command died, whose link vanished or whose
-    /// namespace is gone, and deletes micropod-named ports of the bridge nobody records.
+    /// namespace is gone, and deletes links named like endpoints of our subnet that no record
+    /// owns.
     pub async fn gc(&self) -> Result<Vec<Released>, NetworkError> {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
@@ -493,8 +493,7 @@ impl super::Network {
                 );
                 continue;
             }
-            doc.endpoints.remove(&ep.name);
-            if let Err(e) = doc.ipam.release(ep.ip) {
+            if let Some((_, Err(e))) = doc.release_endpoint(&ep.name) {
                 log::warn!("stale endpoint {}: {e}", ep.name);
             }
             log::info!("released endpoint {} ({}): {reason}", ep.name, ep.ip);
