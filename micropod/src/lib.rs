@@ -11,3 +11,4 @@ pub mod ipam;
 pub mod net;
 pub mod network;
 pub mod state;
+pub mod vmm;
