@@ -47,7 +47,7 @@ fn up_creates_bridge_gateway_forwarding_and_masquerade() {
         status["network"]["uplink"], UPLINK,
         "auto picks the default route's device"
     );
-    assert_eq!(status["network"]["datapath"], "netfilter");
+    assert_eq!(status["network"]["datapath"], "ebpf");
 
     let host = lab.host.path();
     let links = ip_json(host, &["-d", "link", "show"]);

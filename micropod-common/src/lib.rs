@@ -5,7 +5,11 @@
 //! assertion: the kernel copies these as raw bytes between the two sides.
 #![no_std]
 
+mod dataplane;
+
 use core::mem::size_of;
+
+pub use dataplane::*;
 
 /// Name of the TC classifier that counts packets and bytes per IPv4 source address.
 pub const COUNT_SRC_PROGRAM: &str = "count_src";
@@ -52,6 +56,20 @@ mod user {
     unsafe impl aya::Pod for super::Ipv4SrcKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PacketCounters {}
+    // SAFETY: as above, for each data plane type (sizes asserted in `dataplane`).
+    unsafe impl aya::Pod for super::Ipv4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EndpointCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DatapathConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatStats {}
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 #![no_std]
 #![no_main]
 
+mod dataplane;
+
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     macros::{classifier, map},

@@ -30,6 +30,13 @@ enum Command {
     /// The bridge network and its endpoints.
     #[command(subcommand)]
     Network(network::Command),
+    /// Per-endpoint counters (rx/tx packets and bytes, drops by reason) and the NAT table.
+    Stats {
+        /// Only this endpoint.
+        endpoint: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Release endpoints whose owner is gone (also done before every change).
     Gc {
         #[arg(long)]
@@ -47,6 +54,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::CountSources(args) => count_sources::run(args),
         Command::Network(command) => network::run(&net(&cli.state_dir, &cli.bpf_dir), command),
+        Command::Stats { endpoint, json } => network::stats(
+            &net(&cli.state_dir, &cli.bpf_dir),
+            endpoint.as_deref(),
+            json,
+        ),
         Command::Gc { json } => network::gc(&net(&cli.state_dir, &cli.bpf_dir), json),
     };
     match result {

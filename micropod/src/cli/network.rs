@@ -50,6 +50,9 @@ pub struct UpArgs {
     /// NAT data path.
     #[arg(long, value_enum, default_value = "auto")]
     datapath: DatapathArg,
+    /// Capacity of the eBPF NAT table, in entries (two per flow).
+    #[arg(long, value_name = "ENTRIES")]
+    nat_table_size: Option<u32>,
     /// Print the resulting status as JSON.
     #[arg(long)]
     json: bool,
@@ -106,10 +109,11 @@ pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                     DatapathArg::Ebpf => DatapathMode::Ebpf,
                     DatapathArg::Netfilter => DatapathMode::Netfilter,
                 },
+                nat_entries: args.nat_table_size,
             };
             let (outcome, config) = rt.block_on(network.up(&req))?;
+            let status = rt.block_on(network.status())?;
             if args.json {
-                let status = rt.block_on(network.status())?;
                 let mut value = serde_json::to_value(status)?;
                 value["outcome"] = serde_json::to_value(outcome)?;
                 println!("{value}");
@@ -129,6 +133,12 @@ pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                         .as_deref()
                         .unwrap_or("none (no default route)")
                 );
+                if let Some(n) = &status.network {
+                    println!("datapath {}", n.datapath);
+                    if let Some(note) = &n.datapath_note {
+                        println!("  {note}");
+                    }
+                }
             }
             let capacity = Ipam::new(config.subnet, config.gateway)?.capacity();
             if capacity as usize > BR_MAX_PORTS {
@@ -165,6 +175,9 @@ pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                     "datapath   {} (requested {})",
                     n.datapath, n.datapath_requested
                 );
+                if let Some(note) = &n.datapath_note {
+                    println!("           {note}");
+                }
                 println!("nat table  ip {}", n.nft_table);
                 println!(
                     "addresses  {} used, {} free of {}",
@@ -268,4 +281,59 @@ fn print_endpoints(endpoints: &[EndpointView]) {
             e.link
         );
     }
+}
+
+/// `micropod stats [ENDPOINT] [--json]`.
+pub fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let stats = network.stats(endpoint)?;
+    if json {
+        println!("{}", serde_json::to_string(&stats)?);
+        return Ok(());
+    }
+    println!("datapath {}", stats.datapath);
+    if stats.datapath != micropod::network::ActiveDatapath::Ebpf {
+        println!("(no counters: the netfilter data path does not count per endpoint)");
+    }
+    println!(
+        "{:<16} {:<15} {:>10} {:>12} {:>10} {:>12}  drops",
+        "ENDPOINT", "IP", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES"
+    );
+    for ep in &stats.endpoints {
+        let c = ep.counters.clone().unwrap_or_default();
+        let drops: Vec<String> = c
+            .drops
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(reason, n)| format!("{reason}={n}"))
+            .collect();
+        println!(
+            "{:<16} {:<15} {:>10} {:>12} {:>10} {:>12}  {}",
+            ep.name,
+            ep.ip,
+            c.rx_packets,
+            c.rx_bytes,
+            c.tx_packets,
+            c.tx_bytes,
+            if drops.is_empty() {
+                "-".into()
+            } else {
+                drops.join(" ")
+            }
+        );
+    }
+    if let Some(nat) = &stats.nat {
+        println!(
+            "nat: {} flows ({} of {} entries), {} created, {} reclaimed, refused: {} table full, {} no port; {} packets out, {} in",
+            nat.flows,
+            nat.entries,
+            nat.capacity,
+            nat.flows_created,
+            nat.reclaimed,
+            nat.table_full,
+            nat.no_port,
+            nat.outbound_packets,
+            nat.inbound_packets
+        );
+    }
+    Ok(())
 }

@@ -1,13 +1,16 @@
 //! The eBPF data path: micropod-ebpf's object, loaded and attached with aya.
 
 mod counter;
+mod plane;
 
 pub use counter::{Direction, SourceCounter, read_pinned_counters};
+pub use plane::{DataPlane, EndpointStats, NatTableStats, OBJECT_ENV, PlaneSettings, PortSpec};
 
 use aya::{Ebpf, EbpfLoader};
 
 /// The eBPF object built from `micropod-ebpf` by build.rs (empty with `AYA_BUILD_SKIP=1`).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/micropod"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/micropod"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -60,6 +63,38 @@ pub enum DatapathError {
         path: std::path::PathBuf,
         #[source]
         source: aya::maps::MapError,
+    },
+    #[error("cannot read the eBPF object {path} (named by MICROPOD_BPF_OBJECT)")]
+    ReadObject {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the BPF pin dir {path} (is bpffs mounted at /sys/fs/bpf?)")]
+    PinDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find the endpoint's port")]
+    Probe(#[source] std::io::Error),
+    #[error("cannot count the possible CPUs")]
+    Cpus(#[source] std::io::Error),
+    #[error(
+        "cannot open the pinned program {path}; run `micropod network up` to repair the data plane"
+    )]
+    OpenProgram {
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "the kernel attached the program to {iface} without a BPF link (TCX needs Linux 6.6 or later)"
+    )]
+    LinkKind {
+        iface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
     },
     #[error("cannot set up forwarding of the eBPF programs' log")]
     Logger(#[source] aya_log::Error),

@@ -63,9 +63,17 @@ pub enum NetworkError {
     #[error("uplink {name} does not exist; name an existing interface or use --uplink auto")]
     UnknownUplink { name: String },
     #[error(
-        "the eBPF data path is not available in this build yet; use --datapath netfilter or auto"
+        "cannot set up the eBPF data path; use `--datapath auto` to fall back to netfilter when eBPF is unavailable"
     )]
-    DatapathUnavailable,
+    Datapath(#[source] Box<crate::datapath::DatapathError>),
+    #[error("cannot attach endpoint {name} to the eBPF data path")]
+    DatapathPort {
+        name: String,
+        #[source]
+        source: Box<crate::datapath::DatapathError>,
+    },
+    #[error("--nat-table-size {value} is out of range; use {min}..={max} entries (two per flow)")]
+    NatEntries { value: u32, min: u32, max: u32 },
     #[error(
         "a link named {name} already exists and micropod did not create it; choose another --bridge"
     )]
@@ -213,6 +221,8 @@ pub struct UpRequest {
     pub subnet: String,
     pub uplink: UplinkChoice,
     pub datapath: DatapathMode,
+    /// Capacity of the eBPF NAT table in entries (two per flow); `None` for the default.
+    pub nat_entries: Option<u32>,
 }
 
 impl Default for UpRequest {
@@ -222,6 +232,7 @@ impl Default for UpRequest {
             subnet: DEFAULT_SUBNET.into(),
             uplink: UplinkChoice::Auto,
             datapath: DatapathMode::Auto,
+            nat_entries: None,
         }
     }
 }
@@ -297,9 +308,34 @@ pub struct NetworkStatus {
     pub uplink: Option<String>,
     pub datapath_requested: DatapathMode,
     pub datapath: ActiveDatapath,
+    /// Why the data path differs from the request, or what part of it is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath_note: Option<String>,
+    pub nat_table_size: u32,
     pub nft_table: String,
     pub ipam: IpamUsage,
     pub endpoints: Vec<EndpointView>,
+}
+
+/// `micropod stats`: counters of the endpoints and the NAT table, read from the pinned maps.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub datapath: ActiveDatapath,
+    pub endpoints: Vec<EndpointStatsView>,
+    /// Absent on the netfilter data path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<crate::datapath::NatTableStats>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointStatsView {
+    pub name: String,
+    pub kind: EndpointKind,
+    pub ip: Ipv4Addr,
+    pub link: String,
+    /// Absent on the netfilter data path (nothing counts there).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<crate::datapath::EndpointStats>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -378,6 +414,8 @@ impl Network {
                     uplink: doc.config.uplink.clone(),
                     datapath_requested: doc.config.datapath,
                     datapath: doc.active_datapath,
+                    datapath_note: doc.datapath_note.clone(),
+                    nat_table_size: doc.config.nat_entries,
                     nft_table: doc.nft_table.clone(),
                     ipam: IpamUsage {
                         capacity: doc.ipam.capacity(),
@@ -397,6 +435,55 @@ impl Network {
             state_dir: self.state.root().to_path_buf(),
             bpf_dir: self.bpf_dir.clone(),
             network,
+        })
+    }
+
+    /// `micropod stats [ENDPOINT]`: per-endpoint counters and NAT occupancy from the pinned
+    /// maps. Read-only and lock-free, like `status`.
+    pub fn stats(&self, endpoint: Option<&str>) -> Result<Stats, NetworkError> {
+        let doc: NetworkDoc =
+            self.state
+                .read_json_unlocked(STATE_DOC)?
+                .ok_or_else(|| NetworkError::NotUp {
+                    state_dir: self.state.root().to_path_buf(),
+                })?;
+        if let Some(name) = endpoint
+            && !doc.endpoints.contains_key(name)
+        {
+            return Err(NetworkError::UnknownEndpoint { name: name.into() });
+        }
+        let ebpf = doc.active_datapath == ActiveDatapath::Ebpf;
+        let plane = crate::datapath::DataPlane::new(&self.bpf_dir);
+        let datapath = |e| NetworkError::Datapath(Box::new(e));
+        let mut counters = if ebpf {
+            plane.endpoint_stats().map_err(datapath)?
+        } else {
+            Default::default()
+        };
+        let endpoints = doc
+            .endpoints
+            .values()
+            .filter(|ep| endpoint.is_none_or(|n| n == ep.name))
+            .map(|ep| EndpointStatsView {
+                name: ep.name.clone(),
+                kind: ep.kind,
+                ip: ep.ip,
+                link: ep.link.clone(),
+                counters: if ebpf {
+                    Some(counters.remove(&ep.ip).unwrap_or_default())
+                } else {
+                    None
+                },
+            })
+            .collect();
+        Ok(Stats {
+            datapath: doc.active_datapath,
+            endpoints,
+            nat: if ebpf {
+                Some(plane.nat_stats().map_err(datapath)?)
+            } else {
+                None
+            },
         })
     }
 

@@ -50,12 +50,16 @@ impl fmt::Display for DatapathMode {
 pub enum ActiveDatapath {
     /// MASQUERADE in nf_tables only.
     Netfilter,
+    /// The eBPF programs (counters, anti-spoofing, SNAT fast path), with the MASQUERADE
+    /// fallback for what the fast path leaves to the stack.
+    Ebpf,
 }
 
 impl fmt::Display for ActiveDatapath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Netfilter => "netfilter",
+            Self::Ebpf => "ebpf",
         })
     }
 }
@@ -87,6 +91,13 @@ pub struct NetworkConfig {
     pub gateway: Ipv4Addr,
     pub uplink: Option<String>,
     pub datapath: DatapathMode,
+    /// Capacity of the eBPF NAT table, in entries (two per flow).
+    #[serde(default = "default_nat_entries")]
+    pub nat_entries: u32,
+}
+
+fn default_nat_entries() -> u32 {
+    micropod_common::NAT_DEFAULT_ENTRIES
 }
 
 impl fmt::Display for NetworkConfig {
@@ -119,6 +130,10 @@ pub struct NetworkDoc {
     pub phase: Phase,
     pub config: NetworkConfig,
     pub active_datapath: ActiveDatapath,
+    /// Why the data path is what it is when that is not what was asked for (`auto` fell back
+    /// to netfilter) or when part of it is off (no uplink address for SNAT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath_note: Option<String>,
     /// The nf_tables table holding the MASQUERADE fallback.
     pub nft_table: String,
     /// `down` turns forwarding back off only if `up` turned it on.

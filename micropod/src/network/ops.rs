@@ -3,12 +3,14 @@
 use std::{os::fd::AsFd as _, path::Path};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
+use micropod_common::NAT_DEFAULT_ENTRIES;
 
 use super::{
     AttachRequest, Attachment, NetworkError, Released, UpOutcome, UpRequest, check_privileges,
     model::*, parse_subnet,
 };
 use crate::{
+    datapath::{DataPlane, PlaneSettings, PortSpec},
     failpoint,
     ipam::Ipam,
     net::{NetNs, Netlink, addr, bridge, link, nftables, route, sysctl, tap, veth},
@@ -24,8 +26,13 @@ impl super::Network {
         let subnet = parse_subnet(&req.subnet)?;
         let gateway =
             Ipam::default_gateway(subnet).map_err(|e| NetworkError::Subnet(Box::new(e)))?;
-        if req.datapath == DatapathMode::Ebpf {
-            return Err(NetworkError::DatapathUnavailable);
+        let nat_entries = req.nat_entries.unwrap_or(NAT_DEFAULT_ENTRIES);
+        if !NAT_ENTRIES_RANGE.contains(&nat_entries) {
+            return Err(NetworkError::NatEntries {
+                value: nat_entries,
+                min: *NAT_ENTRIES_RANGE.start(),
+                max: *NAT_ENTRIES_RANGE.end(),
+            });
         }
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
@@ -40,6 +47,7 @@ impl super::Network {
             gateway,
             uplink,
             datapath: req.datapath,
+            nat_entries,
         };
 
         if let Some(doc) = &existing {
@@ -53,9 +61,14 @@ impl super::Network {
                 // Same settings: put back whatever is missing (a crashed `up`, a deleted bridge).
                 let mut doc = doc.clone();
                 self.ensure(&nl, &doc).await?;
-                if doc.phase != Phase::Ready || doc.config != config {
+                let before = (doc.active_datapath, doc.datapath_note.clone());
+                doc.config = config.clone();
+                self.ensure_datapath(&nl, &mut doc).await?;
+                if doc.phase != Phase::Ready
+                    || existing.as_ref().is_some_and(|old| old.config != config)
+                    || before != (doc.active_datapath, doc.datapath_note.clone())
+                {
                     doc.phase = Phase::Ready;
-                    doc.config = config.clone();
                     self.state.write_json(&lock, STATE_DOC, &doc)?;
                 }
                 return Ok((UpOutcome::Unchanged, config));
@@ -98,6 +111,7 @@ impl super::Network {
             phase: Phase::Creating,
             nft_table: nft_table_name(&config.bridge),
             active_datapath: ActiveDatapath::Netfilter,
+            datapath_note: None,
             ip_forward_was_off,
             ipam: Ipam::new(subnet, gateway).map_err(|e| NetworkError::Subnet(Box::new(e)))?,
             endpoints: Default::default(),
@@ -106,7 +120,11 @@ impl super::Network {
         // Recorded first: if we die half-way, the next `up` or `down` knows what is ours.
         self.state.write_json(&lock, STATE_DOC, &doc)?;
         failpoint::hit("up:recorded");
-        if let Err(err) = self.ensure(&nl, &doc).await {
+        let made = match self.ensure(&nl, &doc).await {
+            Ok(()) => self.ensure_datapath(&nl, &mut doc).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = made {
             let problems = self.teardown(&nl, &doc).await;
             for p in &problems {
                 log::warn!("while undoing a failed `up`: {p}");
@@ -208,12 +226,119 @@ impl super::Network {
         {
             problems.push(format!("ip_forward: {}", chain(&e)));
         }
-        match std::fs::remove_dir_all(&self.bpf_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => problems.push(format!("BPF pins {}: {e}", self.bpf_dir.display())),
-        }
+        problems.extend(
+            DataPlane::new(&self.bpf_dir)
+                .remove()
+                .into_iter()
+                .map(|p| format!("BPF pins: {p}")),
+        );
         problems
+    }
+
+    /// Sets up the eBPF data plane if the network asks for it (repairing one that exists), and
+    /// records which data path is active and why. `auto` falls back to netfilter only.
+    async fn ensure_datapath(
+        &self,
+        nl: &Netlink,
+        doc: &mut NetworkDoc,
+    ) -> Result<(), NetworkError> {
+        let plane = DataPlane::new(&self.bpf_dir);
+        if doc.config.datapath == DatapathMode::Netfilter {
+            doc.active_datapath = ActiveDatapath::Netfilter;
+            doc.datapath_note = None;
+            return Ok(());
+        }
+        match self.install_datapath(nl, doc, &plane).await {
+            Ok(note) => {
+                doc.active_datapath = ActiveDatapath::Ebpf;
+                doc.datapath_note = note;
+                Ok(())
+            }
+            Err(err) if doc.config.datapath == DatapathMode::Auto => {
+                let why = chain(&err);
+                log::warn!("eBPF data path unavailable, using netfilter only: {why}");
+                for p in plane.remove() {
+                    log::warn!("while removing the partial eBPF data path: {p}");
+                }
+                doc.active_datapath = ActiveDatapath::Netfilter;
+                doc.datapath_note = Some(format!("eBPF unavailable: {why}"));
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Installs (or repairs) the programs and maps; returns a note if SNAT is off.
+    async fn install_datapath(
+        &self,
+        nl: &Netlink,
+        doc: &NetworkDoc,
+        plane: &DataPlane,
+    ) -> Result<Option<String>, NetworkError> {
+        let cfg = &doc.config;
+        let links = |e| NetworkError::Links(Box::new(e));
+        let bridge_ifindex = link::index(nl, &cfg.bridge).await.map_err(links)?;
+        let (uplink, note) = match &cfg.uplink {
+            None => (
+                None,
+                Some("no uplink: the SNAT fast path is off".to_owned()),
+            ),
+            Some(name) => {
+                let index = link::index(nl, name).await.map_err(links)?;
+                let addrs = addr::list_v4(nl)
+                    .await
+                    .map_err(|e| NetworkError::Addresses(Box::new(e)))?;
+                match addrs.iter().find(|a| a.index == index) {
+                    Some(a) => (Some((name.clone(), index, a.addr.ip())), None),
+                    None => (
+                        None,
+                        Some(format!(
+                            "uplink {name} has no IPv4 address: the SNAT fast path is off"
+                        )),
+                    ),
+                }
+            }
+        };
+        let settings = PlaneSettings {
+            subnet: cfg.subnet,
+            bridge: cfg.bridge.clone(),
+            bridge_ifindex,
+            bridge_mac: Mac::for_ip(cfg.gateway).0,
+            uplink,
+            nat_entries: cfg.nat_entries,
+        };
+        let datapath = |e| NetworkError::Datapath(Box::new(e));
+        if plane.is_installed() {
+            plane.configure(&settings).map_err(datapath)?;
+            plane.attach_network_hooks(&settings).map_err(datapath)?;
+        } else {
+            plane.install(&settings).map_err(datapath)?;
+            // A repair (pins removed by hand, or eBPF newly working under `auto`): the
+            // endpoints' ports need their programs too.
+            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+            for ep in doc.endpoints.values() {
+                if let Some(ifindex) = probe.index(&ep.link).map_err(NetworkError::Probe)? {
+                    plane
+                        .attach_port(&port_spec(ep, ifindex))
+                        .map_err(|source| NetworkError::DatapathPort {
+                            name: ep.name.clone(),
+                            source: Box::new(source),
+                        })?;
+                }
+            }
+        }
+        Ok(note)
+    }
+
+    /// Forgets an endpoint in the eBPF maps (a no-op on the netfilter data path); logs what
+    /// failed, since the records are what counts and a later attach overwrites the entries.
+    fn forget_datapath(&self, doc: &NetworkDoc, ip: std::net::Ipv4Addr, port: &str) {
+        if doc.active_datapath != ActiveDatapath::Ebpf {
+            return;
+        }
+        for p in DataPlane::new(&self.bpf_dir).detach_port(ip, port) {
+            log::warn!("eBPF data path: {p}");
+        }
     }
 
     /// `network attach`: a TAP for a VMM, or a veth into a namespace, with an address.
@@ -286,7 +411,17 @@ impl super::Network {
                 target.as_ref().map(|(ns, _)| ns),
             )
             .await;
+        let plumbed = match plumbed {
+            Ok(()) if doc.active_datapath == ActiveDatapath::Ebpf => self
+                .attach_datapath(&ep)
+                .map_err(|source| NetworkError::DatapathPort {
+                    name: ep.name.clone(),
+                    source: Box::new(source),
+                }),
+            other => other,
+        };
         if let Err(err) = plumbed {
+            self.forget_datapath(&doc, ep.ip, &ep.link);
             // Removing the link undoes everything (a veth's peer and its addresses and routes
             // go with it); if that fails, the intent stays for reconcile.
             match link::delete_if_exists(&nl, &ep.link).await {
@@ -320,6 +455,19 @@ impl super::Network {
             netns: ep.netns.as_ref().map(|n| n.path.clone()),
             ifname: ep.netns.map(|n| n.ifname),
         })
+    }
+
+    /// Registers a plumbed endpoint with the eBPF data plane and attaches its port programs.
+    fn attach_datapath(&self, ep: &Endpoint) -> Result<(), crate::datapath::DatapathError> {
+        let ifindex = link::IndexProbe::new()
+            .and_then(|p| p.index(&ep.link))
+            .map_err(crate::datapath::DatapathError::Probe)?
+            .ok_or_else(|| {
+                crate::datapath::DatapathError::Probe(std::io::Error::from(
+                    std::io::ErrorKind::NotFound,
+                ))
+            })?;
+        DataPlane::new(&self.bpf_dir).attach_port(&port_spec(ep, ifindex))
     }
 
     /// Creates and wires the kernel objects of an endpoint, in as few requests as the kernel
@@ -403,6 +551,7 @@ impl super::Network {
                 source: Box::new(source),
             })?;
         failpoint::hit("detach:link-deleted");
+        self.forget_datapath(&doc, ep.ip, &ep.link);
         if let Some((_, Err(source))) = doc.release_endpoint(name) {
             return Err(NetworkError::Release {
                 ip: ep.ip,
@@ -423,7 +572,15 @@ impl super::Network {
         let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
             return Ok(Vec::new());
         };
-        Ok(self.reconcile(&nl, &lock, &mut doc, true).await?.released)
+        let released = self.reconcile(&nl, &lock, &mut doc, true).await?.released;
+        if doc.active_datapath == ActiveDatapath::Ebpf {
+            match DataPlane::new(&self.bpf_dir).sweep_nat() {
+                Ok(n) if n > 0 => log::info!("removed {n} expired NAT entries"),
+                Ok(_) => {}
+                Err(e) => log::warn!("cannot sweep the NAT table: {}", chain(&e)),
+            }
+        }
+        Ok(released)
     }
 
     fn load_ready(&self, lock: &StateLock) -> Result<NetworkDoc, NetworkError> {
@@ -458,6 +615,7 @@ impl super::Network {
                         name: intent.link.clone(),
                         source: Box::new(source),
                     })?;
+                self.forget_datapath(doc, intent.ip, &intent.link);
                 log::info!("undid the interrupted attach of {}", intent.name);
                 released.push(Released {
                     name: intent.name,
@@ -493,6 +651,7 @@ impl super::Network {
                 );
                 continue;
             }
+            self.forget_datapath(doc, ep.ip, &ep.link);
             if let Some((_, Err(e))) = doc.release_endpoint(&ep.name) {
                 log::warn!("stale endpoint {}: {e}", ep.name);
             }
@@ -557,6 +716,19 @@ impl super::Network {
 struct Reconciled {
     released: Vec<Released>,
     bridge_index: Option<u32>,
+}
+
+/// Valid `--nat-table-size` values: enough for a few flows, at most what a hash map of
+/// 16-byte keys and values can sensibly hold (≈ 200 MiB at the top).
+pub const NAT_ENTRIES_RANGE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
+
+fn port_spec(ep: &Endpoint, ifindex: u32) -> PortSpec<'_> {
+    PortSpec {
+        ip: ep.ip,
+        mac: ep.mac.0,
+        port: &ep.link,
+        ifindex,
+    }
 }
 
 /// Opens `--netns` and refuses micropod's own namespace.

@@ -1,0 +1,255 @@
+//! The data plane's maps: endpoints, per-endpoint counters, the NAT table and its settings.
+//!
+//! Addresses and ports are kept in network byte order (as on the wire) so the per-packet path
+//! never swaps bytes; userspace converts.
+
+use core::mem::size_of;
+
+/// TC program on each endpoint port's ingress (frames the endpoint sends): counts, anti-spoofing.
+pub const PORT_INGRESS_PROGRAM: &str = "port_ingress";
+/// TC program on each endpoint port's egress (frames to the endpoint): counts.
+pub const PORT_EGRESS_PROGRAM: &str = "port_egress";
+/// TC program on the bridge's ingress (frames the endpoints send to the gateway): SNAT.
+pub const BRIDGE_INGRESS_PROGRAM: &str = "bridge_ingress";
+/// TC program on the uplink's ingress: reverse SNAT of replies.
+pub const UPLINK_INGRESS_PROGRAM: &str = "uplink_ingress";
+
+/// `u32` port ifindex → [`Endpoint`].
+pub const PORTS_MAP: &str = "PORTS";
+/// [`Ipv4Key`] endpoint address → [`Endpoint`].
+pub const ENDPOINTS_MAP: &str = "ENDPOINTS";
+/// Per-CPU [`Ipv4Key`] endpoint address → [`EndpointCounters`].
+pub const ENDPOINT_COUNTERS_MAP: &str = "EP_COUNTERS";
+/// [`NatKey`] → [`NatEntry`], both directions of every translated flow.
+pub const NAT_MAP: &str = "NAT";
+/// Array of one [`DatapathConfig`].
+pub const CONFIG_MAP: &str = "CONFIG";
+/// Per-CPU array of one [`NatStats`].
+pub const NAT_STATS_MAP: &str = "NAT_STATS";
+
+/// Endpoints the maps can hold: one bridge's ports (BR_MAX_PORTS is 1023).
+pub const MAX_ENDPOINTS: u32 = 1024;
+/// Default capacity of [`NAT_MAP`], in entries (two per flow).
+pub const NAT_DEFAULT_ENTRIES: u32 = 131_072;
+
+/// An IPv4 address as a map key, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Key {
+    pub addr: [u8; 4],
+}
+
+const _: () = assert!(size_of::<Ipv4Key>() == 4);
+
+/// One endpoint as the data plane sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The endpoint's address, network order.
+    pub ip: [u8; 4],
+    /// Its port on the bridge (TAP or host-side veth).
+    pub ifindex: u32,
+    /// The MAC the endpoint must send from and receives at.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(size_of::<Endpoint>() == 16);
+
+/// Why the data plane dropped a frame. The value indexes [`EndpointCounters::drops`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Source MAC is not the endpoint's.
+    SpoofedMac = 0,
+    /// IPv4 source address is not the endpoint's.
+    SpoofedIp = 1,
+    /// ARP sender address (hardware or protocol) is not the endpoint's.
+    SpoofedArp = 2,
+    /// A new flow found the NAT table full.
+    NatTableFull = 3,
+    /// A new flow found no free port (or echo id) after the bounded probe.
+    NatNoPort = 4,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 5;
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::SpoofedMac,
+        Self::SpoofedIp,
+        Self::SpoofedArp,
+        Self::NatTableFull,
+        Self::NatNoPort,
+    ];
+
+    /// A stable name for output and metrics labels.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SpoofedMac => "spoofed_mac",
+            Self::SpoofedIp => "spoofed_ip",
+            Self::SpoofedArp => "spoofed_arp",
+            Self::NatTableFull => "nat_table_full",
+            Self::NatNoPort => "nat_no_port",
+        }
+    }
+}
+
+/// Per-endpoint counters (one copy per CPU; readers sum). "tx" is what the endpoint sent
+/// (frames entering its port, dropped ones included), "rx" what was delivered to it. Bytes are
+/// whole frames from the Ethernet header on, as the port's interface statistics count them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: [u64; DropReason::COUNT],
+    pub _pad: [u64; 3],
+}
+
+const _: () = assert!(size_of::<EndpointCounters>() == 96);
+
+impl EndpointCounters {
+    /// Sums two counters, as when folding per-CPU values.
+    #[must_use]
+    pub fn add(mut self, other: &Self) -> Self {
+        self.rx_packets = self.rx_packets.wrapping_add(other.rx_packets);
+        self.rx_bytes = self.rx_bytes.wrapping_add(other.rx_bytes);
+        self.tx_packets = self.tx_packets.wrapping_add(other.tx_packets);
+        self.tx_bytes = self.tx_bytes.wrapping_add(other.tx_bytes);
+        let mut i = 0;
+        while i < DropReason::COUNT {
+            self.drops[i] = self.drops[i].wrapping_add(other.drops[i]);
+            i += 1;
+        }
+        self
+    }
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A flow as it appears in one packet: an outbound packet (endpoint → remote) is looked up as
+/// is; a reply (remote → uplink address) too. For ICMP echo the identifier is the endpoint's
+/// "port": `src_port` outbound, `dst_port` in replies, the other one zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    /// Network order.
+    pub src_port: u16,
+    /// Network order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<NatKey>() == 16);
+
+/// [`NatEntry::direction`] of an entry keyed by the outbound packet.
+pub const NAT_OUTBOUND: u8 = 0;
+/// [`NatEntry::direction`] of an entry keyed by the reply.
+pub const NAT_INBOUND: u8 = 1;
+
+/// TCP flow state in [`NatEntry::tcp_state`].
+pub const TCP_OPEN: u8 = 0;
+/// A FIN or RST was seen: the entry expires after the short closing timeout.
+pub const TCP_CLOSING: u8 = 1;
+
+/// The other side of a translation. Outbound entries hold the translated source (uplink address
+/// and port); inbound entries hold the original (endpoint address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    /// `bpf_ktime_get_coarse_ns` of the last packet in this entry's direction.
+    pub last_seen_ns: u64,
+    pub addr: [u8; 4],
+    /// Network order.
+    pub port: u16,
+    pub direction: u8,
+    pub tcp_state: u8,
+}
+
+const _: () = assert!(size_of::<NatEntry>() == 16);
+
+/// The data plane's settings, written by `network up`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Subnet address and mask, network order.
+    pub subnet: [u8; 4],
+    pub mask: [u8; 4],
+    /// The uplink's IPv4 address, the SNAT source; zero disables the fast path.
+    pub uplink_ip: [u8; 4],
+    pub uplink_ifindex: u32,
+    pub bridge_ifindex: u32,
+    /// Source MAC of frames the data plane delivers to endpoints (the bridge's).
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Idle timeouts in seconds; an entry idle longer is free for reuse.
+    pub tcp_timeout_s: u32,
+    pub tcp_closing_timeout_s: u32,
+    pub udp_timeout_s: u32,
+    pub icmp_timeout_s: u32,
+}
+
+const _: () = assert!(size_of::<DatapathConfig>() == 44);
+
+/// Default idle timeouts (seconds). TCP follows RFC 5382's "not less than 2 h 4 min"; UDP
+/// RFC 4787's 2 min; a closed TCP flow lingers briefly for its last ACKs and retransmissions.
+pub const TCP_TIMEOUT_S: u32 = 7440;
+pub const TCP_CLOSING_TIMEOUT_S: u32 = 10;
+pub const UDP_TIMEOUT_S: u32 = 120;
+pub const ICMP_TIMEOUT_S: u32 = 30;
+
+/// Global NAT counters (one copy per CPU; readers sum).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatStats {
+    /// Packets translated on the way out and redirected to the uplink.
+    pub outbound_packets: u64,
+    /// Replies translated back and redirected to an endpoint.
+    pub inbound_packets: u64,
+    /// Translations created.
+    pub flows_created: u64,
+    /// New flows refused: table full.
+    pub table_full: u64,
+    /// New flows refused: no free port.
+    pub no_port: u64,
+    /// Stale entries taken over by a new flow.
+    pub reclaimed: u64,
+    pub _pad: [u64; 2],
+}
+
+const _: () = assert!(size_of::<NatStats>() == 64);
+
+impl NatStats {
+    #[must_use]
+    pub fn add(mut self, o: &Self) -> Self {
+        self.outbound_packets = self.outbound_packets.wrapping_add(o.outbound_packets);
+        self.inbound_packets = self.inbound_packets.wrapping_add(o.inbound_packets);
+        self.flows_created = self.flows_created.wrapping_add(o.flows_created);
+        self.table_full = self.table_full.wrapping_add(o.table_full);
+        self.no_port = self.no_port.wrapping_add(o.no_port);
+        self.reclaimed = self.reclaimed.wrapping_add(o.reclaimed);
+        self
+    }
+}
+
+impl NatEntry {
+    /// Whether the entry has been idle longer than its timeout at `now_ns`.
+    #[must_use]
+    pub fn is_stale(&self, proto: u8, now_ns: u64, cfg: &DatapathConfig) -> bool {
+        let timeout_s = match proto {
+            IPPROTO_TCP if self.tcp_state == TCP_CLOSING => cfg.tcp_closing_timeout_s,
+            IPPROTO_TCP => cfg.tcp_timeout_s,
+            IPPROTO_UDP => cfg.udp_timeout_s,
+            _ => cfg.icmp_timeout_s,
+        };
+        now_ns.saturating_sub(self.last_seen_ns) > u64::from(timeout_s) * 1_000_000_000
+    }
+}

@@ -1,0 +1,542 @@
+//! The data plane: micropod-ebpf's TC programs on the bridge, the uplink and each endpoint's
+//! port, and the maps they share, all pinned under the network's BPF pin dir so that they
+//! outlive the command that made them.
+//!
+//! Layout of the pin dir:
+//! - `maps/<NAME>`: PORTS, ENDPOINTS, EP_COUNTERS, NAT, CONFIG, NAT_STATS;
+//! - `progs/<program>`: the four loaded programs, so later commands attach them to new ports;
+//! - `links/<ifname>-<ingress|egress>`: one TCX link per hook (bpffs refuses dots in names). Removing the pin releases the
+//!   link, which detaches the program.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TcAttachType, links::FdLink},
+    util::nr_cpus,
+};
+use ipnetwork::Ipv4Network;
+use micropod_common::{
+    BRIDGE_INGRESS_PROGRAM, CONFIG_MAP, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP,
+    Endpoint, EndpointCounters, ICMP_TIMEOUT_S, Ipv4Key, NAT_INBOUND, NAT_MAP, NAT_STATS_MAP,
+    NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP,
+    TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
+};
+use serde::Serialize;
+
+use super::{DatapathError, Direction};
+
+const MAPS: [&str; 6] = [
+    PORTS_MAP,
+    ENDPOINTS_MAP,
+    ENDPOINT_COUNTERS_MAP,
+    NAT_MAP,
+    CONFIG_MAP,
+    NAT_STATS_MAP,
+];
+const PROGRAMS: [&str; 4] = [
+    PORT_INGRESS_PROGRAM,
+    PORT_EGRESS_PROGRAM,
+    BRIDGE_INGRESS_PROGRAM,
+    UPLINK_INGRESS_PROGRAM,
+];
+
+/// Environment variable naming an eBPF object file to load instead of the built-in one (for
+/// debugging, and for tests that need a load to fail).
+pub const OBJECT_ENV: &str = "MICROPOD_BPF_OBJECT";
+
+/// What `network up` tells the data plane.
+#[derive(Clone, Debug)]
+pub struct PlaneSettings {
+    pub subnet: Ipv4Network,
+    pub bridge: String,
+    pub bridge_ifindex: u32,
+    pub bridge_mac: [u8; 6],
+    /// The uplink and its IPv4 address; without one the SNAT fast path is off (the counters
+    /// and anti-spoofing still work, and the MASQUERADE fallback handles NAT).
+    pub uplink: Option<(String, u32, Ipv4Addr)>,
+    /// Capacity of the NAT table in entries (two per flow).
+    pub nat_entries: u32,
+}
+
+/// One endpoint as `network attach` hands it to the data plane.
+#[derive(Clone, Debug)]
+pub struct PortSpec<'a> {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The endpoint's port on the bridge (TAP or host-side veth), in the caller's namespace.
+    pub port: &'a str,
+    pub ifindex: u32,
+}
+
+/// The data plane of one network, by its pin dir.
+#[derive(Clone, Debug)]
+pub struct DataPlane {
+    dir: PathBuf,
+}
+
+/// Counters of one endpoint, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EndpointStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Drops by reason name (see `micropod_common::DropReason`).
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+/// NAT table occupancy and counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NatTableStats {
+    /// Entries in use (two per flow) and the table's capacity.
+    pub entries: u64,
+    pub capacity: u32,
+    pub flows: u64,
+    pub outbound_packets: u64,
+    pub inbound_packets: u64,
+    pub flows_created: u64,
+    pub table_full: u64,
+    pub no_port: u64,
+    pub reclaimed: u64,
+}
+
+impl DataPlane {
+    #[must_use]
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Whether a data plane is installed here (its programs are pinned).
+    #[must_use]
+    pub fn is_installed(&self) -> bool {
+        PROGRAMS.iter().all(|p| self.prog_path(p).exists())
+            && MAPS.iter().all(|m| self.map_path(m).exists())
+    }
+
+    /// Loads the programs, pins them and their maps, writes the settings and attaches the
+    /// bridge and uplink hooks. On failure, removes whatever it pinned.
+    pub fn install(&self, settings: &PlaneSettings) -> Result<(), DatapathError> {
+        let result = self.try_install(settings);
+        if result.is_err() {
+            for problem in self.remove() {
+                log::warn!("while undoing a failed data plane install: {problem}");
+            }
+        }
+        result
+    }
+
+    fn try_install(&self, settings: &PlaneSettings) -> Result<(), DatapathError> {
+        let object = object()?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(NAT_MAP, settings.nat_entries)
+            .load(&object)
+            .map_err(DatapathError::Load)?;
+        for dir in ["maps", "progs", "links"] {
+            let path = self.dir.join(dir);
+            std::fs::create_dir_all(&path).map_err(|source| DatapathError::PinDir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        for name in PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::ProgramType { name, source })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::LoadProgram { name, source })?;
+            let path = self.prog_path(name);
+            program
+                .pin(&path)
+                .map_err(|source| DatapathError::Pin { path, source })?;
+        }
+        for name in MAPS {
+            let path = self.map_path(name);
+            ebpf.map(name)
+                .ok_or(DatapathError::MissingMap(name))?
+                .pin(&path)
+                .map_err(|source| DatapathError::Pin { path, source })?;
+        }
+        self.configure(settings)?;
+        self.attach_network_hooks(settings)
+    }
+
+    /// Writes the settings map; the programs read it on every packet.
+    pub fn configure(&self, settings: &PlaneSettings) -> Result<(), DatapathError> {
+        let (uplink_ifindex, uplink_ip) = settings
+            .uplink
+            .as_ref()
+            .map_or((0, [0; 4]), |(_, index, ip)| (*index, ip.octets()));
+        let config = DatapathConfig {
+            subnet: settings.subnet.network().octets(),
+            mask: settings.subnet.mask().octets(),
+            uplink_ip,
+            uplink_ifindex,
+            bridge_ifindex: settings.bridge_ifindex,
+            bridge_mac: settings.bridge_mac,
+            _pad: [0; 2],
+            tcp_timeout_s: TCP_TIMEOUT_S,
+            tcp_closing_timeout_s: TCP_CLOSING_TIMEOUT_S,
+            udp_timeout_s: UDP_TIMEOUT_S,
+            icmp_timeout_s: ICMP_TIMEOUT_S,
+        };
+        let mut map: Array<MapData, DatapathConfig> = self.open(CONFIG_MAP)?;
+        map.set(0, &config, 0).map_err(map_err(CONFIG_MAP))
+    }
+
+    /// (Re)attaches the bridge and uplink programs, replacing earlier links of this network
+    /// (the bridge may have been recreated by a repairing `up`).
+    pub fn attach_network_hooks(&self, settings: &PlaneSettings) -> Result<(), DatapathError> {
+        self.attach(
+            BRIDGE_INGRESS_PROGRAM,
+            &settings.bridge,
+            settings.bridge_ifindex,
+            Direction::Ingress,
+        )?;
+        if let Some((name, index, _)) = &settings.uplink {
+            self.attach(UPLINK_INGRESS_PROGRAM, name, *index, Direction::Ingress)?;
+        }
+        Ok(())
+    }
+
+    /// Registers an endpoint (map entries first, so its first frame is already counted) and
+    /// attaches the port programs to its port.
+    pub fn attach_port(&self, spec: &PortSpec<'_>) -> Result<(), DatapathError> {
+        let ep = Endpoint {
+            ip: spec.ip.octets(),
+            ifindex: spec.ifindex,
+            mac: spec.mac,
+            _pad: [0; 2],
+        };
+        let key = Ipv4Key { addr: ep.ip };
+        let cpus = nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?.get() as usize;
+        let zero = PerCpuValues::try_from(vec![EndpointCounters::default(); cpus])
+            .map_err(DatapathError::Cpus)?;
+        // Replacing (not adding to) the counters: a reused address starts from zero.
+        let mut counters: PerCpuHashMap<MapData, Ipv4Key, EndpointCounters> =
+            self.open(ENDPOINT_COUNTERS_MAP)?;
+        counters
+            .insert(&key, zero, 0)
+            .map_err(map_err(ENDPOINT_COUNTERS_MAP))?;
+        let mut endpoints: HashMap<MapData, Ipv4Key, Endpoint> = self.open(ENDPOINTS_MAP)?;
+        endpoints
+            .insert(&key, &ep, 0)
+            .map_err(map_err(ENDPOINTS_MAP))?;
+        let mut ports: HashMap<MapData, u32, Endpoint> = self.open(PORTS_MAP)?;
+        ports
+            .insert(&spec.ifindex, &ep, 0)
+            .map_err(map_err(PORTS_MAP))?;
+        self.attach(
+            PORT_INGRESS_PROGRAM,
+            spec.port,
+            spec.ifindex,
+            Direction::Ingress,
+        )?;
+        self.attach(
+            PORT_EGRESS_PROGRAM,
+            spec.port,
+            spec.ifindex,
+            Direction::Egress,
+        )
+    }
+
+    /// Forgets an endpoint: its port's links, map entries, counters and NAT flows. Runs every
+    /// step; returns what failed.
+    pub fn detach_port(&self, ip: Ipv4Addr, port: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        for direction in [Direction::Ingress, Direction::Egress] {
+            if let Err(e) = remove_file(&self.link_path(port, direction)) {
+                problems.push(e);
+            }
+        }
+        let key = Ipv4Key { addr: ip.octets() };
+        let mut step = |what: &str, result: Result<(), DatapathError>| {
+            if let Err(e) = result {
+                problems.push(format!("{what} of {ip}: {}", chain(&e)));
+            }
+        };
+        step(
+            "port entry",
+            self.open::<HashMap<MapData, u32, Endpoint>>(PORTS_MAP)
+                .and_then(|mut ports| {
+                    let stale: Vec<u32> = ports
+                        .iter()
+                        .filter_map(Result::ok)
+                        .filter(|(_, ep)| ep.ip == key.addr)
+                        .map(|(index, _)| index)
+                        .collect();
+                    for index in stale {
+                        ignore_missing(ports.remove(&index)).map_err(map_err(PORTS_MAP))?;
+                    }
+                    Ok(())
+                }),
+        );
+        step(
+            "endpoint entry",
+            self.open::<HashMap<MapData, Ipv4Key, Endpoint>>(ENDPOINTS_MAP)
+                .and_then(|mut m| ignore_missing(m.remove(&key)).map_err(map_err(ENDPOINTS_MAP))),
+        );
+        step(
+            "counters",
+            self.open::<PerCpuHashMap<MapData, Ipv4Key, EndpointCounters>>(ENDPOINT_COUNTERS_MAP)
+                .and_then(|mut m| {
+                    ignore_missing(m.remove(&key)).map_err(map_err(ENDPOINT_COUNTERS_MAP))
+                }),
+        );
+        step(
+            "NAT flows",
+            self.remove_nat(|k, v| {
+                (v.direction == NAT_INBOUND && v.addr == key.addr) || k.src_ip == key.addr
+            })
+            .map(drop),
+        );
+        problems
+    }
+
+    /// Deletes NAT entries idle past their timeout (the programs also reclaim them when a new
+    /// flow probes their slot). Returns how many were removed.
+    pub fn sweep_nat(&self) -> Result<usize, DatapathError> {
+        let config: Array<MapData, DatapathConfig> = self.open(CONFIG_MAP)?;
+        let config = config.get(&0, 0).map_err(map_err(CONFIG_MAP))?;
+        let now = monotonic_coarse_ns();
+        self.remove_nat(|k, v| v.is_stale(k.proto, now, &config))
+    }
+
+    fn remove_nat(
+        &self,
+        doomed: impl Fn(&NatKey, &NatEntry) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let mut nat: HashMap<MapData, NatKey, NatEntry> = self.open(NAT_MAP)?;
+        let keys: Vec<NatKey> = nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| doomed(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &keys {
+            ignore_missing(nat.remove(k)).map_err(map_err(NAT_MAP))?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Per-endpoint counters by address.
+    pub fn endpoint_stats(&self) -> Result<BTreeMap<Ipv4Addr, EndpointStats>, DatapathError> {
+        let map: PerCpuHashMap<MapData, Ipv4Key, EndpointCounters> =
+            self.open(ENDPOINT_COUNTERS_MAP)?;
+        map.iter()
+            .map(|entry| {
+                let (key, per_cpu) = entry.map_err(map_err(ENDPOINT_COUNTERS_MAP))?;
+                let total = per_cpu
+                    .iter()
+                    .fold(EndpointCounters::default(), |acc, c| acc.add(c));
+                Ok((Ipv4Addr::from(key.addr), EndpointStats::from(total)))
+            })
+            .collect()
+    }
+
+    /// NAT occupancy and counters.
+    pub fn nat_stats(&self) -> Result<NatTableStats, DatapathError> {
+        let path = self.map_path(NAT_MAP);
+        let capacity = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(|source| DatapathError::OpenPinned { path, source })?
+            .max_entries();
+        let nat: HashMap<MapData, NatKey, NatEntry> = self.open(NAT_MAP)?;
+        let mut entries = 0;
+        let mut flows = 0;
+        for (_, v) in nat.iter().filter_map(Result::ok) {
+            entries += 1;
+            flows += u64::from(v.direction == NAT_INBOUND);
+        }
+        let stats: PerCpuArray<MapData, NatStats> = self.open(NAT_STATS_MAP)?;
+        let total = stats
+            .get(&0, 0)
+            .map_err(map_err(NAT_STATS_MAP))?
+            .iter()
+            .fold(NatStats::default(), |acc, s| acc.add(s));
+        Ok(NatTableStats {
+            entries,
+            capacity,
+            flows,
+            outbound_packets: total.outbound_packets,
+            inbound_packets: total.inbound_packets,
+            flows_created: total.flows_created,
+            table_full: total.table_full,
+            no_port: total.no_port,
+            reclaimed: total.reclaimed,
+        })
+    }
+
+    /// Removes every link, program and map pin, and the pin dir. Runs every step; returns what
+    /// failed (a missing pin is not a failure).
+    pub fn remove(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        // Links first, so no program runs on a half-removed plane.
+        for sub in ["links", "progs", "maps"] {
+            let dir = self.dir.join(sub);
+            match std::fs::read_dir(&dir) {
+                Ok(entries) => {
+                    for entry in entries.flatten() {
+                        if let Err(e) = remove_file(&entry.path()) {
+                            problems.push(e);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => problems.push(format!("{}: {e}", dir.display())),
+            }
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => problems.push(format!("{}: {e}", self.dir.display())),
+        }
+        problems
+    }
+
+    /// Attaches a pinned program to `iface` with TCX and pins the link, replacing a link this
+    /// plane pinned there before.
+    fn attach(
+        &self,
+        name: &'static str,
+        iface: &str,
+        ifindex: u32,
+        direction: Direction,
+    ) -> Result<(), DatapathError> {
+        let link_path = self.link_path(iface, direction);
+        if let Err(e) = remove_file(&link_path) {
+            log::warn!("replacing link pin: {e}");
+        }
+        let prog_path = self.prog_path(name);
+        let mut program =
+            SchedClassifier::from_pin(&prog_path).map_err(|source| DatapathError::OpenProgram {
+                path: prog_path.clone(),
+                source,
+            })?;
+        let attach_err = |source| DatapathError::Attach {
+            name,
+            iface: iface.into(),
+            direction,
+            source,
+        };
+        let id = program
+            .attach(ifindex, TcAttachType::from(direction))
+            .map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::LinkKind {
+            iface: iface.into(),
+            source,
+        })?;
+        link.pin(&link_path)
+            .map_err(|source| DatapathError::Pin {
+                path: link_path,
+                source,
+            })
+            .map(drop)
+    }
+
+    fn open<M>(&self, name: &'static str) -> Result<M, DatapathError>
+    where
+        M: TryFrom<Map, Error = MapError>,
+    {
+        let path = self.map_path(name);
+        let open_err = |source| DatapathError::OpenPinned {
+            path: path.clone(),
+            source,
+        };
+        let data = MapData::from_pin(&path).map_err(open_err)?;
+        let map = Map::from_map_data(data).map_err(open_err)?;
+        M::try_from(map).map_err(open_err)
+    }
+
+    fn map_path(&self, name: &str) -> PathBuf {
+        self.dir.join("maps").join(name)
+    }
+
+    fn prog_path(&self, name: &str) -> PathBuf {
+        self.dir.join("progs").join(name)
+    }
+
+    fn link_path(&self, iface: &str, direction: Direction) -> PathBuf {
+        self.dir.join("links").join(format!("{iface}-{direction}"))
+    }
+}
+
+impl From<EndpointCounters> for EndpointStats {
+    fn from(c: EndpointCounters) -> Self {
+        Self {
+            rx_packets: c.rx_packets,
+            rx_bytes: c.rx_bytes,
+            tx_packets: c.tx_packets,
+            tx_bytes: c.tx_bytes,
+            drops: micropod_common::DropReason::ALL
+                .iter()
+                .map(|r| (r.name(), c.drops[*r as usize]))
+                .collect(),
+        }
+    }
+}
+
+/// The eBPF object: the built-in one, or the file named by [`OBJECT_ENV`].
+fn object() -> Result<std::borrow::Cow<'static, [u8]>, DatapathError> {
+    if let Some(path) = std::env::var_os(OBJECT_ENV) {
+        let path = PathBuf::from(path);
+        return std::fs::read(&path)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|source| DatapathError::ReadObject { path, source });
+    }
+    if super::OBJECT.is_empty() {
+        return Err(DatapathError::NotBuilt);
+    }
+    Ok(std::borrow::Cow::Borrowed(super::OBJECT))
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// Treats "no such key" as done: removal is idempotent.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn remove_file(path: &Path) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The clock `bpf_ktime_get_coarse_ns` reads.
+fn monotonic_coarse_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE exists on Linux");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
