@@ -16,6 +16,8 @@ DEBIAN_PACKAGES=(
   libnftnl-dev libmnl-dev   # nf_tables over netlink (the nftnl and mnl crates link these)
   nftables                  # tests read the ruleset back with an independent tool
   containernetworking-plugins # the reference CNI bridge + host-local for `cargo xtask bench attach`
+  ethtool                   # data plane tests turn checksum offload off so the kernel verifies
+  nginx-light wrk iperf3    # `cargo xtask bench datapath`: server, connection rate, throughput
 )
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -411,15 +411,6 @@ impl super::Network {
                 target.as_ref().map(|(ns, _)| ns),
             )
             .await;
-        let plumbed = match plumbed {
-            Ok(()) if doc.active_datapath == ActiveDatapath::Ebpf => self
-                .attach_datapath(&ep)
-                .map_err(|source| NetworkError::DatapathPort {
-                    name: ep.name.clone(),
-                    source: Box::new(source),
-                }),
-            other => other,
-        };
         if let Err(err) = plumbed {
             self.forget_datapath(&doc, ep.ip, &ep.link);
             // Removing the link undoes everything (a veth's peer and its addresses and routes
@@ -457,17 +448,27 @@ impl super::Network {
         })
     }
 
-    /// Registers a plumbed endpoint with the eBPF data plane and attaches its port programs.
-    fn attach_datapath(&self, ep: &Endpoint) -> Result<(), crate::datapath::DatapathError> {
+    /// Registers a new endpoint with the eBPF data plane and attaches its port programs (a
+    /// no-op on the netfilter data path).
+    fn attach_datapath(&self, doc: &NetworkDoc, ep: &Endpoint) -> Result<(), NetworkError> {
+        if doc.active_datapath != ActiveDatapath::Ebpf {
+            return Ok(());
+        }
+        let wrap = |source| NetworkError::DatapathPort {
+            name: ep.name.clone(),
+            source: Box::new(source),
+        };
         let ifindex = link::IndexProbe::new()
             .and_then(|p| p.index(&ep.link))
-            .map_err(crate::datapath::DatapathError::Probe)?
+            .map_err(|e| wrap(crate::datapath::DatapathError::Probe(e)))?
             .ok_or_else(|| {
-                crate::datapath::DatapathError::Probe(std::io::Error::from(
+                wrap(crate::datapath::DatapathError::Probe(std::io::Error::from(
                     std::io::ErrorKind::NotFound,
-                ))
+                )))
             })?;
-        DataPlane::new(&self.bpf_dir).attach_port(&port_spec(ep, ifindex))
+        DataPlane::new(&self.bpf_dir)
+            .attach_port(&port_spec(ep, ifindex))
+            .map_err(wrap)
     }
 
     /// Creates and wires the kernel objects of an endpoint, in as few requests as the kernel
@@ -493,6 +494,8 @@ impl super::Network {
                     }
                 })?;
                 failpoint::hit("attach:link-created");
+                // Programs first, link up second: the counters see the port's first frame.
+                self.attach_datapath(doc, ep)?;
                 link::set_controller_up(nl, &ep.link, bridge_index)
                     .await
                     .map_err(|source| NetworkError::Enslave {
@@ -501,11 +504,14 @@ impl super::Network {
                     })
             }
             (EndpointKind::Netns, Some(ns), Some(ns_ref)) => {
+                // With eBPF the host end comes up only once its programs are attached, so that
+                // the counters see its first frame; otherwise in the creating request.
+                let ebpf = doc.active_datapath == ActiveDatapath::Ebpf;
                 let spec = veth::PairSpec {
                     peer_ns: Some(ns.as_fd()),
                     peer_mac: Some(ep.mac.0),
                     controller: Some(bridge_index),
-                    up: true,
+                    up: !ebpf,
                 };
                 if let Err(source) = veth::create_pair(nl, &ep.link, &ns_ref.ifname, &spec).await {
                     // EEXIST names neither end; the host end's name is ours and was free (we
@@ -522,6 +528,15 @@ impl super::Network {
                     });
                 }
                 failpoint::hit("attach:link-created");
+                if ebpf {
+                    self.attach_datapath(doc, ep)?;
+                    link::set_up(nl, &ep.link)
+                        .await
+                        .map_err(|source| NetworkError::Enslave {
+                            name: ep.link.clone(),
+                            source: Box::new(source),
+                        })?;
+                }
                 configure_inside(ns, ns_ref, ep, doc).await?;
                 failpoint::hit("attach:configured");
                 Ok(())

@@ -1,0 +1,689 @@
+//! The eBPF data plane, end to end, in namespaces the tests make: a "host" with the bridge and
+//! an uplink to an "internet" namespace, and endpoint namespaces attached with `micropod
+//! network attach`. Checksum offload is off on every veth, so the kernel verifies every
+//! checksum the NAT rewrites.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use micropod_tests::{
+    NsGuard,
+    netlab::{NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, WAN, ip_json, ping, query},
+    packets,
+};
+use serde_json::Value;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+const HTTP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 5353;
+const DOWNLOAD: usize = 4 << 20;
+
+/// A lab with `n` netns endpoints on the given data path, offloads off everywhere.
+struct Lab {
+    net: NetLab,
+    eps: Vec<Ep>,
+}
+
+struct Ep {
+    name: String,
+    ns: NsGuard,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    port: String,
+}
+
+impl Lab {
+    fn new(tag: &str, datapath: &str, n: usize, extra: &[&str]) -> Self {
+        let net = NetLab::new(tag);
+        let mut args = vec!["--datapath", datapath];
+        args.extend_from_slice(extra);
+        net.up(&args);
+        let mut eps = Vec::new();
+        for i in 0..n {
+            let ns = NsGuard::new(&format!("{tag}-ep{i}"));
+            // No IPv6: its router solicitations would add frames the counters tests don't send.
+            ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"))
+                .expect("disabling IPv6 in the endpoint");
+            let name = format!("ep{i}");
+            let att = net.attach_netns(&name, &ns, &[]);
+            offload_off(ns.path(), "eth0");
+            let port = att["link"].as_str().unwrap().to_owned();
+            offload_off(net.host.path(), &port);
+            eps.push(Ep {
+                name,
+                ip: att["ip"].as_str().unwrap().parse().unwrap(),
+                mac: parse_mac(att["mac"].as_str().unwrap()),
+                port,
+                ns,
+            });
+        }
+        offload_off(net.host.path(), UPLINK);
+        offload_off(net.internet.path(), WAN);
+        Self { net, eps }
+    }
+
+    fn stats(&self) -> Value {
+        self.net.json(["stats", "--json"])
+    }
+
+    /// The counters of endpoint `name` from `micropod stats`.
+    fn counters(&self, name: &str) -> Value {
+        self.stats()["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no stats for {name}"))
+    }
+}
+
+fn offload_off(ns: &std::path::Path, dev: &str) {
+    query(ns, "ethtool", &["-K", dev, "rx", "off", "tx", "off"]);
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+fn counter(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+/// The byte at `i` of the download: a pattern that catches reordering and corruption.
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 11)) as u8
+}
+
+/// An HTTP-ish server in the internet namespace: reads a request line, answers with DOWNLOAD
+/// bytes of `pattern`, records each peer.
+fn http_server(ns: &NsGuard) -> Arc<Mutex<Vec<SocketAddr>>> {
+    let listener = ns
+        .run(|| TcpListener::bind(SocketAddrV4::new(SERVER_ADDR, HTTP_PORT)))
+        .expect("binding the HTTP server");
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    thread::spawn(move || {
+        let body: Vec<u8> = (0..DOWNLOAD).map(pattern).collect();
+        let body = Arc::new(body);
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            seen.lock().unwrap().push(stream.peer_addr().unwrap());
+            let body = body.clone();
+            thread::spawn(move || {
+                let mut req = [0u8; 512];
+                let _ = stream.read(&mut req);
+                let head = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            });
+        }
+    });
+    peers
+}
+
+/// Downloads from the server from inside `ns`; returns the body.
+fn download(ns: &NsGuard) -> Vec<u8> {
+    let mut stream = ns
+        .run(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((SERVER_ADDR, HTTP_PORT)),
+                Duration::from_secs(5),
+            )
+        })
+        .expect("connecting to the internet server");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all).expect("reading the download");
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP header");
+    all.split_off(split + 4)
+}
+
+/// A UDP echo server in the internet namespace that records each peer.
+fn udp_echo(ns: &NsGuard) -> Arc<Mutex<Vec<SocketAddr>>> {
+    let sock = ns.udp(SocketAddr::from((SERVER_ADDR, UDP_PORT)));
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            seen.lock().unwrap().push(from);
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+    peers
+}
+
+/// Sends `count` datagrams from `sock` to the echo server and checks each comes back.
+fn udp_roundtrips(sock: &UdpSocket, count: usize) -> usize {
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut ok = 0;
+    for i in 0..count {
+        let msg = format!("datagram {i} from {:?}", sock.local_addr().unwrap());
+        sock.send_to(msg.as_bytes(), (SERVER_ADDR, UDP_PORT))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        if let Ok((n, _)) = sock.recv_from(&mut buf)
+            && buf[..n] == *msg.as_bytes()
+        {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+/// Flows to the internet server in the host's conntrack table.
+fn conntrack_flows_to_server(lab: &NetLab) -> usize {
+    let table = query(lab.host.path(), "cat", &["/proc/net/nf_conntrack"]);
+    table
+        .lines()
+        .filter(|l| l.contains(&format!("dst={SERVER_ADDR} ")))
+        .count()
+}
+
+fn reach_the_internet(datapath: &str) {
+    let lab = Lab::new(&format!("reach-{datapath}"), datapath, 1, &[]);
+    let status = lab.net.json(["network", "status", "--json"]);
+    assert_eq!(status["network"]["datapath"], datapath);
+    let http_peers = http_server(&lab.net.internet);
+    let udp_peers = udp_echo(&lab.net.internet);
+    let ep = &lab.eps[0];
+
+    let body = download(&ep.ns);
+    assert_eq!(body.len(), DOWNLOAD, "the whole download arrives");
+    assert!(
+        body.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+        "the download arrives intact"
+    );
+    let sock = ep.ns.udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    assert_eq!(udp_roundtrips(&sock, 20), 20, "every UDP datagram echoed");
+    assert!(ping(&ep.ns, SERVER_ADDR), "ICMP echo through the NAT");
+
+    for peer in http_peers
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(udp_peers.lock().unwrap().iter())
+    {
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(UPLINK_ADDR),
+            "the server sees the uplink address"
+        );
+    }
+    let tracked = conntrack_flows_to_server(&lab.net);
+    if datapath == "ebpf" {
+        assert_eq!(tracked, 0, "fast-path flows never enter conntrack");
+        let nat = &lab.stats()["nat"];
+        assert!(
+            counter(nat, "flows_created") >= 3,
+            "TCP, UDP and ICMP were translated by eBPF: {nat}"
+        );
+        assert!(counter(nat, "inbound_packets") > 0);
+    } else {
+        // The control: the same check sees MASQUERADE's flows.
+        assert!(tracked >= 3, "netfilter tracks its flows ({tracked})");
+    }
+}
+
+#[test]
+fn tcp_udp_and_ping_reach_the_internet_through_ebpf_snat_without_conntrack() {
+    reach_the_internet("ebpf");
+}
+
+#[test]
+fn tcp_udp_and_ping_reach_the_internet_through_netfilter_masquerade() {
+    reach_the_internet("netfilter");
+}
+
+/// A TCP socket in `ns` bound to `port`, connected to the server.
+fn connect_from(ns: &NsGuard, port: u16) -> TcpStream {
+    ns.run(|| {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.bind(&SockAddr::from(SocketAddrV4::new(
+            Ipv4Addr::UNSPECIFIED,
+            port,
+        )))?;
+        s.connect_timeout(
+            &SockAddr::from(SocketAddrV4::new(SERVER_ADDR, HTTP_PORT + 1)),
+            Duration::from_secs(5),
+        )?;
+        Ok::<_, std::io::Error>(TcpStream::from(s))
+    })
+    .unwrap_or_else(|e| panic!("connecting from port {port}: {e}"))
+}
+
+#[test]
+fn parallel_connections_from_two_endpoints_on_the_same_ports_do_not_collide() {
+    let lab = Lab::new("collide", "ebpf", 2, &[]);
+    // An echo server: each connection sends a token and expects it back.
+    let listener = lab
+        .net
+        .internet
+        .run(|| TcpListener::bind(SocketAddrV4::new(SERVER_ADDR, HTTP_PORT + 1)))
+        .unwrap();
+    let peers = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen = peers.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            seen.lock().unwrap().insert(s.peer_addr().unwrap());
+            thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    const PORTS: std::ops::Range<u16> = 40000..40024;
+    let streams: Vec<(String, TcpStream)> = PORTS
+        .flat_map(|port| lab.eps.iter().map(move |ep| (ep, port)))
+        .map(|(ep, port)| {
+            (
+                format!("{} port {port}", ep.name),
+                connect_from(&ep.ns, port),
+            )
+        })
+        .collect();
+    thread::scope(|s| {
+        for (token, stream) in &streams {
+            s.spawn(move || {
+                let mut stream = stream;
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                for round in 0..5 {
+                    let msg = format!("{token} round {round}");
+                    stream.write_all(msg.as_bytes()).unwrap();
+                    let mut buf = vec![0u8; msg.len()];
+                    stream.read_exact(&mut buf).unwrap();
+                    assert_eq!(
+                        buf,
+                        msg.as_bytes(),
+                        "each connection gets its own bytes back"
+                    );
+                }
+            });
+        }
+    });
+    let peers = peers.lock().unwrap();
+    assert_eq!(
+        peers.len(),
+        2 * PORTS.len(),
+        "every connection has its own translated port"
+    );
+    assert!(
+        peers
+            .iter()
+            .all(|p| p.ip() == std::net::IpAddr::V4(UPLINK_ADDR))
+    );
+    let kept = peers.iter().filter(|p| PORTS.contains(&p.port())).count();
+    assert_eq!(
+        kept,
+        PORTS.len(),
+        "one endpoint keeps each source port, the other gets a free one"
+    );
+}
+
+/// The port's kernel statistics, from the host side: (rx packets, rx bytes, tx packets, tx
+/// bytes).
+fn port_stats(lab: &NetLab, port: &str) -> [u64; 4] {
+    let v = ip_json(lab.host.path(), &["-s", "link", "show", "dev", port]);
+    let s = &v[0]["stats64"];
+    [
+        s["rx"]["packets"].as_u64().unwrap(),
+        s["rx"]["bytes"].as_u64().unwrap(),
+        s["tx"]["packets"].as_u64().unwrap(),
+        s["tx"]["bytes"].as_u64().unwrap(),
+    ]
+}
+
+#[test]
+fn counters_match_the_ports_interface_statistics() {
+    let lab = Lab::new("counters", "ebpf", 2, &[]);
+    let _peers = http_server(&lab.net.internet);
+    let _udp = udp_echo(&lab.net.internet);
+    let (a, b) = (&lab.eps[0], &lab.eps[1]);
+    // To the outside, to the host, and endpoint to endpoint, both ways.
+    assert_eq!(download(&a.ns).len(), DOWNLOAD);
+    let sock = a.ns.udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    assert_eq!(udp_roundtrips(&sock, 10), 10);
+    assert!(ping(&a.ns, Ipv4Addr::new(10, 10, 0, 1)), "gateway answers");
+    let rb = b.ns.udp(SocketAddr::from((b.ip, 7000)));
+    let ra = a.ns.udp(SocketAddr::from((a.ip, 7000)));
+    rb.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    ra.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for i in 0..25u32 {
+        ra.send_to(&vec![i as u8; 100 + i as usize], (b.ip, 7000))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) = rb.recv_from(&mut buf).expect("a → b");
+        assert_eq!(n, 100 + i as usize);
+        rb.send_to(&buf[..n], from).unwrap();
+        ra.recv_from(&mut buf).expect("b → a");
+    }
+    // Compare once the links are quiet (the kernel may still send an ARP refresh).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut all_equal = true;
+        let mut report = String::new();
+        for ep in &lab.eps {
+            let before = port_stats(&lab.net, &ep.port);
+            let c = lab.counters(&ep.name);
+            let after = port_stats(&lab.net, &ep.port);
+            let ours = [
+                counter(&c, "tx_packets"),
+                counter(&c, "tx_bytes"),
+                counter(&c, "rx_packets"),
+                counter(&c, "rx_bytes"),
+            ];
+            report += &format!("{}: ours {ours:?} kernel {after:?}\n", ep.name);
+            all_equal &= before == after && ours == after;
+        }
+        if all_equal {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counters (endpoint tx = port rx, endpoint rx = port tx) differ:\n{report}"
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    let c = lab.counters(&a.name);
+    assert!(
+        counter(&c, "rx_bytes") > DOWNLOAD as u64,
+        "the download counted"
+    );
+}
+
+/// Sends raw frames out of `eth0` inside `ns`.
+fn send_frames(ns: &NsGuard, frames: &[Vec<u8>]) {
+    ns.run(|| {
+        let sock = Socket::new(
+            Domain::PACKET,
+            Type::RAW,
+            Some(Protocol::from(i32::from(0x0003_u16.to_be()))),
+        )
+        .expect("packet socket");
+        let index = micropod::net::link::IndexProbe::new()
+            .and_then(|p| p.index("eth0"))
+            .expect("probing eth0")
+            .expect("eth0 exists") as i32;
+        for frame in frames {
+            let mut storage = socket2::SockAddrStorage::zeroed();
+            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_ll, and a
+            // zeroed sockaddr_ll is valid; the length passed below is that of a sockaddr_ll.
+            let addr = unsafe {
+                let ll = storage.view_as::<nix::libc::sockaddr_ll>();
+                ll.sll_family = nix::libc::AF_PACKET as u16;
+                ll.sll_ifindex = index;
+                ll.sll_halen = 6;
+                ll.sll_addr[..6].copy_from_slice(&frame[..6]);
+                SockAddr::new(
+                    storage,
+                    std::mem::size_of::<nix::libc::sockaddr_ll>() as nix::libc::socklen_t,
+                )
+            };
+            sock.send_to(frame, &addr).expect("sending a raw frame");
+        }
+    });
+}
+
+fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&4444u16.to_be_bytes());
+    udp.extend_from_slice(&UDP_PORT.to_be_bytes());
+    udp.extend_from_slice(&(8u16 + 6).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum
+    udp.extend_from_slice(b"spoof!");
+    packets::ethernet(dst_mac, src_mac, 0x0800, &packets::ipv4(src, dst, 17, &udp))
+}
+
+#[test]
+fn spoofed_ip_mac_and_arp_are_dropped_and_counted_and_the_victim_is_unaffected() {
+    let lab = Lab::new("spoof", "ebpf", 2, &[]);
+    let udp_peers = udp_echo(&lab.net.internet);
+    let (attacker, victim) = (&lab.eps[0], &lab.eps[1]);
+    let gateway_mac = [0x02, 0x6d, 10, 10, 0, 1];
+    // The victim talks first, so the bridge and the gateway know where it is.
+    let vs = victim.ns.udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    assert_eq!(udp_roundtrips(&vs, 3), 3);
+    let before = lab.counters(&attacker.name);
+
+    let spoofed_ip: Vec<_> = (0..10)
+        .map(|_| udp_frame(attacker.mac, gateway_mac, victim.ip, SERVER_ADDR))
+        .collect();
+    let spoofed_mac: Vec<_> = (0..7)
+        .map(|_| udp_frame(victim.mac, gateway_mac, victim.ip, SERVER_ADDR))
+        .collect();
+    // Gratuitous ARP claiming the victim's address for the attacker's MAC.
+    let spoofed_arp: Vec<_> = (0..5)
+        .map(|_| packets::arp_request(attacker.mac, victim.ip, victim.ip))
+        .collect();
+    send_frames(&attacker.ns, &spoofed_ip);
+    send_frames(&attacker.ns, &spoofed_mac);
+    send_frames(&attacker.ns, &spoofed_arp);
+    thread::sleep(Duration::from_millis(300));
+
+    let after = lab.counters(&attacker.name);
+    let drops = |v: &Value, reason: &str| v["drops"][reason].as_u64().unwrap();
+    assert_eq!(
+        drops(&after, "spoofed_ip") - drops(&before, "spoofed_ip"),
+        10
+    );
+    assert_eq!(
+        drops(&after, "spoofed_mac") - drops(&before, "spoofed_mac"),
+        7
+    );
+    assert_eq!(
+        drops(&after, "spoofed_arp") - drops(&before, "spoofed_arp"),
+        5
+    );
+    assert_eq!(
+        udp_peers.lock().unwrap().len(),
+        3,
+        "no spoofed datagram reached the server"
+    );
+    // The gateway still has the victim's MAC for its address, and the bridge still has the
+    // victim's MAC on the victim's port.
+    let neigh = ip_json(
+        lab.net.host.path(),
+        &["neigh", "show", &victim.ip.to_string()],
+    );
+    for n in neigh.as_array().unwrap() {
+        if let Some(ll) = n["lladdr"].as_str() {
+            assert_eq!(parse_mac(ll), victim.mac, "ARP poisoning failed: {neigh}");
+        }
+    }
+    let fdb: Value = serde_json::from_str(&query(
+        lab.net.host.path(),
+        "bridge",
+        &["-j", "fdb", "show", "br", "micropod0"],
+    ))
+    .unwrap();
+    let victim_mac = victim
+        .mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    for e in fdb.as_array().unwrap() {
+        if e["mac"] == victim_mac {
+            assert_eq!(
+                e["ifname"], victim.port,
+                "the victim's MAC stays on its port"
+            );
+        }
+    }
+    assert_eq!(
+        udp_roundtrips(&vs, 5),
+        5,
+        "the victim's traffic is unaffected"
+    );
+    assert!(ping(&victim.ns, SERVER_ADDR));
+}
+
+#[test]
+fn auto_falls_back_to_netfilter_when_the_object_cannot_load_and_ebpf_refuses() {
+    let net = NetLab::new("fallback");
+    let bogus = net.dirs.state.join("bogus.o");
+    std::fs::write(&bogus, b"this is not an ELF object").unwrap();
+    let env = micropod::datapath::OBJECT_ENV;
+
+    // --datapath ebpf: refused, and nothing is left behind.
+    let before = micropod_tests::netlab::snapshot(net.host.path());
+    let out = net
+        .micropod(["network", "up", "--datapath", "ebpf"])
+        .env(env, &bogus)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("eBPF data path"), "{err}");
+    assert!(err.contains("--datapath auto"), "says what to do: {err}");
+    assert_eq!(micropod_tests::netlab::snapshot(net.host.path()), before);
+    assert!(net.state_doc().is_none(), "no record of a network");
+
+    // auto: falls back, says why, and NAT still works.
+    let out = net
+        .micropod(["network", "up", "--json"])
+        .env(env, &bogus)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["network"]["datapath"], "netfilter");
+    let note = status["network"]["datapath_note"].as_str().unwrap();
+    assert!(note.contains("eBPF unavailable"), "{note}");
+    let text = net.ok(["network", "status"]);
+    assert!(text.contains("eBPF unavailable"), "{text}");
+    let pins = net.dirs.pins.join("micropod");
+    assert!(
+        !pins.exists() || std::fs::read_dir(&pins).unwrap().next().is_none(),
+        "no pins left from the failed load"
+    );
+    let ns = NsGuard::new("fallback-ep");
+    net.attach_netns("ep", &ns, &[]);
+    assert!(ping(&ns, SERVER_ADDR), "MASQUERADE serves");
+    let stats = net.json(["stats", "--json"]);
+    assert_eq!(stats["datapath"], "netfilter");
+}
+
+#[test]
+fn a_full_nat_table_refuses_new_flows_with_a_counted_reason_and_keeps_the_others() {
+    // 16 entries: 8 flows.
+    let lab = Lab::new("natfull", "ebpf", 1, &["--nat-table-size", "16"]);
+    let _udp = udp_echo(&lab.net.internet);
+    let ep = &lab.eps[0];
+    let socks: Vec<UdpSocket> = (0..12)
+        .map(|_| ep.ns.udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))))
+        .collect();
+    let answered: Vec<bool> = socks.iter().map(|s| udp_roundtrips(s, 1) == 1).collect();
+    assert_eq!(
+        answered,
+        [vec![true; 8], vec![false; 4]].concat(),
+        "the first 8 flows fit, the rest are refused"
+    );
+    let c = lab.counters(&ep.name);
+    assert!(c["drops"]["nat_table_full"].as_u64().unwrap() >= 4, "{c}");
+    let nat = &lab.stats()["nat"];
+    assert_eq!(counter(nat, "entries"), 16);
+    assert_eq!(counter(nat, "capacity"), 16);
+    assert!(counter(nat, "table_full") >= 4);
+    for s in &socks[..8] {
+        assert_eq!(udp_roundtrips(s, 3), 3, "existing flows keep working");
+    }
+    let out = lab.net.run(["network", "up", "--nat-table-size", "1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nat-table-size"));
+}
+
+fn tcx_programs(ns: &NsGuard, iface: &str, direction: aya::programs::TcAttachType) -> usize {
+    let name = std::ffi::CString::new(iface).unwrap();
+    ns.run(|| aya::programs::SchedClassifier::query_tcx(name.as_c_str(), direction))
+        .map(|(_, progs)| progs.len())
+        .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"))
+}
+
+#[test]
+fn detach_and_down_remove_exactly_what_they_added() {
+    use aya::programs::TcAttachType::{Egress, Ingress};
+    let lab = Lab::new("remove", "ebpf", 2, &[]);
+    let host = &lab.net.host;
+    // Someone else's program on the uplink, which micropod must leave alone.
+    let mut other = micropod::datapath::SourceCounter::load().expect("loading count_src");
+    other
+        .attach(host.ns(), UPLINK, micropod::datapath::Direction::Ingress)
+        .expect("attaching count_src");
+    assert_eq!(tcx_programs(host, UPLINK, Ingress), 2);
+    assert_eq!(tcx_programs(host, "micropod0", Ingress), 1);
+    for ep in &lab.eps {
+        assert_eq!(tcx_programs(host, &ep.port, Ingress), 1);
+        assert_eq!(tcx_programs(host, &ep.port, Egress), 1);
+    }
+    let links = lab.net.dirs.pins.join("micropod/links");
+    let pinned = |name: &str| links.join(name).exists();
+    let (a, b) = (&lab.eps[0], &lab.eps[1]);
+    assert!(pinned(&format!("{}-ingress", a.port)));
+
+    lab.net.ok(["network", "detach", &a.name]);
+    assert!(!pinned(&format!("{}-ingress", a.port)));
+    assert!(!pinned(&format!("{}-egress", a.port)));
+    assert!(pinned(&format!("{}-ingress", b.port)));
+    assert_eq!(tcx_programs(host, &b.port, Ingress), 1);
+    let stats = lab.stats();
+    assert_eq!(stats["endpoints"].as_array().unwrap().len(), 1);
+
+    // The same address again starts from zero.
+    assert!(ping(&b.ns, SERVER_ADDR));
+    let again = NsGuard::new("remove-again");
+    let att = lab
+        .net
+        .attach_netns("again", &again, &["--ip", &a.ip.to_string()]);
+    assert_eq!(att["ip"], a.ip.to_string());
+    let c = lab.counters("again");
+    assert!(
+        counter(&c, "tx_packets") < 10 && counter(&c, "rx_bytes") < 2000,
+        "a reused address does not inherit counts: {c}"
+    );
+
+    lab.net.ok(["network", "down", "--force"]);
+    assert_eq!(
+        tcx_programs(host, UPLINK, Ingress),
+        1,
+        "only the other program stays"
+    );
+    assert!(!lab.net.dirs.pins.join("micropod").exists(), "no pins left");
+    drop(other);
+    assert_eq!(tcx_programs(host, UPLINK, Ingress), 0);
+}
