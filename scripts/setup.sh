@@ -18,6 +18,7 @@ DEBIAN_PACKAGES=(
   containernetworking-plugins # the reference CNI bridge + host-local for `cargo xtask bench attach`
   ethtool                   # data plane tests turn checksum offload off so the kernel verifies
   nginx-light wrk iperf3    # `cargo xtask bench datapath`: server, connection rate, throughput
+  qemu-system-x86 cpio      # VMs (QEMU microvm); cpio checks the test guest's initramfs writer
 )
 
 say() { printf '==> %s\n' "$*" >&2; }
