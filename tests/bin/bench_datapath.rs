@@ -1,0 +1,493 @@
+//! The benchmark behind `cargo xtask bench datapath`: the same topology three ways, in one run
+//! and in alternating order:
+//! - `routed`: the bridge and forwarding, no NAT (the internet routes the subnet back);
+//! - `masquerade`: the netfilter data path (nf_tables MASQUERADE, conntrack);
+//! - `ebpf`: the eBPF data path (SNAT on the bridge, reverse SNAT on the uplink).
+//!
+//! Each mode gets a lab of its own (a "host" namespace with micropod's bridge and an uplink to
+//! an "internet" namespace running nginx and iperf3, and one endpoint namespace), built once
+//! and measured in turn: single-stream TCP throughput (iperf3) and the short-connection rate
+//! (wrk, a new TCP connection per request with `Connection: close`). Medians and ratios are
+//! printed; absolute figures on shared machines are noise, the ratios are the result.
+//!
+//! Usage: `micropod-bench-datapath [--rounds N] [--seconds S] [--quick] [--json]` (as root).
+
+use std::{
+    fs::File,
+    path::Path,
+    process::{Child, Command, ExitCode, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use micropod_tests::{
+    NsGuard,
+    netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR, in_netns},
+};
+use nix::{
+    libc,
+    sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction},
+};
+use serde_json::{Value, json};
+
+const USAGE: &str = "\
+usage: micropod-bench-datapath [--rounds N] [--seconds S] [--quick] [--json]
+  --rounds N   measurement rounds; each round measures every mode once, in rotating order (default 3)
+  --seconds S  duration of each iperf3 and wrk run (default 3)
+  --quick      one round of one second: a smoke run
+  --json       machine-readable output on stdout";
+
+/// Goals from the issue, as ratios of medians.
+const CONN_RATE_GOAL: f64 = 1.15;
+const THROUGHPUT_GOAL: f64 = 1.0;
+/// wrk's connections and threads: enough to keep a core busy, few enough for 2 cores.
+const WRK_CONNECTIONS: &str = "16";
+const SUBNET_ROUTE: &str = "10.10.0.0/24";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Routed,
+    Masquerade,
+    Ebpf,
+}
+
+const MODES: [Mode; 3] = [Mode::Routed, Mode::Masquerade, Mode::Ebpf];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Routed => "routed",
+            Self::Masquerade => "masquerade",
+            Self::Ebpf => "ebpf",
+        }
+    }
+}
+
+struct Args {
+    rounds: usize,
+    seconds: u32,
+    json: bool,
+}
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut args = Args {
+        rounds: 3,
+        seconds: 3,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rounds" => args.rounds = it.next().context("--rounds needs a value")?.parse()?,
+            "--seconds" => args.seconds = it.next().context("--seconds needs a value")?.parse()?,
+            "--quick" => {
+                args.rounds = 1;
+                args.seconds = 1;
+            }
+            "--json" => args.json = true,
+            "-h" | "--help" => return Ok(None),
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    ensure!(
+        (1..=30).contains(&args.seconds),
+        "--seconds must be 1..=30 (the load is bounded)"
+    );
+    Ok(Some(args))
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("micropod-bench-datapath: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        if let Err(e) = unsafe { sigaction(sig, &action) } {
+            eprintln!("micropod-bench-datapath: cannot catch {sig}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match bench(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("micropod-bench-datapath: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One mode's lab and servers; everything is stopped and removed on drop.
+struct ModeLab {
+    mode: Mode,
+    lab: NetLab,
+    _endpoint: NsGuard,
+    endpoint_file: File,
+    servers: Vec<Child>,
+    _scratch: tempdir::Scratch,
+}
+
+mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A directory removed on drop.
+    pub struct Scratch(PathBuf);
+
+    impl Scratch {
+        pub fn new(tag: &str) -> std::io::Result<Self> {
+            let dir = std::env::temp_dir().join(format!(
+                "micropod-bench-datapath-{}-{tag}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir)?;
+            Ok(Self(dir))
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Drop for ModeLab {
+    fn drop(&mut self) {
+        for child in &mut self.servers {
+            // Our own children, by PID.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = self.lab.run(["network", "down", "--force"]);
+        if !out.status.success() {
+            eprintln!(
+                "warning: network down in the {} lab: {}",
+                self.mode.name(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+impl ModeLab {
+    fn new(mode: Mode) -> anyhow::Result<Self> {
+        let lab = NetLab::new(&format!("bd-{}", mode.name()));
+        let datapath = if mode == Mode::Ebpf {
+            "ebpf"
+        } else {
+            "netfilter"
+        };
+        let up = lab.run(["network", "up", "--datapath", datapath]);
+        ensure!(
+            up.status.success(),
+            "network up ({}): {}",
+            mode.name(),
+            String::from_utf8_lossy(&up.stderr)
+        );
+        if mode == Mode::Routed {
+            // No NAT: drop micropod's MASQUERADE table and let the internet route back.
+            let table = micropod::network::nft_table_name(micropod::network::DEFAULT_BRIDGE);
+            lab.host
+                .run(|| micropod::net::nftables::delete(&table))
+                .context("deleting the MASQUERADE table")?;
+            let internet = lab.internet.path().to_path_buf();
+            run_quiet(
+                Command::new("nsenter")
+                    .arg(format!("--net={}", internet.display()))
+                    .args(["ip", "route", "add", SUBNET_ROUTE, "via"])
+                    .arg(UPLINK_ADDR.to_string()),
+            )?;
+        }
+        let endpoint = NsGuard::new(&format!("bd-{}-ep", mode.name()));
+        let att = lab.run([
+            std::ffi::OsStr::new("network"),
+            "attach".as_ref(),
+            "ep".as_ref(),
+            "--kind".as_ref(),
+            "netns".as_ref(),
+            "--netns".as_ref(),
+            endpoint.path().as_os_str(),
+        ]);
+        ensure!(
+            att.status.success(),
+            "attach: {}",
+            String::from_utf8_lossy(&att.stderr)
+        );
+        let endpoint_file = File::open(endpoint.path())?;
+        let scratch = tempdir::Scratch::new(mode.name())?;
+        let mut me = Self {
+            mode,
+            lab,
+            _endpoint: endpoint,
+            endpoint_file,
+            servers: Vec::new(),
+            _scratch: scratch,
+        };
+        me.start_servers()?;
+        Ok(me)
+    }
+
+    fn start_servers(&mut self) -> anyhow::Result<()> {
+        let dir = self._scratch.path().to_path_buf();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(&dir))?;
+        let internet = File::open(self.lab.internet.path())?;
+        let mut nginx = Command::new("nginx");
+        nginx
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        in_netns(&mut nginx, &internet);
+        self.servers.push(
+            nginx
+                .spawn()
+                .context("starting nginx (scripts/setup.sh installs nginx-light)")?,
+        );
+        let mut iperf = Command::new("iperf3");
+        iperf
+            .args(["-s", "-B"])
+            .arg(SERVER_ADDR.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        in_netns(&mut iperf, &internet);
+        self.servers.push(
+            iperf
+                .spawn()
+                .context("starting iperf3 (scripts/setup.sh installs it)")?,
+        );
+        // Both listen within moments; wait until a request goes through.
+        for _ in 0..50 {
+            if self.wrk_once().is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("nginx in the {} lab does not answer", self.mode.name())
+    }
+
+    fn in_endpoint(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.stdin(Stdio::null());
+        in_netns(&mut cmd, &self.endpoint_file);
+        cmd
+    }
+
+    fn wrk_once(&self) -> anyhow::Result<()> {
+        let out = self
+            .in_endpoint("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "1", "-f"])
+            .arg(format!("http://{SERVER_ADDR}/"))
+            .output()?;
+        ensure!(out.status.success(), "curl failed");
+        Ok(())
+    }
+
+    /// Requests per second with a new connection each.
+    fn connection_rate(&self, seconds: u32) -> anyhow::Result<f64> {
+        let out = self
+            .in_endpoint("wrk")
+            .args(["-t1", "-c", WRK_CONNECTIONS, "--timeout", "2s"])
+            .arg(format!("-d{seconds}s"))
+            .args(["-H", "Connection: close"])
+            .arg(format!("http://{SERVER_ADDR}/"))
+            .output()
+            .context("running wrk (scripts/setup.sh installs it)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success(), "wrk failed: {text}");
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        {
+            eprintln!("  note ({}): wrk {}", self.mode.name(), line.trim());
+        }
+        text.lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+    }
+
+    /// Single-stream TCP throughput, endpoint → internet, in Gbit/s.
+    fn throughput(&self, seconds: u32) -> anyhow::Result<f64> {
+        let out = self
+            .in_endpoint("iperf3")
+            .args(["-J", "-c"])
+            .arg(SERVER_ADDR.to_string())
+            .arg("-t")
+            .arg(seconds.to_string())
+            .output()
+            .context("running iperf3")?;
+        let v: Value = serde_json::from_slice(&out.stdout).context("iperf3's JSON")?;
+        ensure!(out.status.success(), "iperf3 failed: {}", v["error"]);
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|bps| bps / 1e9)
+            .context("no sum_received in iperf3's output")
+    }
+}
+
+fn nginx_conf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{ listen {SERVER_ADDR}:80; location / {{ return 200 \"micropod bench\\n\"; }} }}\n}}\n"
+    )
+}
+
+fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn bench(args: &Args) -> anyhow::Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "run as root (it makes network namespaces)"
+    );
+    eprintln!("setting up three labs (routed, masquerade, ebpf)…");
+    let labs = MODES
+        .iter()
+        .map(|m| ModeLab::new(*m))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut rate: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+    let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+    for round in 0..args.rounds {
+        // Rotate the order each round, so no mode always runs first (or last).
+        let order: Vec<usize> = (0..MODES.len())
+            .map(|i| (i + round) % MODES.len())
+            .collect();
+        for &i in &order {
+            ensure!(!INTERRUPTED.load(Ordering::SeqCst), "interrupted");
+            let lab = &labs[i];
+            let r = lab.connection_rate(args.seconds)?;
+            let t = lab.throughput(args.seconds)?;
+            eprintln!(
+                "round {}/{}  {:<10}  {:>9.0} conn/s  {:>6.2} Gbit/s",
+                round + 1,
+                args.rounds,
+                MODES[i].name(),
+                r,
+                t
+            );
+            rate[i].push(r);
+            gbps[i].push(t);
+        }
+    }
+    if let Some(ebpf) = labs.iter().find(|l| l.mode == Mode::Ebpf) {
+        let stats = ebpf.lab.run(["stats", "--json"]);
+        if let Ok(v) = serde_json::from_slice::<Value>(&stats.stdout) {
+            eprintln!("ebpf lab NAT table after the run: {}", v["nat"]);
+        }
+    }
+    drop(labs);
+
+    let med = |v: &Vec<Vec<f64>>, m: Mode| median(&v[MODES.iter().position(|x| *x == m).unwrap()]);
+    let ratio = |v: &Vec<Vec<f64>>, a: Mode, b: Mode| med(v, a) / med(v, b);
+    let report = json!({
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "wrk_connections": WRK_CONNECTIONS,
+        "connection_rate_per_s": MODES.iter().map(|m| (m.name().to_owned(), json!(round3(med(&rate, *m))))).collect::<serde_json::Map<_, _>>(),
+        "throughput_gbit_s": MODES.iter().map(|m| (m.name().to_owned(), json!(round3(med(&gbps, *m))))).collect::<serde_json::Map<_, _>>(),
+        "samples": {
+            "connection_rate_per_s": MODES.iter().zip(&rate).map(|(m, v)| (m.name().to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "throughput_gbit_s": MODES.iter().zip(&gbps).map(|(m, v)| (m.name().to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        },
+        "ratios": {
+            "conn_rate_ebpf_vs_masquerade": round3(ratio(&rate, Mode::Ebpf, Mode::Masquerade)),
+            "conn_rate_ebpf_vs_routed": round3(ratio(&rate, Mode::Ebpf, Mode::Routed)),
+            "throughput_ebpf_vs_masquerade": round3(ratio(&gbps, Mode::Ebpf, Mode::Masquerade)),
+            "throughput_ebpf_vs_routed": round3(ratio(&gbps, Mode::Ebpf, Mode::Routed)),
+        },
+        "goals": {
+            "conn_rate_ebpf_vs_masquerade": CONN_RATE_GOAL,
+            "throughput_ebpf_vs_masquerade": THROUGHPUT_GOAL,
+            "ebpf_vs_routed": 1.0,
+        },
+    });
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!(
+        "data path benchmark: {} round(s) of {} s per measurement, modes in rotating order",
+        args.rounds, args.seconds
+    );
+    println!(
+        "{:<12} {:>14} {:>14}",
+        "mode", "conn/s (p50)", "Gbit/s (p50)"
+    );
+    for m in MODES {
+        println!(
+            "{:<12} {:>14.0} {:>14.2}",
+            m.name(),
+            med(&rate, m),
+            med(&gbps, m)
+        );
+    }
+    let verdict = |x: f64, goal: f64| if x >= goal { "met" } else { "NOT met" };
+    let r = ratio(&rate, Mode::Ebpf, Mode::Masquerade);
+    let t = ratio(&gbps, Mode::Ebpf, Mode::Masquerade);
+    let rr = ratio(&rate, Mode::Ebpf, Mode::Routed);
+    let tr = ratio(&gbps, Mode::Ebpf, Mode::Routed);
+    println!(
+        "ebpf / masquerade: connection rate {r:.2}x (goal ≥ {CONN_RATE_GOAL}: {}), throughput {t:.2}x (goal ≥ {THROUGHPUT_GOAL}: {})",
+        verdict(r, CONN_RATE_GOAL),
+        verdict(t, THROUGHPUT_GOAL)
+    );
+    println!(
+        "ebpf / routed:     connection rate {rr:.2}x, throughput {tr:.2}x (goal: not below routed: {})",
+        verdict(rr.min(tr), 1.0)
+    );
+    Ok(())
+}
