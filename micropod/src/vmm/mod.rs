@@ -95,6 +95,15 @@ pub enum VmmError {
     },
     #[error("{vmm} does not support {what}")]
     Unsupported { vmm: &'static str, what: String },
+    /// One API request could not be delivered or answered (connection refused, timeout).
+    #[error("sending `{request}` to {vmm} over {}", socket.display())]
+    Request {
+        vmm: &'static str,
+        request: String,
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One VMM. The supervisor spawns [`Vmm::command`], then calls [`Vmm::start`]; `stop` asks the
@@ -116,7 +125,7 @@ pub trait Vmm {
 #[must_use]
 pub fn driver(kind: VmmKind) -> Box<dyn Vmm> {
     match kind {
-        VmmKind::Qemu => Box::new(qemu::Qemu::default()),
-        VmmKind::Firecracker => Box::new(firecracker::Firecracker::default()),
+        VmmKind::Qemu => Box::new(qemu::Qemu),
+        VmmKind::Firecracker => Box::new(firecracker::Firecracker),
     }
 }
