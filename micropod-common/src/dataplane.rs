@@ -114,7 +114,7 @@ const _: () = assert!(size_of::<EndpointCounters>() == 96);
 impl EndpointCounters {
     /// Sums two counters, as when folding per-CPU values.
     #[must_use]
-    pub fn add(mut self, other: &Self) -> Self {
+    pub fn plus(mut self, other: &Self) -> Self {
         self.rx_packets = self.rx_packets.wrapping_add(other.rx_packets);
         self.rx_bytes = self.rx_bytes.wrapping_add(other.rx_bytes);
         self.tx_packets = self.tx_packets.wrapping_add(other.tx_packets);
@@ -229,7 +229,7 @@ const _: () = assert!(size_of::<NatStats>() == 64);
 
 impl NatStats {
     #[must_use]
-    pub fn add(mut self, o: &Self) -> Self {
+    pub fn plus(mut self, o: &Self) -> Self {
         self.outbound_packets = self.outbound_packets.wrapping_add(o.outbound_packets);
         self.inbound_packets = self.inbound_packets.wrapping_add(o.inbound_packets);
         self.flows_created = self.flows_created.wrapping_add(o.flows_created);

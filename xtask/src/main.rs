@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo | bench attach | guest`: the project's tasks.
+//! `cargo xtask setup | test | demo | bench attach|datapath | guest`: the project's tasks.
 //!
 //! `setup` installs toolchains, bpf-linker and Debian packages (scripts/setup.sh, which `./dev`
 //! also runs before anything else, since cargo itself may not exist yet).
@@ -38,7 +38,7 @@ enum Task {
     /// Release build, then a benchmark in network namespaces of its own (as root).
     Bench {
         what: BenchWhat,
-        /// Arguments for the benchmark binary (`--count N`, `--quick`, `--json`, `--help`).
+        /// Arguments for the benchmark binary (`--help` lists them; `--quick`, `--json` for both).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -50,6 +50,8 @@ enum Task {
 enum BenchWhat {
     /// One endpoint attach+detach: `micropod` against the CNI bridge plugin with host-local.
     Attach,
+    /// Connection rate and throughput through the NAT: routed, MASQUERADE and eBPF SNAT.
+    Datapath,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -164,6 +166,10 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
         // Keeps the benchmark working; its figures come from `cargo xtask bench attach`.
         step("benchmark smoke run (debug build, 20 endpoints per side; figures not meaningful)");
         run(Command::new("target/debug/micropod-bench").arg("--quick"))?;
+        step(
+            "data path benchmark smoke run (debug build, one second per mode; figures not meaningful)",
+        );
+        run(Command::new("target/debug/micropod-bench-datapath").arg("--quick"))?;
     }
 
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
@@ -205,6 +211,10 @@ fn bench(what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
         BenchWhat::Attach => {
             step("benchmark: endpoint attach/detach, micropod against the CNI bridge plugin");
             run(Command::new("target/release/micropod-bench").args(args))
+        }
+        BenchWhat::Datapath => {
+            step("benchmark: routed, MASQUERADE and eBPF SNAT side by side (wrk, iperf3)");
+            run(Command::new("target/release/micropod-bench-datapath").args(args))
         }
     }
 }

@@ -338,7 +338,7 @@ impl DataPlane {
                 let (key, per_cpu) = entry.map_err(map_err(ENDPOINT_COUNTERS_MAP))?;
                 let total = per_cpu
                     .iter()
-                    .fold(EndpointCounters::default(), |acc, c| acc.add(c));
+                    .fold(EndpointCounters::default(), |acc, c| acc.plus(c));
                 Ok((Ipv4Addr::from(key.addr), EndpointStats::from(total)))
             })
             .collect()
@@ -363,7 +363,7 @@ impl DataPlane {
             .get(&0, 0)
             .map_err(map_err(NAT_STATS_MAP))?
             .iter()
-            .fold(NatStats::default(), |acc, s| acc.add(s));
+            .fold(NatStats::default(), |acc, s| acc.plus(s));
         Ok(NatTableStats {
             entries,
             capacity,
