@@ -687,3 +687,68 @@ fn detach_and_down_remove_exactly_what_they_added() {
     drop(other);
     assert_eq!(tcx_programs(host, UPLINK, Ingress), 0);
 }
+
+/// A TCP echo server in the internet namespace on `port`; records each peer.
+fn tcp_echo(ns: &NsGuard, port: u16) -> Arc<Mutex<Vec<SocketAddr>>> {
+    let listener = ns
+        .run(|| TcpListener::bind(SocketAddrV4::new(SERVER_ADDR, port)))
+        .expect("binding the echo server");
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            seen.lock().unwrap().push(s.peer_addr().unwrap());
+            thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    peers
+}
+
+/// One short exchange on a new connection from `port`, closed by the client.
+fn exchange(ns: &NsGuard, port: u16) {
+    let mut s = connect_from(ns, port);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+}
+
+#[test]
+fn closed_tcp_flows_expire_are_reclaimed_by_new_flows_and_swept_by_gc() {
+    let lab = Lab::new("expire", "ebpf", 2, &[]);
+    let peers = tcp_echo(&lab.net.internet, HTTP_PORT + 1);
+    let (a, b) = (&lab.eps[0], &lab.eps[1]);
+    exchange(&a.ns, 41000);
+    exchange(&a.ns, 41001);
+    // Let the FINs through, then wait out the closing timeout (10 s).
+    thread::sleep(Duration::from_millis(500));
+    let nat = &lab.stats()["nat"];
+    assert_eq!(counter(nat, "flows"), 2, "{nat}");
+    thread::sleep(Duration::from_secs(11));
+
+    // b on a's old port: the reply slot is a's stale flow, which b takes over, keeping the port.
+    exchange(&b.ns, 41000);
+    let nat = &lab.stats()["nat"];
+    assert_eq!(counter(nat, "reclaimed"), 1, "{nat}");
+    let last = *peers.lock().unwrap().last().unwrap();
+    assert_eq!(
+        last.port(),
+        41000,
+        "the stale slot was reused, so b kept its port"
+    );
+
+    // gc sweeps what is left of a's second flow; b's closed flow is too fresh to go.
+    lab.net.ok(["gc"]);
+    let nat = &lab.stats()["nat"];
+    assert_eq!(counter(nat, "flows"), 1, "{nat}");
+    assert_eq!(counter(nat, "entries"), 2, "{nat}");
+}

@@ -497,6 +497,42 @@ fn kill_9_during_attach_then_gc_leaves_no_orphans() {
 /// is held) and nothing exists without a record (no micropod-named link, no address in an
 /// endpoint namespace). Returns the records.
 #[track_caller]
+/// The eBPF data plane knows exactly the recorded endpoints: one ingress and one egress link
+/// pin per port, and one ENDPOINTS entry per address.
+fn assert_datapath_matches(lab: &NetLab, records: &[Value]) {
+    let pins = lab.dirs.pins.join("micropod");
+    let mut pinned: Vec<String> = std::fs::read_dir(pins.join("links"))
+        .expect("link pins")
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("mpt-") || n.starts_with("mpv-"))
+        .collect();
+    pinned.sort();
+    let mut expected: Vec<String> = records
+        .iter()
+        .flat_map(|r| {
+            let link = r["link"].as_str().unwrap();
+            [format!("{link}-egress"), format!("{link}-ingress")]
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(pinned, expected, "link pins match the records");
+    let map = aya::maps::MapData::from_pin(pins.join("maps").join(micropod_common::ENDPOINTS_MAP))
+        .expect("ENDPOINTS pin");
+    let map: aya::maps::HashMap<_, micropod_common::Ipv4Key, micropod_common::Endpoint> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("ENDPOINTS map");
+    let mut in_map: Vec<String> = map
+        .keys()
+        .map(|k| std::net::Ipv4Addr::from(k.unwrap().addr).to_string())
+        .collect();
+    in_map.sort();
+    let mut recorded: Vec<String> = records
+        .iter()
+        .map(|r| r["ip"].as_str().unwrap().to_owned())
+        .collect();
+    recorded.sort();
+    assert_eq!(in_map, recorded, "ENDPOINTS entries match the records");
+}
+
 fn assert_consistent(lab: &NetLab, namespaces: &[NsGuard]) -> Vec<Value> {
     let ls = lab.json(["network", "ls", "--json"]);
     let records: Vec<Value> = ls.as_array().unwrap().clone();
@@ -524,6 +560,9 @@ fn assert_consistent(lab: &NetLab, namespaces: &[NsGuard]) -> Vec<Value> {
     }
     let status = lab.json(["network", "status", "--json"]);
     assert_eq!(status["network"]["ipam"]["used"], records.len());
+    if status["network"]["datapath"] == "ebpf" {
+        assert_datapath_matches(lab, &records);
+    }
     let recorded_ips: HashSet<String> = records
         .iter()
         .map(|r| r["cidr"].as_str().unwrap().to_owned())
