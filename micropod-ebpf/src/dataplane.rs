@@ -63,7 +63,6 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 /// ARP for IPv4 over Ethernet: sender hardware and protocol addresses.
 const ARP_SHA_OFF: usize = ETH_HLEN + 8;
 const ARP_SPA_OFF: usize = ARP_SHA_OFF + 6;
@@ -552,8 +551,9 @@ fn tcp_state(current: u8, proto: u8, flags: u8) -> u8 {
         current
     } else if flags & (TCP_FIN | TCP_RST) != 0 {
         TCP_CLOSING
-    } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        // A new connection on a reused tuple (after TIME_WAIT) opens the entry again.
+    } else if flags & TCP_SYN != 0 {
+        // A new connection on a reused tuple (after TIME_WAIT) opens the entry again: the
+        // SYN its outbound entry, the SYN-ACK its reply entry.
         TCP_OPEN
     } else {
         current

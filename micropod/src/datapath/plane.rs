@@ -23,9 +23,10 @@ use aya::{
 use ipnetwork::Ipv4Network;
 use micropod_common::{
     BRIDGE_INGRESS_PROGRAM, CONFIG_MAP, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP,
-    Endpoint, EndpointCounters, ICMP_TIMEOUT_S, Ipv4Key, NAT_INBOUND, NAT_MAP, NAT_STATS_MAP,
-    NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP,
-    TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
+    Endpoint, EndpointCounters, ICMP_TIMEOUT_S, IPPROTO_ICMP, Ipv4Key, NAT_INBOUND, NAT_MAP,
+    NAT_OUTBOUND, NAT_STATS_MAP, NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM,
+    PORT_INGRESS_PROGRAM, PORTS_MAP, TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S,
+    UPLINK_INGRESS_PROGRAM,
 };
 use serde::Serialize;
 
@@ -303,13 +304,47 @@ impl DataPlane {
         problems
     }
 
-    /// Deletes NAT entries idle past their timeout (the programs also reclaim them when a new
-    /// flow probes their slot). Returns how many were removed.
+    /// Deletes the NAT flows idle past their timeout in both directions, both entries at once
+    /// (the programs also reclaim such a flow's slot when a new flow probes it). Returns how
+    /// many entries were removed.
     pub fn sweep_nat(&self) -> Result<usize, DatapathError> {
         let config: Array<MapData, DatapathConfig> = self.open(CONFIG_MAP)?;
         let config = config.get(&0, 0).map_err(map_err(CONFIG_MAP))?;
         let now = monotonic_coarse_ns();
-        self.remove_nat(|k, v| v.is_stale(k.proto, now, &config))
+        let mut nat: HashMap<MapData, NatKey, NatEntry> = self.open(NAT_MAP)?;
+        let entries: std::collections::HashMap<NatKey, NatEntry> =
+            nat.iter().filter_map(Result::ok).collect();
+        let stale = |k: &NatKey| {
+            entries
+                .get(k)
+                .is_none_or(|v| v.is_stale(k.proto, now, &config))
+        };
+        let mut doomed = Vec::new();
+        for (key, entry) in &entries {
+            if entry.direction != NAT_INBOUND {
+                continue;
+            }
+            let outbound = outbound_key(key, entry);
+            if stale(key) && stale(&outbound) {
+                doomed.push(*key);
+                if entries.contains_key(&outbound) {
+                    doomed.push(outbound);
+                }
+            }
+        }
+        // Outbound entries whose reply entry is gone: left by a flow that lost its slot.
+        for (key, entry) in &entries {
+            if entry.direction == NAT_OUTBOUND
+                && !entries.contains_key(&reply_key(key, entry))
+                && stale(key)
+            {
+                doomed.push(*key);
+            }
+        }
+        for k in &doomed {
+            ignore_missing(nat.remove(k)).map_err(map_err(NAT_MAP))?;
+        }
+        Ok(doomed.len())
     }
 
     fn remove_nat(
@@ -487,6 +522,38 @@ impl From<EndpointCounters> for EndpointStats {
     }
 }
 
+/// The outbound key of the flow whose reply entry is `(reply, original)`.
+fn outbound_key(reply: &NatKey, original: &NatEntry) -> NatKey {
+    NatKey {
+        src_ip: original.addr,
+        dst_ip: reply.src_ip,
+        src_port: original.port,
+        dst_port: if reply.proto == IPPROTO_ICMP {
+            0
+        } else {
+            reply.src_port
+        },
+        proto: reply.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The reply key of the flow whose outbound entry is `(outbound, translated)`.
+fn reply_key(outbound: &NatKey, translated: &NatEntry) -> NatKey {
+    NatKey {
+        src_ip: outbound.dst_ip,
+        dst_ip: translated.addr,
+        src_port: if outbound.proto == IPPROTO_ICMP {
+            0
+        } else {
+            outbound.dst_port
+        },
+        dst_port: translated.port,
+        proto: outbound.proto,
+        _pad: [0; 3],
+    }
+}
+
 /// The eBPF object: the built-in one, or the file named by [`OBJECT_ENV`].
 fn object() -> Result<std::borrow::Cow<'static, [u8]>, DatapathError> {
     if let Some(path) = std::env::var_os(OBJECT_ENV) {
@@ -539,4 +606,80 @@ fn chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use micropod_common::{IPPROTO_TCP, NAT_INBOUND, NAT_OUTBOUND};
+
+    use super::*;
+
+    /// The keys the programs write for one flow, built here the way `outbound_port` does.
+    fn flow(proto: u8) -> (NatKey, NatEntry, NatKey, NatEntry) {
+        let (ep, remote, uplink) = ([10, 10, 0, 2], [198, 51, 100, 10], [203, 0, 113, 1]);
+        let (sport, dport, nat_port) = (40000u16.to_be(), 80u16.to_be(), 51234u16.to_be());
+        let icmp = proto == IPPROTO_ICMP;
+        let outbound = NatKey {
+            src_ip: ep,
+            dst_ip: remote,
+            src_port: sport,
+            dst_port: if icmp { 0 } else { dport },
+            proto,
+            _pad: [0; 3],
+        };
+        let translated = NatEntry {
+            last_seen_ns: 1,
+            addr: uplink,
+            port: nat_port,
+            direction: NAT_OUTBOUND,
+            tcp_state: 0,
+        };
+        let reply = NatKey {
+            src_ip: remote,
+            dst_ip: uplink,
+            src_port: if icmp { 0 } else { dport },
+            dst_port: nat_port,
+            proto,
+            _pad: [0; 3],
+        };
+        let original = NatEntry {
+            last_seen_ns: 1,
+            addr: ep,
+            port: sport,
+            direction: NAT_INBOUND,
+            tcp_state: 0,
+        };
+        (outbound, translated, reply, original)
+    }
+
+    #[test]
+    fn a_flows_two_keys_lead_to_each_other() {
+        for proto in [IPPROTO_TCP, IPPROTO_ICMP] {
+            let (outbound, translated, reply, original) = flow(proto);
+            assert_eq!(outbound_key(&reply, &original), outbound, "proto {proto}");
+            assert_eq!(reply_key(&outbound, &translated), reply, "proto {proto}");
+        }
+    }
+
+    #[test]
+    fn staleness_follows_the_protocol_and_tcp_state() {
+        let cfg = DatapathConfig {
+            tcp_timeout_s: 100,
+            tcp_closing_timeout_s: 10,
+            udp_timeout_s: 50,
+            icmp_timeout_s: 5,
+            ..Default::default()
+        };
+        let s = 1_000_000_000u64;
+        let mut e = NatEntry {
+            last_seen_ns: 0,
+            ..Default::default()
+        };
+        assert!(!e.is_stale(IPPROTO_TCP, 99 * s, &cfg));
+        assert!(e.is_stale(IPPROTO_TCP, 101 * s, &cfg));
+        e.tcp_state = micropod_common::TCP_CLOSING;
+        assert!(e.is_stale(IPPROTO_TCP, 11 * s, &cfg));
+        assert!(!e.is_stale(micropod_common::IPPROTO_UDP, 49 * s, &cfg));
+        assert!(e.is_stale(IPPROTO_ICMP, 6 * s, &cfg));
+    }
 }
