@@ -16,6 +16,7 @@ DEBIAN_PACKAGES=(
   libnftnl-dev libmnl-dev   # nf_tables over netlink (the nftnl and mnl crates link these)
   nftables                  # tests read the ruleset back with an independent tool
   containernetworking-plugins # the reference CNI bridge + host-local for `cargo xtask bench attach`
+  qemu-system-x86 cpio      # VMs (QEMU microvm); cpio checks the test guest's initramfs writer
 )
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo | bench attach`: the project's tasks.
+//! `cargo xtask setup | test | demo | bench attach | guest`: the project's tasks.
 //!
 //! `setup` installs toolchains, bpf-linker and Debian packages (scripts/setup.sh, which `./dev`
 //! also runs before anything else, since cargo itself may not exist yet).
@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod guest;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -40,6 +42,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the test guest (Debian kernel + busybox initramfs) into target/guest/, cached.
+    Guest,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => test(&root, &filter),
         Task::Demo => demo(&root),
         Task::Bench { what, args } => bench(what, &args),
+        Task::Guest => guest::build(&root).map(drop),
     }
 }
 
