@@ -219,9 +219,11 @@ impl Vmm for Qemu {
     fn kernel_args(&self) -> Result<Vec<String>, VmmError> {
         // Under TCG the guest's quick PIT calibration of the TSC often fails when the host is
         // busy (several VMs booting at once); the kernel then finds no other reference clock
-        // on microvm and hangs at boot. The guest TSC runs at the host's rate, so say it.
+        // on microvm and hangs at boot. The guest TSC runs at the host's rate, so say it; and
+        // keep the clocksource watchdog from swapping the TSC for jiffies, which lose ticks
+        // under TCG.
         Ok(match (Accel::choose()?, host_tsc_khz()) {
-            (Accel::Tcg, Some(khz)) => vec![format!("tsc_early_khz={khz}")],
+            (Accel::Tcg, Some(khz)) => vec![format!("tsc_early_khz={khz}"), "tsc=reliable".into()],
             _ => Vec::new(),
         })
     }
