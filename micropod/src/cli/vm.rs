@@ -158,8 +158,8 @@ pub fn run(vms: &Vms, command: Command) -> anyhow::Result<()> {
                 println!("  tap      {} on {}", rec.network.tap, rec.network.bridge);
                 println!("  mac      {}", rec.network.mac);
                 println!(
-                    "  vmm      {:?}, pid {}",
-                    rec.vmm,
+                    "  vmm      {}, pid {}",
+                    micropod::vm::vmm_name(rec.vmm),
                     rec.vmm_process
                         .map_or_else(|| "-".into(), |p| p.pid.to_string())
                 );
@@ -231,7 +231,7 @@ fn print_table(recs: &[VmRecord]) {
             r.state.to_string(),
             r.network.cidr,
             r.network.tap,
-            format!("{:?}", r.vmm).to_lowercase(),
+            micropod::vm::vmm_name(r.vmm),
             r.vmm_process
                 .filter(|_| r.state != VmState::Exited)
                 .map_or_else(|| "-".into(), |p| p.pid.to_string()),

@@ -106,9 +106,9 @@ pub enum VmError {
         "the VM's control socket path {path} is longer than a unix socket allows ({SUN_PATH_MAX} bytes); use a shorter --state-dir"
     )]
     SocketPath { path: PathBuf },
-    #[error("cannot use the {vmm:?} VMM")]
+    #[error("cannot use the {vmm} VMM")]
     Vmm {
-        vmm: VmmKind,
+        vmm: &'static str,
         #[source]
         source: VmmError,
     },
@@ -463,7 +463,7 @@ impl Vms {
         }
         let driver = vmm::driver(req.vmm);
         let vmm_err = |source| VmError::Vmm {
-            vmm: req.vmm,
+            vmm: vmm_name(req.vmm),
             source,
         };
         driver.binary().map_err(vmm_err)?;
@@ -875,6 +875,14 @@ impl Vms {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// The VMM's name as the CLI spells it.
+pub fn vmm_name(kind: VmmKind) -> &'static str {
+    match kind {
+        VmmKind::Qemu => "qemu",
+        VmmKind::Firecracker => "firecracker",
     }
 }
 
