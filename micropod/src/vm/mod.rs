@@ -640,6 +640,9 @@ impl Vms {
                 Some(now) if now.state == VmState::Running => return Ok(now),
                 Some(now) if now.state == VmState::Exited => {
                     let reason = now.exit.map(|e| e.reason).unwrap_or_default();
+                    let reason = reason
+                        .strip_prefix(supervisor::FAILED_TO_START)
+                        .map_or(reason.clone(), str::to_owned);
                     break VmError::StartFailed {
                         name: name.clone(),
                         reason,

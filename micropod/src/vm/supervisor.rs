@@ -20,6 +20,9 @@ use super::{
 };
 use crate::vmm;
 
+/// How the exit reason of a VM that never ran starts.
+pub(super) const FAILED_TO_START: &str = "failed to start: ";
+
 impl Vms {
     /// Runs the supervisor of `name` until its VMM exits. Fails if the VM is not `starting`
     /// (a supervisor only ever starts a VM `run` just recorded).
@@ -50,7 +53,7 @@ impl Vms {
             Ok(child) => child,
             Err(reason) => {
                 log::error!("{reason}");
-                self.finish(name, None, format!("failed to start: {reason}"))?;
+                self.finish(name, None, format!("{FAILED_TO_START}{reason}"))?;
                 return Err(VmError::StartFailed {
                     name: name.into(),
                     reason,
@@ -82,7 +85,7 @@ impl Vms {
                 // Our own child, by its handle.
                 let _ = child.kill();
                 let status = child.wait().ok();
-                self.finish(name, status, format!("failed to start: {reason}"))?;
+                self.finish(name, status, format!("{FAILED_TO_START}{reason}"))?;
                 return Err(VmError::StartFailed {
                     name: name.into(),
                     reason,
@@ -194,24 +197,34 @@ fn start_watching(rec: &VmRecord, child: &mut Child) -> Result<(), String> {
     });
     loop {
         match rx.recv_timeout(POLL) {
-            Ok(result) => return result.map_err(|e| error_chain(&e)),
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => {
+                // A VMM that exits at once (bad kernel, bad argument) usually breaks the
+                // control connection first: its exit is the real news.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+                while std::time::Instant::now() < deadline {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(exited_during_start(status));
+                    }
+                    std::thread::sleep(POLL);
+                }
+                return Err(error_chain(&e));
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err("the driver's start panicked".into());
             }
         }
         match child.try_wait() {
-            Ok(Some(status)) => {
-                return Err(format!(
-                    "the VMM exited during start ({}); see {}",
-                    describe(status),
-                    VMM_LOG
-                ));
-            }
+            Ok(Some(status)) => return Err(exited_during_start(status)),
             Ok(None) => {}
             Err(e) => return Err(format!("cannot watch the VMM: {e}")),
         }
     }
+}
+
+fn exited_during_start(status: ExitStatus) -> String {
+    format!("the VMM exited during start ({})", describe(status))
 }
 
 /// An exit status in words.
