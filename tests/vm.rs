@@ -221,6 +221,21 @@ fn vmm_killed_releases_endpoint_within_2s() {
     lab.net.ok(["rm", "victim"]);
     let run = lab.run_vm("victim", &[]);
     assert_eq!(run["ip"], "10.10.0.2");
+    // `stop --timeout 0`: no graceful attempt, SIGKILL at once.
+    let out = lab.net.ok(["stop", "victim", "--timeout", "0"]);
+    assert_eq!(out.trim(), "stopped victim (VMM killed)");
+    assert_eq!(
+        ps_entry(&lab, "victim")["exit"]["reason"],
+        "stopped (killed by signal 9)"
+    );
+    assert!(lab.endpoint_names().is_empty());
+    assert_eq!(
+        lab.net.ok(["stop", "victim"]).trim(),
+        "victim is not running"
+    );
+    lab.net.ok(["rm", "victim"]);
+    let run = lab.run_vm("victim", &[]);
+    assert_eq!(run["ip"], "10.10.0.2");
     lab.net.ok(["rm", "--force", "victim"]);
     assert!(lab.endpoint_names().is_empty());
     assert!(lab.records().is_empty());
@@ -267,6 +282,26 @@ fn supervisor_killed_then_ps_reconciles() {
     );
     assert!(lab.endpoint_names().is_empty(), "endpoint released");
     assert!(!lab.link_exists(&tap), "TAP deleted");
+    lab.net.ok(["rm", "orphan"]);
+
+    // `micropod gc` reconciles too.
+    let run = lab.run_vm("orphan", &[]);
+    let supervisor = pid_of(&run, "supervisor_pid");
+    let vmm = pid_of(&run, "pid");
+    assert!(
+        supervisor
+            .signal(nix::libc::SIGKILL)
+            .expect("kill -9 the supervisor")
+    );
+    wait_for(
+        "the VMM dies with its supervisor",
+        Duration::from_secs(2),
+        || !vmm.is_alive(),
+    );
+    lab.net.ok(["gc"]);
+    assert_eq!(lab.records()[0].state, VmState::Exited);
+    assert!(lab.records()[0].network.released);
+    assert!(lab.endpoint_names().is_empty(), "endpoint released");
     lab.net.ok(["rm", "orphan"]);
 }
 
