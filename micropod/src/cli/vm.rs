@@ -213,7 +213,7 @@ fn print_table(recs: &[VmRecord]) {
         "{:<20} {:<16} {:<9} {:<18} {:<13} {:<6} {:<8} STATUS",
         "NAME", "ID", "STATE", "ADDRESS", "TAP", "VMM", "PID"
     );
-    let now = micropod_now();
+    let now = micropod::vm::unix_now();
     for r in recs {
         let status = match (&r.state, &r.exit) {
             (VmState::Exited, Some(exit)) => {
@@ -237,12 +237,6 @@ fn print_table(recs: &[VmRecord]) {
                 .map_or_else(|| "-".into(), |p| p.pid.to_string()),
         );
     }
-}
-
-fn micropod_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn ago(now: u64, then: u64) -> String {

@@ -31,7 +31,7 @@ use std::{
 };
 
 pub use process::ProcessRef;
-pub use record::{RECORD_VERSION, VmExit, VmNetwork, VmRecord, VmState};
+pub use record::{RECORD_VERSION, VmExit, VmNetwork, VmRecord, VmState, now as unix_now};
 
 use crate::{
     network::{AttachRequest, EndpointKind, Network, NetworkError, valid_endpoint_name},
@@ -440,47 +440,12 @@ impl Vms {
     /// `micropod run`: see the module docs. Returns once the VMM runs (not once the guest
     /// has booted).
     pub fn run(&self, req: &RunRequest) -> Result<VmRecord, VmError> {
-        // Everything that can be refused is refused before anything is allocated.
-        if let Some(name) = &req.name
-            && !valid_endpoint_name(name)
-        {
-            return Err(VmError::InvalidName { name: name.clone() });
-        }
-        let kernel = check_file("kernel", &req.kernel, false)?;
-        let boot = match &req.boot {
-            Boot::Initrd(p) => Boot::Initrd(check_file("initrd", p, false)?),
-            Boot::Rootfs(p) => Boot::Rootfs(check_file("rootfs", p, true)?),
-        };
-        if !(1..=MAX_CPUS).contains(&req.cpus) {
-            return Err(VmError::Cpus { cpus: req.cpus });
-        }
-        let max_memory = host_memory_mib().unwrap_or(u32::MAX);
-        if !(MIN_MEMORY_MIB..=max_memory).contains(&req.memory_mib) {
-            return Err(VmError::Memory {
-                mib: req.memory_mib,
-                max: max_memory,
-            });
-        }
-        let driver = vmm::driver(req.vmm);
-        let vmm_err = |source| VmError::Vmm {
-            vmm: vmm_name(req.vmm),
-            source,
-        };
-        driver.binary().map_err(vmm_err)?;
-        let vmm_args = driver.kernel_args().map_err(vmm_err)?;
-        let extra = req.cmdline.as_deref().map(str::trim).unwrap_or_default();
-        if extra.chars().any(char::is_control) {
-            return Err(VmError::CmdlineChars);
-        }
-        let mut fixed = vec![CONSOLE_ARG.to_owned()];
-        if matches!(boot, Boot::Rootfs(_)) {
-            fixed.push(ROOTFS_ARGS.into());
-        }
-        fixed.extend(vmm_args);
-        let worst = fixed.iter().map(|a| a.len() + 1).sum::<usize>() + MAX_IP_ARG + 1 + extra.len();
-        if worst >= MAX_CMDLINE {
-            return Err(VmError::CmdlineTooLong { len: worst });
-        }
+        let Checked {
+            kernel,
+            boot,
+            fixed_args,
+            extra,
+        } = check_request(req)?;
         crate::network::check_privileges().map_err(VmError::Privileges)?;
         let id = new_id();
         let name = req
@@ -532,9 +497,9 @@ impl Vms {
             }
         };
         let mut cmdline = vec![CONSOLE_ARG.to_owned(), attachment.kernel_arg.clone()];
-        cmdline.extend(fixed.into_iter().skip(1));
+        cmdline.extend(fixed_args);
         if !extra.is_empty() {
-            cmdline.push(extra.to_owned());
+            cmdline.push(extra);
         }
         let rec = VmRecord {
             version: RECORD_VERSION,
@@ -879,6 +844,74 @@ impl Vms {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// A request that passed every check that needs no allocation.
+struct Checked {
+    /// Absolute.
+    kernel: PathBuf,
+    /// With an absolute path.
+    boot: Boot,
+    /// The kernel arguments after `console=` and `ip=`: the rootfs's and the driver's.
+    fixed_args: Vec<String>,
+    /// `--cmdline`, trimmed.
+    extra: String,
+}
+
+/// Everything `run` can refuse without allocating: name syntax, files, sizes, the VMM, the
+/// command line's length.
+fn check_request(req: &RunRequest) -> Result<Checked, VmError> {
+    if let Some(name) = &req.name
+        && !valid_endpoint_name(name)
+    {
+        return Err(VmError::InvalidName { name: name.clone() });
+    }
+    let kernel = check_file("kernel", &req.kernel, false)?;
+    let boot = match &req.boot {
+        Boot::Initrd(p) => Boot::Initrd(check_file("initrd", p, false)?),
+        Boot::Rootfs(p) => Boot::Rootfs(check_file("rootfs", p, true)?),
+    };
+    if !(1..=MAX_CPUS).contains(&req.cpus) {
+        return Err(VmError::Cpus { cpus: req.cpus });
+    }
+    let max_memory = host_memory_mib().unwrap_or(u32::MAX);
+    if !(MIN_MEMORY_MIB..=max_memory).contains(&req.memory_mib) {
+        return Err(VmError::Memory {
+            mib: req.memory_mib,
+            max: max_memory,
+        });
+    }
+    let driver = vmm::driver(req.vmm);
+    let vmm_err = |source| VmError::Vmm {
+        vmm: vmm_name(req.vmm),
+        source,
+    };
+    driver.binary().map_err(vmm_err)?;
+    let mut fixed_args = Vec::new();
+    if matches!(boot, Boot::Rootfs(_)) {
+        fixed_args.push(ROOTFS_ARGS.to_owned());
+    }
+    fixed_args.extend(driver.kernel_args().map_err(vmm_err)?);
+    let extra = req.cmdline.as_deref().map(str::trim).unwrap_or_default();
+    if extra.chars().any(char::is_control) {
+        return Err(VmError::CmdlineChars);
+    }
+    // The longest it can get once the address is known; the kernel needs room for a NUL.
+    let worst = [CONSOLE_ARG, extra]
+        .into_iter()
+        .chain(fixed_args.iter().map(String::as_str))
+        .map(|a| a.len() + 1)
+        .sum::<usize>()
+        + MAX_IP_ARG;
+    if worst >= MAX_CMDLINE {
+        return Err(VmError::CmdlineTooLong { len: worst });
+    }
+    Ok(Checked {
+        kernel,
+        boot,
+        fixed_args,
+        extra: extra.to_owned(),
+    })
 }
 
 /// The VMM's name as the CLI spells it.

@@ -47,6 +47,14 @@ impl Vms {
             self.write(&lock, &rec)?;
             rec
         };
+        if rec.stop_requested {
+            // `stop` came before the VMM did: do not start it.
+            return self.finish(
+                name,
+                None,
+                format!("{FAILED_TO_START}stopped before it started"),
+            );
+        }
         log::info!("supervising VM {name} ({})", rec.id);
 
         let mut child = match spawn_vmm(&rec) {
