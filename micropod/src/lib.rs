@@ -11,4 +11,5 @@ pub mod ipam;
 pub mod net;
 pub mod network;
 pub mod state;
+pub mod vm;
 pub mod vmm;

@@ -15,6 +15,7 @@ use std::{
 
 pub mod netlab;
 pub mod packets;
+pub mod vmlab;
 
 use ipnetwork::IpNetwork;
 use micropod::net::{NetNs, Netlink, addr, link, veth};

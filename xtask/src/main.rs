@@ -160,6 +160,8 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
         bail!("the integration tests create network namespaces and load eBPF: run as root");
     }
     run(cargo(["build", "--package", "micropod", "--bins"]))?;
+    // The VM tests boot it (cached: well under a second when nothing changed).
+    guest::build(root)?;
     run(cargo(["test", "--package", "micropod-tests", "--"]).args(filter))?;
 
     if filter.is_empty() {

@@ -2,6 +2,7 @@
 
 mod count_sources;
 mod network;
+mod vm;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -37,6 +38,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Vm(vm::Command),
     /// Release endpoints whose owner is gone (also done before every change).
     Gc {
         #[arg(long)]
@@ -51,6 +54,7 @@ pub fn main() -> ExitCode {
         .format_target(false)
         .init();
     let net = |state: &PathBuf, bpf: &PathBuf| micropod::network::Network::new(state, bpf);
+    let vms = micropod::vm::Vms::new;
     let result = match cli.command {
         Command::CountSources(args) => count_sources::run(args),
         Command::Network(command) => network::run(&net(&cli.state_dir, &cli.bpf_dir), command),
@@ -59,7 +63,9 @@ pub fn main() -> ExitCode {
             endpoint.as_deref(),
             json,
         ),
-        Command::Gc { json } => network::gc(&net(&cli.state_dir, &cli.bpf_dir), json),
+        Command::Vm(command) => vm::run(&vms(net(&cli.state_dir, &cli.bpf_dir)), command),
+        Command::Gc { json } => vm::gc(&vms(net(&cli.state_dir, &cli.bpf_dir)))
+            .and_then(|()| network::gc(&net(&cli.state_dir, &cli.bpf_dir), json)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,7 +28,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 pub use model::{
     ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode,
     Endpoint, EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc, Phase, STATE_DOC,
-    UplinkChoice, endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name,
+    UplinkChoice, endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, valid_endpoint_name,
 };
 use serde::Serialize;
 

@@ -112,8 +112,13 @@ pub trait Vmm {
     fn kind(&self) -> VmmKind;
     /// The VMM binary, or [`VmmError::NotInstalled`] saying how to install it.
     fn binary(&self) -> Result<PathBuf, VmmError>;
+    /// Arguments this VMM needs on the guest kernel's command line, appended to the VM's
+    /// (recorded in the spec, so `inspect` shows the command line the guest really got).
+    fn kernel_args(&self) -> Result<Vec<String>, VmmError> {
+        Ok(Vec::new())
+    }
     /// The VMM process to spawn, in the foreground. Its stdout/stderr are the caller's to
-    /// redirect (the console log).
+    /// redirect (stdout to the console log, stderr to the VMM's own log).
     fn command(&self, binary: &Path, spec: &VmSpec) -> Result<Command, VmmError>;
     /// After the spawn: configures the VM if the VMM needs it and returns once the guest runs.
     fn start(&self, spec: &VmSpec, timeout: Duration) -> Result<(), VmmError>;
