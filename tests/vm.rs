@@ -131,8 +131,33 @@ fn end_to_end(datapath: &str) {
             .all(|p| p.ip() == std::net::IpAddr::V4(UPLINK_ADDR)),
         "requests come from the uplink address after NAT: {peers:?}"
     );
-    // TODO(counters): once `micropod stats` exists, check that web's rx/tx counters saw
-    // both exchanges (the eBPF data path is being written on main).
+    // The per-VM counters saw both exchanges (eBPF), or say there are none (netfilter).
+    let stats = lab.net.json(["stats", "web", "--json"]);
+    assert_eq!(stats["datapath"], datapath, "{stats}");
+    let web = &stats["endpoints"][0];
+    assert_eq!(web["name"], "web");
+    if datapath == "ebpf" {
+        let n = |f: &str| web[f].as_u64().unwrap_or_else(|| panic!("{f} in {web}"));
+        // At least the page to the host and the fetch: a handshake, a request, an answer and
+        // a close each way.
+        assert!(n("tx_packets") >= 8 && n("rx_packets") >= 8, "{web}");
+        assert!(n("tx_bytes") > 24 && n("rx_bytes") > 24, "{web}");
+        assert_eq!(
+            web["drops"]["spoofed_mac"], 0,
+            "the guest uses its endpoint's MAC"
+        );
+        assert_eq!(web["drops"]["spoofed_ip"], 0);
+        let nat = &stats["nat"];
+        assert!(
+            nat["flows_created"].as_u64().unwrap() >= 1,
+            "the fetch took the eBPF SNAT: {nat}"
+        );
+    } else {
+        assert!(
+            web.get("rx_packets").is_none(),
+            "no counters on netfilter: {web}"
+        );
+    }
 
     // Stop: graceful (QMP system_powerdown -> the guest's acpid -> poweroff).
     let stop_started = Instant::now();
@@ -175,11 +200,16 @@ fn end_to_end_netfilter() {
     end_to_end("netfilter");
 }
 
+#[test]
+fn end_to_end_ebpf() {
+    end_to_end("ebpf");
+}
+
 /// `kill -9` of the VMM: the supervisor releases the endpoint within 2 s.
 #[test]
 fn vmm_killed_releases_endpoint_within_2s() {
     let _serial = serial();
-    let lab = VmLab::new("vm-kill", "netfilter");
+    let lab = VmLab::new("vm-kill", "ebpf");
     let run = lab.run_vm("victim", &[]);
     let tap = run["tap"].as_str().expect("tap").to_owned();
     let vmm = pid_of(&run, "pid");
@@ -311,7 +341,7 @@ fn supervisor_killed_then_ps_reconciles() {
 fn ten_vms_in_parallel_reach_each_other() {
     const N: u8 = 10;
     let _serial = serial();
-    let lab = VmLab::new("vm-ten", "netfilter");
+    let lab = VmLab::new("vm-ten", "ebpf");
     // Fixed addresses, so each guest knows its neighbour's before anything boots.
     let ip = |i: u8| Ipv4Addr::new(10, 10, 0, 10 + i);
     let name = |i: u8| format!("vm{i}");

@@ -1,35 +1,38 @@
-//! The demo behind `./dev demo`, in two parts, each in namespaces of its own:
-//! 1. the network control plane: `micropod network up` in a "host" namespace with an uplink to
-//!    an "internet" namespace, a container-style endpoint that serves HTTP to the host and
-//!    reaches the internet through the NAT, a TAP endpoint for a VMM, then `down`;
-//! 2. the eBPF source counter attached by the CLI, real traffic, and the counts checked
-//!    against what was sent.
+//! The demo behind `./dev demo`: two MicroVMs on micropod's network, in a lab of namespaces it
+//! makes (a "host" namespace with the bridge and an uplink, an "internet" namespace with a web
+//! server at 198.51.100.10):
+//! 1. `micropod network up` (the eBPF data path when it loads, else netfilter);
+//! 2. `micropod run` twice: the test guest (`cargo xtask guest`), each fetching a page from the
+//!    internet server at boot;
+//! 3. `curl` from the host to each VM's web server, each VM's fetch through the NAT (the server
+//!    sees the uplink's address), `micropod stats` with the per-VM counters;
+//! 4. `micropod stop`, `network down`.
 //!
-//! Everything it makes is removed when it ends, on error too.
+//! Everything it makes is removed when it ends, on error too (the lab's guards kill the VMs it
+//! started and remove the namespaces and pin dir).
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    process::ExitCode,
-    time::Duration,
+    ffi::OsStr,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::{Command, ExitCode},
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
-use ipnetwork::{IpNetwork, Ipv4Network};
+use anyhow::{Context as _, bail, ensure};
 use micropod_tests::{
-    CountSources, NsGuard, VethLab,
-    netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR},
-    send_and_confirm, warm_up,
+    netlab::{SERVER_ADDR, UPLINK_ADDR},
+    vmlab::{HttpServer, VmLab},
 };
+use serde_json::Value;
 
-// TEST-NET-1 (RFC 5737): these addresses exist only inside the demo's namespaces.
-const PEER_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 3)];
-const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-/// (source, datagrams, payload bytes)
-const TRAFFIC: [(Ipv4Addr, u64, u64); 2] = [(PEER_ADDRS[0], 40, 200), (PEER_ADDRS[1], 15, 1200)];
+const VMS: [&str; 2] = ["web1", "web2"];
+const READY: &str = "micropod-guest: ready";
+const FETCHED: &str = "micropod-guest: fetch ";
+/// Booting under TCG takes 5–10 s here, two at once a little more.
+const BOOT: Duration = Duration::from_secs(120);
 
 fn main() -> ExitCode {
-    match network_demo().and_then(|()| demo()) {
+    match demo() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e:#}");
@@ -38,175 +41,170 @@ fn main() -> ExitCode {
     }
 }
 
+fn say(text: &str) {
+    println!("\n== {text}");
+}
+
 /// Runs `micropod ARGS` in the lab's host namespace, echoing the command and its output.
-fn show(lab: &NetLab, args: &[&str]) -> anyhow::Result<String> {
-    println!("$ micropod {}", args.join(" "));
-    let out = lab.run(args);
+fn show<I, S>(lab: &VmLab, args: I) -> anyhow::Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    println!(
+        "$ micropod {}",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = lab.net.run(&args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    for line in stdout.lines() {
-        println!("  {line}");
-    }
-    if !out.status.success() {
-        bail!(
-            "micropod {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    print!("{stdout}");
+    ensure!(
+        out.status.success(),
+        "micropod failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(stdout)
 }
 
-fn network_demo() -> anyhow::Result<()> {
-    println!("Part 1: the network control plane\n");
-    println!(
-        "Building a lab: namespace 'host' (uplink {UPLINK_ADDR}) --veth-- namespace 'internet' (server {SERVER_ADDR})"
+fn json(lab: &VmLab, args: &[&str]) -> anyhow::Result<Value> {
+    let out = lab.net.run(args);
+    ensure!(
+        out.status.success(),
+        "micropod {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let lab = NetLab::new("demo");
-    let web = NsGuard::new("web");
-    println!(
-        "  host: {}\n  endpoint namespace 'web': {}\n",
-        lab.host.path().display(),
-        web.path().display()
-    );
-
-    show(&lab, &["network", "up"])?;
-    let web_path = web.path().display().to_string();
-    let attach = show(
-        &lab,
-        &[
-            "network", "attach", "web", "--kind", "netns", "--netns", &web_path,
-        ],
-    )?;
-    let web_ip: Ipv4Addr = attach
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("address"))
-        .and_then(|a| a.trim().split('/').next()?.parse().ok())
-        .context("attach printed no address")?;
-    show(&lab, &["network", "attach", "vm1", "--kind", "tap"])?;
-
-    // A web server inside the endpoint's namespace, asked from the host like `curl` would.
-    let listener = web.run(|| TcpListener::bind((web_ip, 80)))?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut conn, _) = listener.accept()?;
-        let mut request = [0u8; 1024];
-        let _ = conn.read(&mut request)?;
-        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 15\r\n\r\nhello from web\n")
-    });
-    let mut response = String::new();
-    lab.host.run(|| -> anyhow::Result<()> {
-        let mut conn = TcpStream::connect_timeout(
-            &SocketAddr::new(web_ip.into(), 80),
-            Duration::from_secs(5),
-        )?;
-        conn.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-        conn.read_to_string(&mut response)?;
-        Ok(())
-    })?;
-    server.join().expect("server thread")?;
-    println!(
-        "\nFrom the host, GET http://{web_ip}/ answers:\n  {}",
-        response.lines().last().unwrap_or("")
-    );
-
-    // The endpoint reaches the internet; the server sees the uplink address (MASQUERADE).
-    let outside = lab
-        .internet
-        .run(|| TcpListener::bind((SERVER_ADDR, 8080)))?;
-    let _client = web.run(|| {
-        TcpStream::connect_timeout(
-            &SocketAddr::new(SERVER_ADDR.into(), 8080),
-            Duration::from_secs(5),
-        )
-    })?;
-    let (_, peer) = outside.accept()?;
-    println!(
-        "From 'web' ({web_ip}), a connection to {SERVER_ADDR}:8080 arrives from {}",
-        peer.ip()
-    );
-    if peer.ip() != std::net::IpAddr::V4(UPLINK_ADDR) {
-        bail!(
-            "expected the uplink address {UPLINK_ADDR} after NAT, saw {}",
-            peer.ip()
-        );
-    }
-    println!("  (the NAT rewrote {web_ip} to the uplink address)\n");
-
-    show(&lab, &["network", "status"])?;
-    show(&lab, &["network", "down", "--force"])?;
-    println!("\nRemoving the lab.\n");
-    Ok(())
+    serde_json::from_slice(&out.stdout).context("micropod's JSON")
 }
 
 fn demo() -> anyhow::Result<()> {
-    println!("Part 2: the eBPF source counter\n");
-    let net = |ip| IpNetwork::V4(Ipv4Network::new(ip, 24).expect("valid /24"));
-    println!(
-        "Building a lab: namespace 'peer' ({}, {}) --veth-- namespace 'host' ({HOST_ADDR})",
-        PEER_ADDRS[0], PEER_ADDRS[1]
+    let lab = VmLab::without_network("demo");
+    let server = HttpServer::start(
+        &lab.net.internet,
+        SocketAddrV4::new(SERVER_ADDR, 80),
+        "hello from the internet\n",
     );
-    let lab = VethLab::new(&PEER_ADDRS.map(net), &[net(HOST_ADDR)]);
+    say("the lab: namespaces made for this demo (the machine's own network is not touched)");
+    println!("  host      bridge micropod0 (made below), uplink uplink0 {UPLINK_ADDR}/24");
     println!(
-        "  peer: {}\n  host: {}",
-        lab.a.path().display(),
-        lab.b.path().display()
+        "  internet  a web server at {SERVER_ADDR}, no route back to the VMs' subnet: only NAT gets answers"
     );
 
-    let rx = lab.b.udp(SocketAddr::new(HOST_ADDR.into(), 9000));
-    let senders: Vec<_> = TRAFFIC
-        .iter()
-        .map(|(src, ..)| lab.a.udp(SocketAddr::new((*src).into(), 0)))
-        .collect();
-    for tx in &senders {
-        warm_up(tx, &rx);
-    }
+    say("the network");
+    show(&lab, ["network", "up"])?;
 
-    println!(
-        "\n$ micropod count-sources --netns {} --iface {} --duration 3",
-        lab.b.path().display(),
-        VethLab::B_IF
-    );
-    let run = CountSources::start(lab.b.path(), VethLab::B_IF, 3, false)?;
-    for line in &run.started {
-        eprint!("  {line}");
+    say("two MicroVMs (QEMU microvm; each fetches a page from the internet server as it boots)");
+    let fetch = format!("micropod.fetch=http://{SERVER_ADDR}/");
+    let mut addrs = Vec::new();
+    for name in VMS {
+        let mut args: Vec<&OsStr> = ["run", "--kernel"].map(OsStr::new).to_vec();
+        args.push(lab.guest.kernel.as_os_str());
+        args.push(OsStr::new("--initrd"));
+        args.push(lab.guest.initrd.as_os_str());
+        args.extend(["--name", name, "--cmdline", &fetch].map(OsStr::new));
+        show(&lab, &args)?;
+        let vm = json(&lab, &["inspect", name])?;
+        let ip: Ipv4Addr = vm["network"]["ip"]
+            .as_str()
+            .context("the VM's address")?
+            .parse()?;
+        addrs.push(ip);
     }
-    for ((src, count, payload), tx) in TRAFFIC.iter().zip(&senders) {
-        println!("  sending {count} UDP datagrams of {payload} bytes from {src}");
-        send_and_confirm(
-            tx,
-            &rx,
-            usize::try_from(*count)?,
-            usize::try_from(*payload)?,
-        );
-    }
-    let (out, logs) = run.finish()?;
-    for line in logs {
-        eprintln!("  {line}");
-    }
-    if !out.status.success() {
-        bail!("micropod count-sources failed: {}", out.status);
-    }
-    println!("\n{}", String::from_utf8_lossy(&out.stdout));
+    show(&lab, ["ps"])?;
 
-    println!("Expected (bytes = packets x (14 Ethernet + 20 IPv4 + 8 UDP + payload)):");
-    let report = String::from_utf8_lossy(&out.stdout);
-    let mut all_match = true;
-    for (src, count, payload) in TRAFFIC {
-        let bytes = count * (14 + 20 + 8 + payload);
-        let matched = report.lines().any(|l| {
-            let cols: Vec<_> = l.split_whitespace().collect();
-            cols == [src.to_string(), count.to_string(), bytes.to_string()]
-        });
-        all_match &= matched;
+    say("waiting for both guests to boot (`micropod logs -f NAME` shows the console)");
+    let started = Instant::now();
+    for name in VMS {
+        wait_console(&lab, name, READY)?;
         println!(
-            "  {src:<14} {count:>6} packets {bytes:>8} bytes  {}",
-            if matched { "matches" } else { "MISMATCH" }
+            "  {name}: ready after {:.1} s",
+            started.elapsed().as_secs_f64()
         );
     }
-    println!("\nRemoving the lab.");
-    drop(lab);
-    if !all_match {
-        bail!("the eBPF counters disagree with the traffic sent");
+
+    say("curl from the host to each VM's web server, over the bridge");
+    for ip in &addrs {
+        let url = format!("http://{ip}/");
+        println!("$ curl {url}");
+        let page = curl_in_host(&lab, &url)?;
+        print!("{page}");
     }
-    println!("Done: the eBPF program counted every packet and byte.");
+
+    say("each VM reached the internet server through the NAT");
+    for name in VMS {
+        let console = wait_console(&lab, name, FETCHED)?;
+        let line = console
+            .lines()
+            .find(|l| l.contains(FETCHED))
+            .unwrap_or_default();
+        println!("  {name} console: {}", line.trim());
+        ensure!(
+            line.contains("fetch ok"),
+            "{name} could not fetch from the internet"
+        );
+    }
+    let peers = server.peers();
+    println!(
+        "  the server saw {} request(s), from {:?}",
+        peers.len(),
+        peers
+            .iter()
+            .map(|p| p.ip())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    ensure!(
+        peers
+            .iter()
+            .all(|p| p.ip() == std::net::IpAddr::V4(UPLINK_ADDR)),
+        "requests should come from the uplink address"
+    );
+
+    say("per-VM counters and the NAT table, read from the pinned BPF maps");
+    show(&lab, ["stats"])?;
+    show(&lab, ["network", "status"])?;
+
+    say("stop the VMs (ACPI power button; the TAP and the address are released)");
+    for name in VMS {
+        show(&lab, ["stop", name])?;
+    }
+    show(&lab, ["network", "down"])?;
+    say("done: everything the demo made is removed as it exits");
     Ok(())
+}
+
+fn wait_console(lab: &VmLab, name: &str, needle: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let out = lab.net.run(["logs", name]);
+        let console = String::from_utf8_lossy(&out.stdout).into_owned();
+        if console.contains(needle) {
+            return Ok(console);
+        }
+        if Instant::now() > deadline {
+            bail!("{needle:?} not on {name}'s console within {BOOT:?}:\n{console}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `curl` run inside the host namespace (retrying while the guest's httpd starts).
+fn curl_in_host(lab: &VmLab, url: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", lab.net.host.path().display()))
+            .args(["curl", "-sS", "--max-time", "5", url])
+            .output()
+            .context("running curl")?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        if Instant::now() > deadline {
+            bail!("curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

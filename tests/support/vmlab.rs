@@ -32,6 +32,8 @@ pub fn guest() -> Guest {
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"),
         PathBuf::from,
     );
+    // Shorter in what tests and the demo print; unchanged if it does not exist yet.
+    let dir = dir.canonicalize().unwrap_or(dir);
     let guest = Guest {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.img"),

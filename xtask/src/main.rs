@@ -178,10 +178,12 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo(_root: &Path) -> anyhow::Result<()> {
+fn demo(root: &Path) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and loads eBPF: run it as root");
     }
+    step("the test guest (cached after the first build)");
+    guest::build(root)?;
     step("building micropod and the demo");
     run(cargo([
         "build",

@@ -62,7 +62,9 @@ impl Vmm for Firecracker {
     /// `reboot=k`: the guest's reboot (after `SendCtrlAltDel`) ends Firecracker; `panic=1`:
     /// a guest panic does too, instead of hanging; `pci=off`: Firecracker has no PCI bus.
     fn kernel_args(&self) -> Result<Vec<String>, VmmError> {
-        Ok(["reboot=k", "panic=1", "pci=off"].map(String::from).to_vec())
+        Ok(["reboot=k", "panic=1", "pci=off"]
+            .map(String::from)
+            .to_vec())
     }
 
     fn binary(&self) -> Result<PathBuf, VmmError> {
