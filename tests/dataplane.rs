@@ -203,10 +203,49 @@ fn conntrack_flows_to_server(lab: &NetLab) -> usize {
         .count()
 }
 
+/// A probe in the host namespace: counters in the IPv4 PREROUTING hook (which bridged frames
+/// also pass when br_netfilter is loaded) for packets to and from the internet server.
+fn prerouting_probe(lab: &NetLab) {
+    let rules = format!(
+        "table ip mptest {{\n  chain pre {{\n    type filter hook prerouting priority -400;\n    \
+         ip daddr {SERVER_ADDR} counter\n    ip saddr {SERVER_ADDR} counter\n  }}\n}}\n"
+    );
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", lab.host.path().display()))
+        .args(["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(rules.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("running nft");
+    assert!(out.status.success(), "adding the probe table");
+}
+
+/// Packets the probe counted: (to the server, from the server).
+fn prerouting_packets(lab: &NetLab) -> (u64, u64) {
+    let v: Value = serde_json::from_str(&query(
+        lab.host.path(),
+        "nft",
+        &["-j", "list", "table", "ip", "mptest"],
+    ))
+    .unwrap();
+    let counts: Vec<u64> = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .filter_map(|e| e.iter().find_map(|x| x["counter"]["packets"].as_u64()))
+        .collect();
+    (counts[0], counts[1])
+}
+
 fn reach_the_internet(datapath: &str) {
     let lab = Lab::new(&format!("reach-{datapath}"), datapath, 1, &[]);
     let status = lab.net.json(["network", "status", "--json"]);
     assert_eq!(status["network"]["datapath"], datapath);
+    prerouting_probe(&lab.net);
     let http_peers = http_server(&lab.net.internet);
     let udp_peers = udp_echo(&lab.net.internet);
     let ep = &lab.eps[0];
@@ -234,8 +273,14 @@ fn reach_the_internet(datapath: &str) {
         );
     }
     let tracked = conntrack_flows_to_server(&lab.net);
+    let (to_server, from_server) = prerouting_packets(&lab.net);
     if datapath == "ebpf" {
         assert_eq!(tracked, 0, "fast-path flows never enter conntrack");
+        assert_eq!(
+            (to_server, from_server),
+            (0, 0),
+            "fast-path packets never reach netfilter's PREROUTING, bridged or routed"
+        );
         let nat = &lab.stats()["nat"];
         assert!(
             counter(nat, "flows_created") >= 3,
@@ -243,8 +288,12 @@ fn reach_the_internet(datapath: &str) {
         );
         assert!(counter(nat, "inbound_packets") > 0);
     } else {
-        // The control: the same check sees MASQUERADE's flows.
+        // The control: the same checks see MASQUERADE's flows.
         assert!(tracked >= 3, "netfilter tracks its flows ({tracked})");
+        assert!(
+            to_server > 100 && from_server > 100,
+            "{to_server} {from_server}"
+        );
     }
 }
 
@@ -646,7 +695,11 @@ fn detach_and_down_remove_exactly_what_they_added() {
         .attach(host.ns(), UPLINK, micropod::datapath::Direction::Ingress)
         .expect("attaching count_src");
     assert_eq!(tcx_programs(host, UPLINK, Ingress), 2);
-    assert_eq!(tcx_programs(host, "micropod0", Ingress), 1);
+    assert_eq!(
+        tcx_programs(host, "micropod0", Ingress),
+        0,
+        "the bridge needs no program"
+    );
     for ep in &lab.eps {
         assert_eq!(tcx_programs(host, &ep.port, Ingress), 1);
         assert_eq!(tcx_programs(host, &ep.port, Egress), 1);

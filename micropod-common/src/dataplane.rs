@@ -5,12 +5,11 @@
 
 use core::mem::size_of;
 
-/// TC program on each endpoint port's ingress (frames the endpoint sends): counts, anti-spoofing.
+/// TC program on each endpoint port's ingress (frames the endpoint sends): counts,
+/// anti-spoofing, SNAT of flows to the outside.
 pub const PORT_INGRESS_PROGRAM: &str = "port_ingress";
 /// TC program on each endpoint port's egress (frames to the endpoint): counts.
 pub const PORT_EGRESS_PROGRAM: &str = "port_egress";
-/// TC program on the bridge's ingress (frames the endpoints send to the gateway): SNAT.
-pub const BRIDGE_INGRESS_PROGRAM: &str = "bridge_ingress";
 /// TC program on the uplink's ingress: reverse SNAT of replies.
 pub const UPLINK_INGRESS_PROGRAM: &str = "uplink_ingress";
 

@@ -1,5 +1,5 @@
-//! The data plane: per-endpoint counters and anti-spoofing on each endpoint's port, SNAT on the
-//! bridge, reverse SNAT on the uplink.
+//! The data plane: per-endpoint counters, anti-spoofing and SNAT on each endpoint's port,
+//! reverse SNAT on the uplink.
 //!
 //! Headers are parsed once with direct packet access; changes go through the skb helpers
 //! (`bpf_skb_store_bytes`, `bpf_l3/l4_csum_replace`), which keep `CHECKSUM_PARTIAL` and GSO
@@ -76,6 +76,11 @@ const AF_INET: u8 = 2;
 // ---------------------------------------------------------------------------------------------
 // Endpoint ports
 
+/// Frames an endpoint sends: counted, checked for spoofing, and — for a flow to the outside —
+/// translated and handed to the uplink right here, before the frame enters the bridge. (On a
+/// host with br_netfilter loaded, as these machines and Kubernetes nodes have, every frame
+/// that enters a bridge goes through the IPv4 PREROUTING hooks and conntrack before the
+/// bridge device's own TC hook runs; only the port's hook comes earlier.)
 #[classifier]
 fn port_ingress(ctx: TcContext) -> i32 {
     let Some(ep) = port_endpoint(&ctx) else {
@@ -89,15 +94,16 @@ fn port_ingress(ctx: TcContext) -> i32 {
             (*c).tx_bytes += u64::from(ctx.len());
         }
     }
-    match spoofed(&ctx, &ep) {
-        None => TC_ACT_UNSPEC,
-        Some(reason) => {
+    match from_endpoint(&ctx, &ep) {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop(reason) => {
             if let Some(c) = counters {
                 // SAFETY: as above.
                 unsafe { (*c).drops[reason as usize] += 1 };
             }
             TC_ACT_SHOT
         }
+        Verdict::Outbound(flow, cfg) => snat(&ctx, &flow, cfg),
     }
 }
 
@@ -124,32 +130,59 @@ fn port_endpoint(ctx: &TcContext) -> Option<Endpoint> {
     unsafe { PORTS.get(&ifindex) }.copied()
 }
 
-/// Why a frame from `ep` must be dropped, if it must.
+enum Verdict {
+    /// Leave it to the bridge and the stack.
+    Pass,
+    Drop(DropReason),
+    /// A flow for the SNAT fast path.
+    Outbound(Flow, &'static DatapathConfig),
+}
+
+/// What to do with a frame from `ep`, parsing each header once.
 #[inline(always)]
-fn spoofed(ctx: &TcContext, ep: &Endpoint) -> Option<DropReason> {
-    let start = headers(ctx, ETH_HLEN)?;
+fn from_endpoint(ctx: &TcContext, ep: &Endpoint) -> Verdict {
+    let Some(start) = headers(ctx, ETH_HLEN) else {
+        return Verdict::Pass;
+    };
     // SAFETY: `headers` checked that ETH_HLEN bytes from `start` are in the packet.
-    let (src_mac, proto) = unsafe {
+    let (dst_mac, src_mac, proto) = unsafe {
         (
+            read::<[u8; 6]>(start),
             read::<[u8; 6]>(start + 6),
             u16::from_be_bytes(read::<[u8; 2]>(start + 12)),
         )
     };
     if src_mac != ep.mac {
-        return Some(DropReason::SpoofedMac);
+        return Verdict::Drop(DropReason::SpoofedMac);
     }
     match proto {
         ETH_P_IP => {
-            let Some(start) = headers(ctx, IP_SRC_OFF + 4) else {
-                return Some(DropReason::SpoofedIp);
+            let Some(ip) = ipv4(ctx) else {
+                return Verdict::Drop(DropReason::SpoofedIp);
             };
-            // SAFETY: checked by `headers`.
-            let src = unsafe { read::<[u8; 4]>(start + IP_SRC_OFF) };
-            (src != ep.ip).then_some(DropReason::SpoofedIp)
+            if ip.src != ep.ip {
+                return Verdict::Drop(DropReason::SpoofedIp);
+            }
+            // Routed traffic is addressed to the gateway, the bridge's MAC.
+            let Some(cfg) = CONFIG.get(0) else {
+                return Verdict::Pass;
+            };
+            if dst_mac != cfg.bridge_mac
+                || cfg.uplink_ip == [0; 4]
+                || !ip.plain
+                || ip.ttl <= 1
+                || in_subnet(ip.dst, cfg)
+            {
+                return Verdict::Pass;
+            }
+            match transport(ctx, &ip, ICMP_ECHO_REQUEST) {
+                Some(flow) => Verdict::Outbound(flow, cfg),
+                None => Verdict::Pass,
+            }
         }
         ETH_P_ARP => {
             let Some(start) = headers(ctx, ARP_SPA_OFF + 4) else {
-                return Some(DropReason::SpoofedArp);
+                return Verdict::Drop(DropReason::SpoofedArp);
             };
             // SAFETY: checked by `headers`.
             let (sha, spa) = unsafe {
@@ -159,14 +192,29 @@ fn spoofed(ctx: &TcContext, ep: &Endpoint) -> Option<DropReason> {
                 )
             };
             // A sender address of 0.0.0.0 is an ARP probe (RFC 5227), not a claim.
-            (sha != ep.mac || (spa != ep.ip && spa != [0; 4])).then_some(DropReason::SpoofedArp)
+            if sha != ep.mac || (spa != ep.ip && spa != [0; 4]) {
+                Verdict::Drop(DropReason::SpoofedArp)
+            } else {
+                Verdict::Pass
+            }
         }
-        _ => None,
+        _ => Verdict::Pass,
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // SNAT
+
+/// The fixed IPv4 header fields the data plane needs.
+struct Ipv4 {
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    ttl: u8,
+    tos: u8,
+    /// No options and not a fragment: the only packets the fast path takes.
+    plain: bool,
+}
 
 /// The parts of an IPv4 packet the NAT needs, read once.
 struct Flow {
@@ -183,31 +231,18 @@ struct Flow {
     l4_csum: bool,
 }
 
-/// Frames the endpoints send to the gateway: flows leaving through the uplink are translated to
-/// the uplink's address and handed to it directly, skipping the stack and netfilter.
-#[classifier]
-fn bridge_ingress(ctx: TcContext) -> i32 {
-    let Some(cfg) = CONFIG.get(0) else {
+/// Translates an outbound flow to the uplink's address and hands it to the uplink, if the FIB
+/// sends it there; otherwise leaves it to the stack.
+#[inline(always)]
+fn snat(ctx: &TcContext, flow: &Flow, cfg: &DatapathConfig) -> i32 {
+    // The route as the stack would see it: arriving on the bridge.
+    let Some(nexthop) = route(ctx, flow, cfg.bridge_ifindex, cfg.uplink_ifindex) else {
         return TC_ACT_UNSPEC;
     };
-    if cfg.uplink_ip == [0; 4] {
-        return TC_ACT_UNSPEC;
-    }
-    let Some(flow) = parse(&ctx, Some(cfg.bridge_mac), ICMP_ECHO_REQUEST) else {
-        return TC_ACT_UNSPEC;
-    };
-    if !in_subnet(flow.src, cfg) || in_subnet(flow.dst, cfg) || flow.ttl <= 1 {
-        return TC_ACT_UNSPEC;
-    }
-    // SAFETY: the context of a TC program is the kernel's `__sk_buff`.
-    let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
-    let Some(nexthop) = route(&ctx, &flow, ifindex, cfg.uplink_ifindex) else {
-        return TC_ACT_UNSPEC;
-    };
-    let Some(port) = outbound_port(&flow, cfg) else {
+    let Some(port) = outbound_port(flow, cfg) else {
         return TC_ACT_SHOT;
     };
-    if rewrite(&ctx, &flow, Rewrite::Source(cfg.uplink_ip, port)).is_none() {
+    if rewrite(ctx, flow, Rewrite::Source(cfg.uplink_ip, port)).is_none() {
         return TC_ACT_SHOT;
     }
     stat(|s| s.outbound_packets += 1);
@@ -235,12 +270,23 @@ fn uplink_ingress(ctx: TcContext) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
         return TC_ACT_UNSPEC;
     };
-    let Some(flow) = parse(&ctx, None, ICMP_ECHO_REPLY) else {
+    let Some(start) = headers(&ctx, ETH_HLEN) else {
         return TC_ACT_UNSPEC;
     };
-    if flow.dst != cfg.uplink_ip || flow.ttl <= 1 {
+    // SAFETY: checked by `headers`.
+    let proto = unsafe { u16::from_be_bytes(read::<[u8; 2]>(start + 12)) };
+    if proto != ETH_P_IP {
         return TC_ACT_UNSPEC;
     }
+    let Some(ip) = ipv4(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    if ip.dst != cfg.uplink_ip || !ip.plain || ip.ttl <= 1 {
+        return TC_ACT_UNSPEC;
+    }
+    let Some(flow) = transport(&ctx, &ip, ICMP_ECHO_REPLY) else {
+        return TC_ACT_UNSPEC;
+    };
     // In replies the echo id sits in the "destination port" slot; see NatKey.
     let (sport, dport) = if flow.proto == IPPROTO_ICMP {
         (0, flow.sport)
@@ -282,16 +328,13 @@ fn uplink_ingress(ctx: TcContext) -> i32 {
     unsafe { bpf_redirect(ep.ifindex, 0) as i32 }
 }
 
-/// Parses an Ethernet + IPv4 (no options, not a fragment) + TCP/UDP/ICMP echo (`icmp_type`)
-/// packet, optionally only if it is addressed to `dst_mac`.
+/// The IPv4 header of an Ethernet frame known to carry IPv4.
 #[inline(always)]
-fn parse(ctx: &TcContext, dst_mac: Option<[u8; 6]>, icmp_type: u8) -> Option<Flow> {
+fn ipv4(ctx: &TcContext) -> Option<Ipv4> {
     let start = headers(ctx, L4_OFF)?;
     // SAFETY: `headers` checked that L4_OFF bytes from `start` are in the packet.
-    let (mac, proto, vihl, tos, frag, ttl, l4, src, dst) = unsafe {
+    let (vihl, tos, frag, ttl, proto, src, dst) = unsafe {
         (
-            read::<[u8; 6]>(start),
-            u16::from_be_bytes(read::<[u8; 2]>(start + 12)),
             read::<u8>(start + IP_OFF),
             read::<u8>(start + IP_OFF + 1),
             u16::from_be_bytes(read::<[u8; 2]>(start + IP_OFF + 6)),
@@ -301,15 +344,20 @@ fn parse(ctx: &TcContext, dst_mac: Option<[u8; 6]>, icmp_type: u8) -> Option<Flo
             read::<[u8; 4]>(start + IP_DST_OFF),
         )
     };
-    if proto != ETH_P_IP || vihl != 0x45 || frag & 0x3fff != 0 {
-        return None;
-    }
-    if let Some(want) = dst_mac
-        && mac != want
-    {
-        return None;
-    }
-    let (sport, dport, tcp_flags, l4_csum) = match l4 {
+    Some(Ipv4 {
+        src,
+        dst,
+        proto,
+        ttl,
+        tos,
+        plain: vihl == 0x45 && frag & 0x3fff == 0,
+    })
+}
+
+/// The TCP/UDP ports or the ICMP echo id (`icmp_type`) of a plain IPv4 packet.
+#[inline(always)]
+fn transport(ctx: &TcContext, ip: &Ipv4, icmp_type: u8) -> Option<Flow> {
+    let (sport, dport, tcp_flags, l4_csum) = match ip.proto {
         IPPROTO_TCP => {
             let s = headers(ctx, L4_OFF + 20)?;
             // SAFETY: checked by `headers`.
@@ -352,13 +400,13 @@ fn parse(ctx: &TcContext, dst_mac: Option<[u8; 6]>, icmp_type: u8) -> Option<Flo
         _ => return None,
     };
     Some(Flow {
-        src,
-        dst,
+        src: ip.src,
+        dst: ip.dst,
         sport,
         dport,
-        proto: l4,
-        ttl,
-        tos,
+        proto: ip.proto,
+        ttl: ip.ttl,
+        tos: ip.tos,
         tcp_flags,
         l4_csum,
     })

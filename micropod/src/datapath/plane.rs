@@ -1,10 +1,10 @@
-//! The data plane: micropod-ebpf's TC programs on the bridge, the uplink and each endpoint's
-//! port, and the maps they share, all pinned under the network's BPF pin dir so that they
+//! The data plane: micropod-ebpf's TC programs on each endpoint's port and on the uplink, and
+//! the maps they share, all pinned under the network's BPF pin dir so that they
 //! outlive the command that made them.
 //!
 //! Layout of the pin dir:
 //! - `maps/<NAME>`: PORTS, ENDPOINTS, EP_COUNTERS, NAT, CONFIG, NAT_STATS;
-//! - `progs/<program>`: the four loaded programs, so later commands attach them to new ports;
+//! - `progs/<program>`: the three loaded programs, so later commands attach them to new ports;
 //! - `links/<ifname>-<ingress|egress>`: one TCX link per hook (bpffs refuses dots in names). Removing the pin releases the
 //!   link, which detaches the program.
 
@@ -22,11 +22,10 @@ use aya::{
 };
 use ipnetwork::Ipv4Network;
 use micropod_common::{
-    BRIDGE_INGRESS_PROGRAM, CONFIG_MAP, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP,
-    Endpoint, EndpointCounters, ICMP_TIMEOUT_S, IPPROTO_ICMP, Ipv4Key, NAT_INBOUND, NAT_MAP,
-    NAT_OUTBOUND, NAT_STATS_MAP, NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM,
-    PORT_INGRESS_PROGRAM, PORTS_MAP, TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S,
-    UPLINK_INGRESS_PROGRAM,
+    CONFIG_MAP, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP, Endpoint, EndpointCounters,
+    ICMP_TIMEOUT_S, IPPROTO_ICMP, Ipv4Key, NAT_INBOUND, NAT_MAP, NAT_OUTBOUND, NAT_STATS_MAP,
+    NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP,
+    TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
 };
 use serde::Serialize;
 
@@ -40,10 +39,9 @@ const MAPS: [&str; 6] = [
     CONFIG_MAP,
     NAT_STATS_MAP,
 ];
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 3] = [
     PORT_INGRESS_PROGRAM,
     PORT_EGRESS_PROGRAM,
-    BRIDGE_INGRESS_PROGRAM,
     UPLINK_INGRESS_PROGRAM,
 ];
 
@@ -55,7 +53,8 @@ pub const OBJECT_ENV: &str = "MICROPOD_BPF_OBJECT";
 #[derive(Clone, Debug)]
 pub struct PlaneSettings {
     pub subnet: Ipv4Network,
-    pub bridge: String,
+    /// The bridge: the FIB lookup's input interface, and the source MAC of frames the data
+    /// plane delivers to endpoints.
     pub bridge_ifindex: u32,
     pub bridge_mac: [u8; 6],
     /// The uplink and its IPv4 address; without one the SNAT fast path is off (the counters
@@ -123,7 +122,7 @@ impl DataPlane {
     }
 
     /// Loads the programs, pins them and their maps, writes the settings and attaches the
-    /// bridge and uplink hooks. On failure, removes whatever it pinned.
+    /// uplink hook. On failure, removes whatever it pinned.
     pub fn install(&self, settings: &PlaneSettings) -> Result<(), DatapathError> {
         let result = self.try_install(settings);
         if result.is_err() {
@@ -195,15 +194,8 @@ impl DataPlane {
         map.set(0, &config, 0).map_err(map_err(CONFIG_MAP))
     }
 
-    /// (Re)attaches the bridge and uplink programs, replacing earlier links of this network
-    /// (the bridge may have been recreated by a repairing `up`).
+    /// (Re)attaches the uplink program, replacing an earlier link of this network.
     pub fn attach_network_hooks(&self, settings: &PlaneSettings) -> Result<(), DatapathError> {
-        self.attach(
-            BRIDGE_INGRESS_PROGRAM,
-            &settings.bridge,
-            settings.bridge_ifindex,
-            Direction::Ingress,
-        )?;
         if let Some((name, index, _)) = &settings.uplink {
             self.attach(UPLINK_INGRESS_PROGRAM, name, *index, Direction::Ingress)?;
         }

@@ -301,7 +301,6 @@ impl super::Network {
         };
         let settings = PlaneSettings {
             subnet: cfg.subnet,
-            bridge: cfg.bridge.clone(),
             bridge_ifindex,
             bridge_mac: Mac::for_ip(cfg.gateway).0,
             uplink,
