@@ -7,8 +7,10 @@
 //! Each mode gets a lab of its own (a "host" namespace with micropod's bridge and an uplink to
 //! an "internet" namespace running nginx and iperf3, and one endpoint namespace), built once
 //! and measured in turn: single-stream TCP throughput (iperf3) and the short-connection rate
-//! (wrk, a new TCP connection per request with `Connection: close`). Medians and ratios are
-//! printed; absolute figures on shared machines are noise, the ratios are the result.
+//! (wrk, a new TCP connection per request with `Connection: close`). Absolute figures on these
+//! shared VMs swing by ±30 % from one second to the next, so each round measures every mode
+//! back to back and the result is the median over rounds of the per-round ratio (paired
+//! samples cancel the slow drift); the medians of the raw figures are printed too.
 //!
 //! Usage: `micropod-bench-datapath [--rounds N] [--seconds S] [--quick] [--json]` (as root).
 
@@ -33,8 +35,8 @@ use serde_json::{Value, json};
 
 const USAGE: &str = "\
 usage: micropod-bench-datapath [--rounds N] [--seconds S] [--quick] [--json]
-  --rounds N   measurement rounds; each round measures every mode once, in rotating order (default 3)
-  --seconds S  duration of each iperf3 and wrk run (default 3)
+  --rounds N   measurement rounds; each round measures every mode once, in rotating order (default 7)
+  --seconds S  duration of each iperf3 and wrk run (default 2)
   --quick      one round of one second: a smoke run
   --json       machine-readable output on stdout";
 
@@ -72,8 +74,8 @@ struct Args {
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut args = Args {
-        rounds: 3,
-        seconds: 3,
+        rounds: 7,
+        seconds: 2,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -431,8 +433,17 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     }
     drop(labs);
 
-    let med = |v: &Vec<Vec<f64>>, m: Mode| median(&v[MODES.iter().position(|x| *x == m).unwrap()]);
-    let ratio = |v: &Vec<Vec<f64>>, a: Mode, b: Mode| med(v, a) / med(v, b);
+    let idx = |m: Mode| MODES.iter().position(|x| *x == m).expect("a mode");
+    let med = |v: &Vec<Vec<f64>>, m: Mode| median(&v[idx(m)]);
+    // The median of the per-round ratios: each round measured both modes back to back.
+    let ratio = |v: &Vec<Vec<f64>>, a: Mode, b: Mode| {
+        let per_round: Vec<f64> = v[idx(a)]
+            .iter()
+            .zip(&v[idx(b)])
+            .map(|(x, y)| x / y)
+            .collect();
+        median(&per_round)
+    };
     let report = json!({
         "rounds": args.rounds,
         "seconds": args.seconds,
