@@ -149,6 +149,45 @@ pub struct NatKey {
 
 const _: () = assert!(size_of::<NatKey>() == 16);
 
+impl NatKey {
+    /// The reply key of the flow whose outbound entry is `(outbound, translated)`: the reply
+    /// comes from the remote's port (ICMP: none) to the translated address and port.
+    #[inline(always)]
+    #[must_use]
+    pub fn reply_of(outbound: &Self, translated: &NatEntry) -> Self {
+        Self {
+            src_ip: outbound.dst_ip,
+            dst_ip: translated.addr,
+            src_port: if outbound.proto == IPPROTO_ICMP {
+                0
+            } else {
+                outbound.dst_port
+            },
+            dst_port: translated.port,
+            proto: outbound.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The outbound key of the flow whose reply entry is `(reply, original)`.
+    #[inline(always)]
+    #[must_use]
+    pub fn outbound_of(reply: &Self, original: &NatEntry) -> Self {
+        Self {
+            src_ip: original.addr,
+            dst_ip: reply.src_ip,
+            src_port: original.port,
+            dst_port: if reply.proto == IPPROTO_ICMP {
+                0
+            } else {
+                reply.src_port
+            },
+            proto: reply.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// [`NatEntry::direction`] of an entry keyed by the outbound packet.
 pub const NAT_OUTBOUND: u8 = 0;
 /// [`NatEntry::direction`] of an entry keyed by the reply.
@@ -250,5 +289,87 @@ impl NatEntry {
             _ => cfg.icmp_timeout_s,
         };
         now_ns.saturating_sub(self.last_seen_ns) > u64::from(timeout_s) * 1_000_000_000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys the programs write for one flow, built here the way `outbound_port` does.
+    fn flow(proto: u8) -> (NatKey, NatEntry, NatKey, NatEntry) {
+        let (ep, remote, uplink) = ([10, 10, 0, 2], [198, 51, 100, 10], [203, 0, 113, 1]);
+        let (sport, dport, nat_port) = (40000u16.to_be(), 80u16.to_be(), 51234u16.to_be());
+        let icmp = proto == IPPROTO_ICMP;
+        let outbound = NatKey {
+            src_ip: ep,
+            dst_ip: remote,
+            src_port: sport,
+            dst_port: if icmp { 0 } else { dport },
+            proto,
+            _pad: [0; 3],
+        };
+        let translated = NatEntry {
+            last_seen_ns: 1,
+            addr: uplink,
+            port: nat_port,
+            direction: NAT_OUTBOUND,
+            tcp_state: 0,
+        };
+        let reply = NatKey {
+            src_ip: remote,
+            dst_ip: uplink,
+            src_port: if icmp { 0 } else { dport },
+            dst_port: nat_port,
+            proto,
+            _pad: [0; 3],
+        };
+        let original = NatEntry {
+            last_seen_ns: 1,
+            addr: ep,
+            port: sport,
+            direction: NAT_INBOUND,
+            tcp_state: 0,
+        };
+        (outbound, translated, reply, original)
+    }
+
+    #[test]
+    fn a_flows_two_keys_lead_to_each_other() {
+        for proto in [IPPROTO_TCP, IPPROTO_ICMP] {
+            let (outbound, translated, reply, original) = flow(proto);
+            assert_eq!(
+                NatKey::outbound_of(&reply, &original),
+                outbound,
+                "proto {proto}"
+            );
+            assert_eq!(
+                NatKey::reply_of(&outbound, &translated),
+                reply,
+                "proto {proto}"
+            );
+        }
+    }
+
+    #[test]
+    fn staleness_follows_the_protocol_and_tcp_state() {
+        let cfg = DatapathConfig {
+            tcp_timeout_s: 100,
+            tcp_closing_timeout_s: 10,
+            udp_timeout_s: 50,
+            icmp_timeout_s: 5,
+            ..Default::default()
+        };
+        let s = 1_000_000_000u64;
+        let mut e = NatEntry {
+            last_seen_ns: 0,
+            ..Default::default()
+        };
+        assert!(!e.is_stale(IPPROTO_TCP, 99 * s, &cfg));
+        assert!(e.is_stale(IPPROTO_TCP, 101 * s, &cfg));
+        e.tcp_state = TCP_CLOSING;
+        assert!(e.is_stale(IPPROTO_TCP, 11 * s, &cfg));
+        assert!(!e.is_stale(IPPROTO_UDP, 49 * s, &cfg));
+        assert!(e.is_stale(IPPROTO_ICMP, 6 * s, &cfg));
     }
 }

@@ -475,19 +475,15 @@ fn outbound_port(flow: &Flow, cfg: &DatapathConfig) -> Option<u16> {
         direction: NAT_INBOUND,
         tcp_state: state,
     };
-    // Replies come from the remote's port (ICMP: none) to ours.
-    let mut reply = NatKey {
-        src_ip: flow.dst,
-        dst_ip: cfg.uplink_ip,
-        src_port: if flow.proto == IPPROTO_ICMP {
-            0
-        } else {
-            flow.dport
-        },
-        dst_port: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
+    // The reply slot for our own port first.
+    let mut translated = NatEntry {
+        last_seen_ns: now,
+        addr: cfg.uplink_ip,
+        port: flow.sport,
+        direction: NAT_OUTBOUND,
+        tcp_state: state,
     };
+    let mut reply = NatKey::reply_of(&key, &translated);
     let mut found = false;
     for i in 0..=NAT_PROBES {
         if i > 0 {
@@ -522,13 +518,7 @@ fn outbound_port(flow: &Flow, cfg: &DatapathConfig) -> Option<u16> {
         drop_new_flow(flow.src, DropReason::NatNoPort);
         return None;
     }
-    let translated = NatEntry {
-        last_seen_ns: now,
-        addr: cfg.uplink_ip,
-        port: reply.dst_port,
-        direction: NAT_OUTBOUND,
-        tcp_state: state,
-    };
+    translated.port = reply.dst_port;
     if NAT.insert(&key, &translated, u64::from(BPF_ANY)).is_err() {
         let _ = NAT.remove(&reply);
         drop_new_flow(flow.src, DropReason::NatTableFull);
@@ -555,18 +545,7 @@ fn claim(reply: &NatKey, original: &NatEntry, now: u64, cfg: &DatapathConfig) ->
     if !held.is_stale(reply.proto, now, cfg) {
         return false;
     }
-    let old_outbound = NatKey {
-        src_ip: held.addr,
-        dst_ip: reply.src_ip,
-        src_port: held.port,
-        dst_port: if reply.proto == IPPROTO_ICMP {
-            0
-        } else {
-            reply.src_port
-        },
-        proto: reply.proto,
-        _pad: [0; 3],
-    };
+    let old_outbound = NatKey::outbound_of(reply, &held);
     // SAFETY: copied out at once.
     if let Some(out) = unsafe { NAT.get(&old_outbound) }
         && !out.is_stale(reply.proto, now, cfg)

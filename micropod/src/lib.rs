@@ -13,3 +13,17 @@ pub mod network;
 pub mod state;
 pub mod vm;
 pub mod vmm;
+
+/// An error and its causes on one line (`what: because: because`), for logs and reports that
+/// collect several failures.
+#[must_use]
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

@@ -23,9 +23,9 @@ use aya::{
 use ipnetwork::Ipv4Network;
 use micropod_common::{
     CONFIG_MAP, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP, Endpoint, EndpointCounters,
-    ICMP_TIMEOUT_S, IPPROTO_ICMP, Ipv4Key, NAT_INBOUND, NAT_MAP, NAT_OUTBOUND, NAT_STATS_MAP,
-    NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP,
-    TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
+    ICMP_TIMEOUT_S, Ipv4Key, NAT_INBOUND, NAT_MAP, NAT_OUTBOUND, NAT_STATS_MAP, NatEntry, NatKey,
+    NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP, TCP_CLOSING_TIMEOUT_S,
+    TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
 };
 use serde::Serialize;
 
@@ -255,7 +255,7 @@ impl DataPlane {
         let key = Ipv4Key { addr: ip.octets() };
         let mut step = |what: &str, result: Result<(), DatapathError>| {
             if let Err(e) = result {
-                problems.push(format!("{what} of {ip}: {}", chain(&e)));
+                problems.push(format!("{what} of {ip}: {}", crate::error_chain(&e)));
             }
         };
         step(
@@ -316,7 +316,7 @@ impl DataPlane {
             if entry.direction != NAT_INBOUND {
                 continue;
             }
-            let outbound = outbound_key(key, entry);
+            let outbound = NatKey::outbound_of(key, entry);
             if stale(key) && stale(&outbound) {
                 doomed.push(*key);
                 if entries.contains_key(&outbound) {
@@ -327,7 +327,7 @@ impl DataPlane {
         // Outbound entries whose reply entry is gone: left by a flow that lost its slot.
         for (key, entry) in &entries {
             if entry.direction == NAT_OUTBOUND
-                && !entries.contains_key(&reply_key(key, entry))
+                && !entries.contains_key(&NatKey::reply_of(key, entry))
                 && stale(key)
             {
                 doomed.push(*key);
@@ -514,38 +514,6 @@ impl From<EndpointCounters> for EndpointStats {
     }
 }
 
-/// The outbound key of the flow whose reply entry is `(reply, original)`.
-fn outbound_key(reply: &NatKey, original: &NatEntry) -> NatKey {
-    NatKey {
-        src_ip: original.addr,
-        dst_ip: reply.src_ip,
-        src_port: original.port,
-        dst_port: if reply.proto == IPPROTO_ICMP {
-            0
-        } else {
-            reply.src_port
-        },
-        proto: reply.proto,
-        _pad: [0; 3],
-    }
-}
-
-/// The reply key of the flow whose outbound entry is `(outbound, translated)`.
-fn reply_key(outbound: &NatKey, translated: &NatEntry) -> NatKey {
-    NatKey {
-        src_ip: outbound.dst_ip,
-        dst_ip: translated.addr,
-        src_port: if outbound.proto == IPPROTO_ICMP {
-            0
-        } else {
-            outbound.dst_port
-        },
-        dst_port: translated.port,
-        proto: outbound.proto,
-        _pad: [0; 3],
-    }
-}
-
 /// The eBPF object: the built-in one, or the file named by [`OBJECT_ENV`].
 fn object() -> Result<std::borrow::Cow<'static, [u8]>, DatapathError> {
     if let Some(path) = std::env::var_os(OBJECT_ENV) {
@@ -587,91 +555,4 @@ fn monotonic_coarse_ns() -> u64 {
         .expect("CLOCK_MONOTONIC_COARSE exists on Linux");
     u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
         + u64::try_from(ts.tv_nsec()).unwrap_or(0)
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use micropod_common::{IPPROTO_TCP, NAT_INBOUND, NAT_OUTBOUND};
-
-    use super::*;
-
-    /// The keys the programs write for one flow, built here the way `outbound_port` does.
-    fn flow(proto: u8) -> (NatKey, NatEntry, NatKey, NatEntry) {
-        let (ep, remote, uplink) = ([10, 10, 0, 2], [198, 51, 100, 10], [203, 0, 113, 1]);
-        let (sport, dport, nat_port) = (40000u16.to_be(), 80u16.to_be(), 51234u16.to_be());
-        let icmp = proto == IPPROTO_ICMP;
-        let outbound = NatKey {
-            src_ip: ep,
-            dst_ip: remote,
-            src_port: sport,
-            dst_port: if icmp { 0 } else { dport },
-            proto,
-            _pad: [0; 3],
-        };
-        let translated = NatEntry {
-            last_seen_ns: 1,
-            addr: uplink,
-            port: nat_port,
-            direction: NAT_OUTBOUND,
-            tcp_state: 0,
-        };
-        let reply = NatKey {
-            src_ip: remote,
-            dst_ip: uplink,
-            src_port: if icmp { 0 } else { dport },
-            dst_port: nat_port,
-            proto,
-            _pad: [0; 3],
-        };
-        let original = NatEntry {
-            last_seen_ns: 1,
-            addr: ep,
-            port: sport,
-            direction: NAT_INBOUND,
-            tcp_state: 0,
-        };
-        (outbound, translated, reply, original)
-    }
-
-    #[test]
-    fn a_flows_two_keys_lead_to_each_other() {
-        for proto in [IPPROTO_TCP, IPPROTO_ICMP] {
-            let (outbound, translated, reply, original) = flow(proto);
-            assert_eq!(outbound_key(&reply, &original), outbound, "proto {proto}");
-            assert_eq!(reply_key(&outbound, &translated), reply, "proto {proto}");
-        }
-    }
-
-    #[test]
-    fn staleness_follows_the_protocol_and_tcp_state() {
-        let cfg = DatapathConfig {
-            tcp_timeout_s: 100,
-            tcp_closing_timeout_s: 10,
-            udp_timeout_s: 50,
-            icmp_timeout_s: 5,
-            ..Default::default()
-        };
-        let s = 1_000_000_000u64;
-        let mut e = NatEntry {
-            last_seen_ns: 0,
-            ..Default::default()
-        };
-        assert!(!e.is_stale(IPPROTO_TCP, 99 * s, &cfg));
-        assert!(e.is_stale(IPPROTO_TCP, 101 * s, &cfg));
-        e.tcp_state = micropod_common::TCP_CLOSING;
-        assert!(e.is_stale(IPPROTO_TCP, 11 * s, &cfg));
-        assert!(!e.is_stale(micropod_common::IPPROTO_UDP, 49 * s, &cfg));
-        assert!(e.is_stale(IPPROTO_ICMP, 6 * s, &cfg));
-    }
 }

@@ -212,19 +212,27 @@ impl super::Network {
         let mut problems = Vec::new();
         for ep in doc.endpoints.values() {
             if let Err(e) = link::delete_if_exists(nl, &ep.link).await {
-                problems.push(format!("endpoint {}: {}", ep.name, chain(&e)));
+                problems.push(format!("endpoint {}: {}", ep.name, crate::error_chain(&e)));
             }
         }
         if let Err(e) = link::delete_if_exists(nl, &doc.config.bridge).await {
-            problems.push(format!("bridge {}: {}", doc.config.bridge, chain(&e)));
+            problems.push(format!(
+                "bridge {}: {}",
+                doc.config.bridge,
+                crate::error_chain(&e)
+            ));
         }
         if let Err(e) = nftables::delete(&doc.nft_table) {
-            problems.push(format!("nf_tables table {}: {}", doc.nft_table, chain(&e)));
+            problems.push(format!(
+                "nf_tables table {}: {}",
+                doc.nft_table,
+                crate::error_chain(&e)
+            ));
         }
         if doc.ip_forward_was_off
             && let Err(e) = sysctl::set_ip_forward(false)
         {
-            problems.push(format!("ip_forward: {}", chain(&e)));
+            problems.push(format!("ip_forward: {}", crate::error_chain(&e)));
         }
         problems.extend(
             DataPlane::new(&self.bpf_dir)
@@ -255,7 +263,7 @@ impl super::Network {
                 Ok(())
             }
             Err(err) if doc.config.datapath == DatapathMode::Auto => {
-                let why = chain(&err);
+                let why = crate::error_chain(&err);
                 log::warn!("eBPF data path unavailable, using netfilter only: {why}");
                 for p in plane.remove() {
                     log::warn!("while removing the partial eBPF data path: {p}");
@@ -420,7 +428,7 @@ impl super::Network {
                 }
                 Err(e) => log::warn!(
                     "while undoing a failed attach: {}; `micropod gc` will retry",
-                    chain(&e)
+                    crate::error_chain(&e)
                 ),
             }
             return Err(err);
@@ -591,7 +599,7 @@ impl super::Network {
             match DataPlane::new(&self.bpf_dir).sweep_nat() {
                 Ok(n) if n > 0 => log::info!("removed {n} expired NAT entries"),
                 Ok(_) => {}
-                Err(e) => log::warn!("cannot sweep the NAT table: {}", chain(&e)),
+                Err(e) => log::warn!("cannot sweep the NAT table: {}", crate::error_chain(&e)),
             }
         }
         Ok(released)
@@ -661,7 +669,7 @@ impl super::Network {
                     "cannot delete {} of stale endpoint {}: {}",
                     ep.link,
                     ep.name,
-                    chain(&e)
+                    crate::error_chain(&e)
                 );
                 continue;
             }
@@ -714,7 +722,11 @@ impl super::Network {
                             link: Some(l.name.clone()),
                             reason: "a micropod-named link without a record".into(),
                         }),
-                        Err(e) => log::warn!("cannot delete orphan {}: {}", l.name, chain(&e)),
+                        Err(e) => log::warn!(
+                            "cannot delete orphan {}: {}",
+                            l.name,
+                            crate::error_chain(&e)
+                        ),
                     }
                 }
             }
@@ -886,16 +898,4 @@ async fn check_overlap(
         }
     }
     Ok(())
-}
-
-/// An error and its causes on one line, for teardown reports.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }

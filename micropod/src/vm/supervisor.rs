@@ -216,7 +216,7 @@ fn start_watching(rec: &VmRecord, child: &mut Child) -> Result<(), String> {
                     }
                     std::thread::sleep(POLL);
                 }
-                return Err(error_chain(&e));
+                return Err(crate::error_chain(&e));
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -242,15 +242,4 @@ fn describe(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("killed by signal {signal}"),
         (None, None) => status.to_string(),
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }
