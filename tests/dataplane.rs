@@ -805,3 +805,77 @@ fn closed_tcp_flows_expire_are_reclaimed_by_new_flows_and_swept_by_gc() {
     assert_eq!(counter(nat, "flows"), 1, "{nat}");
     assert_eq!(counter(nat, "entries"), 2, "{nat}");
 }
+
+#[test]
+fn a_new_default_route_moves_the_uplink_program_and_the_snat_address() {
+    use aya::programs::TcAttachType::Ingress;
+    let lab = Lab::new("moveup", "ebpf", 1, &[]);
+    let (host, internet) = (lab.net.host.path(), lab.net.internet.path());
+    let udp = udp_echo(&lab.net.internet);
+    // A second way out: uplink1 198.51.100.1/30 <-> wan1 198.51.100.2/30, and the default
+    // route moved to it.
+    let wan1 = internet.to_str().unwrap();
+    query(
+        host,
+        "ip",
+        &[
+            "link", "add", "uplink1", "type", "veth", "peer", "name", "wan1", "netns", wan1,
+        ],
+    );
+    query(
+        host,
+        "ip",
+        &["addr", "add", "198.51.100.1/30", "dev", "uplink1"],
+    );
+    query(host, "ip", &["link", "set", "uplink1", "up"]);
+    query(
+        internet,
+        "ip",
+        &["addr", "add", "198.51.100.2/30", "dev", "wan1"],
+    );
+    query(internet, "ip", &["link", "set", "wan1", "up"]);
+    offload_off(host, "uplink1");
+    offload_off(internet, "wan1");
+    query(
+        host,
+        "ip",
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "198.51.100.2",
+            "dev",
+            "uplink1",
+        ],
+    );
+
+    let status = lab
+        .net
+        .json(["network", "up", "--datapath", "ebpf", "--json"]);
+    assert_eq!(
+        status["outcome"], "unchanged",
+        "auto follows the default route"
+    );
+    assert_eq!(status["network"]["uplink"], "uplink1");
+    assert_eq!(tcx_programs(&lab.net.host, "uplink1", Ingress), 1);
+    assert_eq!(
+        tcx_programs(&lab.net.host, UPLINK, Ingress),
+        0,
+        "the old link is gone"
+    );
+    let sock = lab.eps[0]
+        .ns
+        .udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    assert_eq!(udp_roundtrips(&sock, 5), 5);
+    let seen = udp.lock().unwrap().last().copied().unwrap();
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))
+    );
+    let nat = &lab.stats()["nat"];
+    assert!(
+        counter(nat, "flows_created") >= 1,
+        "through the eBPF SNAT: {nat}"
+    );
+}

@@ -179,7 +179,7 @@ fn existing_names_are_refused_and_left_alone() {
     );
 
     // Attached (as by a VMM): still refused, and the attachment stays.
-    let attached = guard.run(|| Tap::open(TAP)).expect("attaching");
+    let attached = open_fresh(&guard, TAP);
     let err = create_in(&guard, TAP, None).expect_err("create over an attached TAP succeeded");
     assert!(matches!(err, TapError::Exists { .. }), "{err:?}");
     assert_eq!(lookup(&guard, TAP).map(|s| s.index), Some(before.index));
@@ -233,7 +233,7 @@ fn open_attaches_only_to_existing_taps() {
     assert!(matches!(err, TapError::NotATap { .. }), "{err:?}");
 
     create_in(&guard, TAP, None).expect("creating the TAP");
-    let first = guard.run(|| Tap::open(TAP)).expect("attaching");
+    let first = open_fresh(&guard, TAP);
     assert_eq!(first.name(), TAP);
     // Single-queue: one fd at a time, as a VMM would find it.
     let err = guard.run(|| Tap::open(TAP)).expect_err("attached twice");
@@ -302,11 +302,26 @@ fn parse_arp(frame: &[u8]) -> Option<Arp> {
     })
 }
 
+/// Attaches to a TAP this process has just created. The creating fd is closed by then, but a
+/// child that a concurrently running test forks in that instant holds a copy until it execs
+/// (`O_CLOEXEC` acts at exec), and meanwhile the kernel reports the single queue busy.
+fn open_fresh(guard: &NsGuard, name: &str) -> Tap {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match guard.run(|| Tap::open(name)) {
+            Err(TapError::Busy { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.expect("attaching"),
+        }
+    }
+}
+
 #[test]
 fn kernel_answers_arp_through_the_tap_fd() {
     let guard = NsGuard::new("tapfrm");
     create_in(&guard, TAP, None).expect("creating the TAP");
-    let tap = guard.run(|| Tap::open(TAP)).expect("attaching");
+    let tap = open_fresh(&guard, TAP);
     // The kernel refuses frames while the link is down.
     let err = tap
         .send(&arp_request())
@@ -389,7 +404,7 @@ fn netlink_delete_removes_the_tap() {
 fn make_transient_removes_the_tap() {
     let guard = NsGuard::new("taptr");
     create_in(&guard, TAP, None).expect("creating the TAP");
-    let attached = guard.run(|| Tap::open(TAP)).expect("attaching");
+    let attached = open_fresh(&guard, TAP);
     let err = guard
         .run(|| tap::make_transient(TAP))
         .expect_err("made transient while attached");

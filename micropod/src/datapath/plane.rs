@@ -194,8 +194,28 @@ impl DataPlane {
         map.set(0, &config, 0).map_err(map_err(CONFIG_MAP))
     }
 
-    /// (Re)attaches the uplink program, replacing an earlier link of this network.
+    /// (Re)attaches the uplink program, replacing an earlier link of this network, and drops
+    /// the link of a former uplink (`--uplink auto` follows the default route).
     pub fn attach_network_hooks(&self, settings: &PlaneSettings) -> Result<(), DatapathError> {
+        let current = settings
+            .uplink
+            .as_ref()
+            .map(|(name, _, _)| self.link_path(name, Direction::Ingress));
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("links")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let port = name
+                    .rsplit_once('-')
+                    .and_then(|(link, _)| crate::network::endpoint_link_ip(link))
+                    .is_some();
+                if !port
+                    && Some(entry.path()) != current
+                    && let Err(e) = remove_file(&entry.path())
+                {
+                    log::warn!("former uplink's link: {e}");
+                }
+            }
+        }
         if let Some((name, index, _)) = &settings.uplink {
             self.attach(UPLINK_INGRESS_PROGRAM, name, *index, Direction::Ingress)?;
         }
