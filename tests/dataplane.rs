@@ -329,27 +329,7 @@ fn connect_from(ns: &NsGuard, port: u16) -> TcpStream {
 fn parallel_connections_from_two_endpoints_on_the_same_ports_do_not_collide() {
     let lab = Lab::new("collide", "ebpf", 2, &[]);
     // An echo server: each connection sends a token and expects it back.
-    let listener = lab
-        .net
-        .internet
-        .run(|| TcpListener::bind(SocketAddrV4::new(SERVER_ADDR, HTTP_PORT + 1)))
-        .unwrap();
-    let peers = Arc::new(Mutex::new(BTreeSet::new()));
-    let seen = peers.clone();
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            seen.lock().unwrap().insert(s.peer_addr().unwrap());
-            thread::spawn(move || {
-                let mut buf = [0u8; 256];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let peers = tcp_echo(&lab.net.internet, HTTP_PORT + 1);
     const PORTS: std::ops::Range<u16> = 40000..40024;
     let streams: Vec<(String, TcpStream)> = PORTS
         .flat_map(|port| lab.eps.iter().map(move |ep| (ep, port)))
@@ -381,7 +361,7 @@ fn parallel_connections_from_two_endpoints_on_the_same_ports_do_not_collide() {
             });
         }
     });
-    let peers = peers.lock().unwrap();
+    let peers: BTreeSet<SocketAddr> = peers.lock().unwrap().iter().copied().collect();
     assert_eq!(
         peers.len(),
         2 * PORTS.len(),
