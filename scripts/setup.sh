@@ -31,7 +31,7 @@ export PATH="$CARGO_HOME/bin:$PATH"
 # --- Debian packages --------------------------------------------------------------------------
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == *'install ok installed'* ]] || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
   say "installing Debian packages: ${missing[*]}"
@@ -94,9 +94,14 @@ fi
 linker_ok() {
   local bin=$CARGO_HOME/bin/bpf-linker
   [[ -x $bin ]] || return 1
-  "$bin" --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION" || return 1
+  # Outputs are captured, not piped into `grep -q`: under pipefail, grep leaving early can
+  # SIGPIPE the writer and fail a check that matched (that rebuilt bpf-linker now and then).
+  local version deps
+  version=$("$bin" --version 2>/dev/null) || return 1
+  [[ $version == *"$BPF_LINKER_VERSION"* ]] || return 1
   # It must load this nightly's libLLVM (the path is baked in at build time).
-  ldd "$bin" 2>/dev/null | grep -q "libLLVM.* => $sysroot/lib/"
+  deps=$(ldd "$bin" 2>/dev/null) || return 1
+  [[ $deps =~ libLLVM[^[:space:]]*\ =\>\ $sysroot/lib/ ]]
 }
 if linker_ok; then
   say "bpf-linker $BPF_LINKER_VERSION (LLVM $llvm_major) present"
