@@ -95,7 +95,7 @@ linker_ok() {
   local bin=$CARGO_HOME/bin/bpf-linker
   [[ -x $bin ]] || return 1
   # Outputs are captured, not piped into `grep -q`: under pipefail, grep leaving early can
-  # SIGPIPE the writer and fail a check that matched (that rebuilt bpf-linker now and then).
+  # SIGPIPE the writer and fail a check that matched.
   local version deps
   version=$("$bin" --version 2>/dev/null) || return 1
   [[ $version == *"$BPF_LINKER_VERSION"* ]] || return 1
