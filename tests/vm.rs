@@ -273,15 +273,10 @@ fn vmm_killed_releases_endpoint_within_2s() {
 
 /// `kill -9` of the supervisor: its VMM dies with it (PR_SET_PDEATHSIG) and the next micropod
 /// command (here `ps`) records the end and releases the endpoint.
-#[test]
-fn supervisor_killed_then_ps_reconciles() {
-    let _serial = serial();
-    let lab = VmLab::new("vm-orphan", "netfilter");
-    let run = lab.run_vm("orphan", &[]);
-    let tap = run["tap"].as_str().expect("tap").to_owned();
-    let supervisor = pid_of(&run, "supervisor_pid");
-    let vmm = pid_of(&run, "pid");
-
+/// kill -9 of the supervisor `run --json` reported; waits until its VMM died with it.
+fn kill_supervisor(run: &Value) {
+    let supervisor = pid_of(run, "supervisor_pid");
+    let vmm = pid_of(run, "pid");
     assert!(
         supervisor
             .signal(nix::libc::SIGKILL)
@@ -292,6 +287,15 @@ fn supervisor_killed_then_ps_reconciles() {
         Duration::from_secs(2),
         || !vmm.is_alive(),
     );
+}
+
+#[test]
+fn supervisor_killed_then_ps_reconciles() {
+    let _serial = serial();
+    let lab = VmLab::new("vm-orphan", "netfilter");
+    let run = lab.run_vm("orphan", &[]);
+    let tap = run["tap"].as_str().expect("tap").to_owned();
+    kill_supervisor(&run);
     // Nobody has looked yet: the record still says running, the TAP is still there.
     assert_eq!(lab.records()[0].state, VmState::Running);
     assert!(lab.link_exists(&tap));
@@ -316,18 +320,7 @@ fn supervisor_killed_then_ps_reconciles() {
 
     // `micropod gc` reconciles too.
     let run = lab.run_vm("orphan", &[]);
-    let supervisor = pid_of(&run, "supervisor_pid");
-    let vmm = pid_of(&run, "pid");
-    assert!(
-        supervisor
-            .signal(nix::libc::SIGKILL)
-            .expect("kill -9 the supervisor")
-    );
-    wait_for(
-        "the VMM dies with its supervisor",
-        Duration::from_secs(2),
-        || !vmm.is_alive(),
-    );
+    kill_supervisor(&run);
     lab.net.ok(["gc"]);
     assert_eq!(lab.records()[0].state, VmState::Exited);
     assert!(lab.records()[0].network.released);

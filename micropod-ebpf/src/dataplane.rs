@@ -175,7 +175,7 @@ fn from_endpoint(ctx: &TcContext, ep: &Endpoint) -> Verdict {
             {
                 return Verdict::Pass;
             }
-            match transport(ctx, &ip, ICMP_ECHO_REQUEST) {
+            match transport(ctx, ip, ICMP_ECHO_REQUEST) {
                 Some(flow) => Verdict::Outbound(flow, cfg),
                 None => Verdict::Pass,
             }
@@ -206,6 +206,7 @@ fn from_endpoint(ctx: &TcContext, ep: &Endpoint) -> Verdict {
 // SNAT
 
 /// The fixed IPv4 header fields the data plane needs.
+#[derive(Clone, Copy)]
 struct Ipv4 {
     src: [u8; 4],
     dst: [u8; 4],
@@ -218,14 +219,10 @@ struct Ipv4 {
 
 /// The parts of an IPv4 packet the NAT needs, read once.
 struct Flow {
-    src: [u8; 4],
-    dst: [u8; 4],
+    ip: Ipv4,
     /// TCP/UDP ports, or for ICMP echo the identifier in the endpoint's "port" slot.
     sport: u16,
     dport: u16,
-    proto: u8,
-    ttl: u8,
-    tos: u8,
     tcp_flags: u8,
     /// UDP without a checksum (zero) keeps it zero.
     l4_csum: bool,
@@ -284,21 +281,21 @@ fn uplink_ingress(ctx: TcContext) -> i32 {
     if ip.dst != cfg.uplink_ip || !ip.plain || ip.ttl <= 1 {
         return TC_ACT_UNSPEC;
     }
-    let Some(flow) = transport(&ctx, &ip, ICMP_ECHO_REPLY) else {
+    let Some(flow) = transport(&ctx, ip, ICMP_ECHO_REPLY) else {
         return TC_ACT_UNSPEC;
     };
     // In replies the echo id sits in the "destination port" slot; see NatKey.
-    let (sport, dport) = if flow.proto == IPPROTO_ICMP {
+    let (sport, dport) = if flow.ip.proto == IPPROTO_ICMP {
         (0, flow.sport)
     } else {
         (flow.sport, flow.dport)
     };
     let key = NatKey {
-        src_ip: flow.src,
-        dst_ip: flow.dst,
+        src_ip: flow.ip.src,
+        dst_ip: flow.ip.dst,
         src_port: sport,
         dst_port: dport,
-        proto: flow.proto,
+        proto: flow.ip.proto,
         _pad: [0; 3],
     };
     let Some(entry) = NAT.get_ptr_mut(&key) else {
@@ -307,7 +304,7 @@ fn uplink_ingress(ctx: TcContext) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run; concurrent writers
     // only store whole fields (stamps, state), a benign race.
     let (addr, port) = unsafe {
-        touch(&mut *entry, flow.proto, flow.tcp_flags);
+        touch(&mut *entry, flow.ip.proto, flow.tcp_flags);
         ((*entry).addr, (*entry).port)
     };
     // SAFETY: the value is copied out at once.
@@ -356,7 +353,7 @@ fn ipv4(ctx: &TcContext) -> Option<Ipv4> {
 
 /// The TCP/UDP ports or the ICMP echo id (`icmp_type`) of a plain IPv4 packet.
 #[inline(always)]
-fn transport(ctx: &TcContext, ip: &Ipv4, icmp_type: u8) -> Option<Flow> {
+fn transport(ctx: &TcContext, ip: Ipv4, icmp_type: u8) -> Option<Flow> {
     let (sport, dport, tcp_flags, l4_csum) = match ip.proto {
         IPPROTO_TCP => {
             let s = headers(ctx, L4_OFF + 20)?;
@@ -400,13 +397,9 @@ fn transport(ctx: &TcContext, ip: &Ipv4, icmp_type: u8) -> Option<Flow> {
         _ => return None,
     };
     Some(Flow {
-        src: ip.src,
-        dst: ip.dst,
+        ip,
         sport,
         dport,
-        proto: ip.proto,
-        ttl: ip.ttl,
-        tos: ip.tos,
         tcp_flags,
         l4_csum,
     })
@@ -423,14 +416,14 @@ fn route(ctx: &TcContext, flow: &Flow, ifindex: u32, uplink: u32) -> Option<[u8;
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = flow.proto;
+    fib.l4_protocol = flow.ip.proto;
     fib.sport = flow.sport;
     fib.dport = flow.dport;
     // tot_len stays 0: the kernel then checks the skb itself against the MTU, GSO included.
     fib.ifindex = ifindex;
-    fib.__bindgen_anon_2.tos = flow.tos;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(flow.src);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(flow.dst);
+    fib.__bindgen_anon_2.tos = flow.ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(flow.ip.src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(flow.ip.dst);
     // SAFETY: `fib` is a valid bpf_fib_lookup of the size passed; ctx is the skb.
     let rc = unsafe {
         fib_lookup(
@@ -451,26 +444,26 @@ fn route(ctx: &TcContext, flow: &Flow, ifindex: u32, uplink: u32) -> Option<[u8;
 #[inline(always)]
 fn outbound_port(flow: &Flow, cfg: &DatapathConfig) -> Option<u16> {
     let key = NatKey {
-        src_ip: flow.src,
-        dst_ip: flow.dst,
+        src_ip: flow.ip.src,
+        dst_ip: flow.ip.dst,
         src_port: flow.sport,
         dst_port: flow.dport,
-        proto: flow.proto,
+        proto: flow.ip.proto,
         _pad: [0; 3],
     };
     if let Some(entry) = NAT.get_ptr_mut(&key) {
         // SAFETY: a pointer into the map value, valid for this program run (see uplink_ingress).
         unsafe {
-            touch(&mut *entry, flow.proto, flow.tcp_flags);
+            touch(&mut *entry, flow.ip.proto, flow.tcp_flags);
             return Some((*entry).port);
         }
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let state = tcp_state(TCP_OPEN, flow.proto, flow.tcp_flags);
+    let state = tcp_state(TCP_OPEN, flow.ip.proto, flow.tcp_flags);
     let original = NatEntry {
         last_seen_ns: now,
-        addr: flow.src,
+        addr: flow.ip.src,
         port: flow.sport,
         direction: NAT_INBOUND,
         tcp_state: state,
@@ -489,7 +482,7 @@ fn outbound_port(flow: &Flow, cfg: &DatapathConfig) -> Option<u16> {
         if i > 0 {
             // SAFETY: plain helper call.
             let r = unsafe { bpf_get_prandom_u32() };
-            reply.dst_port = if flow.proto == IPPROTO_ICMP {
+            reply.dst_port = if flow.ip.proto == IPPROTO_ICMP {
                 r as u16
             } else {
                 // Above the well-known ports.
@@ -509,19 +502,19 @@ fn outbound_port(flow: &Flow, cfg: &DatapathConfig) -> Option<u16> {
                 }
             }
             Err(_) => {
-                drop_new_flow(flow.src, DropReason::NatTableFull);
+                drop_new_flow(flow.ip.src, DropReason::NatTableFull);
                 return None;
             }
         }
     }
     if !found {
-        drop_new_flow(flow.src, DropReason::NatNoPort);
+        drop_new_flow(flow.ip.src, DropReason::NatNoPort);
         return None;
     }
     translated.port = reply.dst_port;
     if NAT.insert(&key, &translated, u64::from(BPF_ANY)).is_err() {
         let _ = NAT.remove(&reply);
-        drop_new_flow(flow.src, DropReason::NatTableFull);
+        drop_new_flow(flow.ip.src, DropReason::NatTableFull);
         return None;
     }
     stat(|s| s.flows_created += 1);
@@ -614,10 +607,12 @@ enum Rewrite {
 #[inline(always)]
 fn rewrite(ctx: &TcContext, flow: &Flow, change: Rewrite) -> Option<()> {
     let (old_ip, old_port, new_ip, new_port, ip_off, port_off) = match change {
-        Rewrite::Source(ip, port) => (flow.src, flow.sport, ip, port, IP_SRC_OFF, L4_OFF),
-        Rewrite::Destination(ip, port) => (flow.dst, flow.dport, ip, port, IP_DST_OFF, L4_OFF + 2),
+        Rewrite::Source(ip, port) => (flow.ip.src, flow.sport, ip, port, IP_SRC_OFF, L4_OFF),
+        Rewrite::Destination(ip, port) => {
+            (flow.ip.dst, flow.dport, ip, port, IP_DST_OFF, L4_OFF + 2)
+        }
     };
-    let (csum_off, port_off, pseudo, old_port) = match flow.proto {
+    let (csum_off, port_off, pseudo, old_port) = match flow.ip.proto {
         IPPROTO_TCP => (TCP_CSUM_OFF, port_off, true, old_port),
         IPPROTO_UDP => (UDP_CSUM_OFF, port_off, true, old_port),
         // The echo id was parsed into `sport` for both directions.
@@ -645,11 +640,11 @@ fn rewrite(ctx: &TcContext, flow: &Flow, change: Rewrite) -> Option<()> {
     ctx.l3_csum_replace(IP_CSUM_OFF, old_ip32, new_ip32, 4)
         .ok()?;
     // TTL and protocol share a 16-bit word of the header checksum.
-    let old_word = u16::from_ne_bytes([flow.ttl, flow.proto]);
-    let new_word = u16::from_ne_bytes([flow.ttl - 1, flow.proto]);
+    let old_word = u16::from_ne_bytes([flow.ip.ttl, flow.ip.proto]);
+    let new_word = u16::from_ne_bytes([flow.ip.ttl - 1, flow.ip.proto]);
     ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_word), u64::from(new_word), 2)
         .ok()?;
-    ctx.store(IP_TTL_OFF, &(flow.ttl - 1), 0).ok()?;
+    ctx.store(IP_TTL_OFF, &(flow.ip.ttl - 1), 0).ok()?;
     ctx.store(ip_off, &new_ip, 0).ok()?;
     if old_port != new_port {
         ctx.store(port_off, &new_port, 0).ok()?;
