@@ -8,6 +8,7 @@
 pub mod datapath;
 pub mod failpoint;
 pub mod ipam;
+pub mod metrics;
 pub mod net;
 pub mod network;
 pub mod state;

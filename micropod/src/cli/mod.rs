@@ -1,6 +1,7 @@
 //! Argument parsing and output. Every command's work is in the library.
 
 mod count_sources;
+mod metrics;
 mod network;
 mod vm;
 
@@ -38,6 +39,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prometheus metrics: `serve` an exporter, or `print` one scrape.
+    #[command(subcommand)]
+    Metrics(metrics::Command),
     #[command(flatten)]
     Vm(vm::Command),
     /// Release endpoints whose owner is gone (also done before every change).
@@ -62,6 +66,10 @@ pub fn main() -> ExitCode {
             &net(&cli.state_dir, &cli.bpf_dir),
             endpoint.as_deref(),
             json,
+        ),
+        Command::Metrics(command) => metrics::run(
+            micropod::metrics::Exporter::new(vms(net(&cli.state_dir, &cli.bpf_dir))),
+            command,
         ),
         Command::Vm(command) => vm::run(&vms(net(&cli.state_dir, &cli.bpf_dir)), command),
         Command::Gc { json } => vm::gc(&vms(net(&cli.state_dir, &cli.bpf_dir)))

@@ -321,6 +321,7 @@ pub struct NetworkStatus {
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {
     pub datapath: ActiveDatapath,
+    pub ipam: IpamUsage,
     pub endpoints: Vec<EndpointStatsView>,
     /// Absent on the netfilter data path.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -343,6 +344,16 @@ pub struct IpamUsage {
     pub capacity: u32,
     pub used: u32,
     pub free: u32,
+}
+
+impl IpamUsage {
+    fn of(doc: &NetworkDoc) -> Self {
+        Self {
+            capacity: doc.ipam.capacity(),
+            used: doc.ipam.used(),
+            free: doc.ipam.capacity() - doc.ipam.used(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -417,11 +428,7 @@ impl Network {
                     datapath_note: doc.datapath_note.clone(),
                     nat_table_size: doc.config.nat_entries,
                     nft_table: doc.nft_table.clone(),
-                    ipam: IpamUsage {
-                        capacity: doc.ipam.capacity(),
-                        used: doc.ipam.used(),
-                        free: doc.ipam.capacity() - doc.ipam.used(),
-                    },
+                    ipam: IpamUsage::of(&doc),
                     endpoints: doc
                         .endpoints
                         .values()
@@ -478,6 +485,7 @@ impl Network {
             .collect();
         Ok(Stats {
             datapath: doc.active_datapath,
+            ipam: IpamUsage::of(&doc),
             endpoints,
             nat: if ebpf {
                 Some(plane.nat_stats().map_err(datapath)?)

@@ -335,6 +335,12 @@ impl Vms {
             .ok_or_else(|| VmError::UnknownVm { name: name.into() })
     }
 
+    /// Every record as it is on disk, without the lock or a reconcile (records are replaced
+    /// atomically): for readers that must not change anything, such as the metrics exporter.
+    pub fn list_unlocked(&self) -> Result<Vec<VmRecord>, VmError> {
+        self.read_all(None)
+    }
+
     /// `inspect`: the record of `name`, after a reconcile.
     pub fn get(&self, name: &str) -> Result<VmRecord, VmError> {
         self.reconcile_best_effort();
