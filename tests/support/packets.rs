@@ -102,3 +102,28 @@ pub fn parse_icmp_echo_reply(frame: &[u8]) -> Option<([u8; 6], Ipv4Addr, Ipv4Add
         u16::from_be_bytes([icmp[6], icmp[7]]),
     ))
 }
+
+/// An IPv4 packet holding a UDP datagram from `src:sport` to `dst:dport`, with a valid UDP
+/// checksum (so NAT's incremental checksum updates are exercised on real values).
+pub fn udp_ipv4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(8 + payload.len()).expect("small datagram");
+    let mut udp = Vec::with_capacity(8 + payload.len());
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut pseudo = Vec::with_capacity(12 + udp.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    pseudo.extend_from_slice(&udp);
+    // A computed 0 goes on the wire as 0xffff: 0 means "no checksum" in UDP over IPv4.
+    let sum = match checksum(&pseudo) {
+        0 => 0xffff,
+        sum => sum,
+    };
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    ipv4(src, dst, 17, &udp)
+}

@@ -52,6 +52,8 @@ enum BenchWhat {
     Attach,
     /// Connection rate and throughput through the NAT: routed, MASQUERADE and eBPF SNAT.
     Datapath,
+    /// `metrics serve` scraped over HTTP with 1000 endpoints in the maps, and its memory.
+    Metrics,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -172,6 +174,10 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
             "data path benchmark smoke run (debug build, one second per mode; figures not meaningful)",
         );
         run(Command::new("target/debug/micropod-bench-datapath").arg("--quick"))?;
+        step(
+            "metrics benchmark smoke run (debug build, 50 endpoints, 10 scrapes; figures not meaningful)",
+        );
+        run(Command::new("target/debug/micropod-bench-metrics").arg("--quick"))?;
     }
 
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
@@ -219,6 +225,10 @@ fn bench(what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
         BenchWhat::Datapath => {
             step("benchmark: routed, MASQUERADE and eBPF SNAT side by side (wrk, iperf3)");
             run(Command::new("target/release/micropod-bench-datapath").args(args))
+        }
+        BenchWhat::Metrics => {
+            step("benchmark: the metrics exporter scraped with 1000 endpoints in the maps");
+            run(Command::new("target/release/micropod-bench-metrics").args(args))
         }
     }
 }
