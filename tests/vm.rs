@@ -158,6 +158,28 @@ fn end_to_end(datapath: &str) {
             "no counters on netfilter: {web}"
         );
     }
+    // The exporter labels the VM's series with its name.
+    let exposition = lab.net.ok(["metrics", "print"]);
+    let labels = format!("{{endpoint=\"web\",ip=\"{ip}\",kind=\"tap\",vm=\"web\"");
+    assert!(
+        exposition.contains(&format!(
+            "micropod_endpoint_info{labels},link=\"{tap}\"}} 1\n"
+        )),
+        "{exposition}"
+    );
+    if datapath == "ebpf" {
+        let tx: u64 = exposition
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "micropod_endpoint_transmit_packets_total{labels}}} "
+                ))
+            })
+            .unwrap_or_else(|| panic!("the VM's transmit counter in {exposition}"))
+            .parse()
+            .unwrap();
+        assert!(tx >= 8, "{tx}");
+    }
 
     // Stop: graceful (QMP system_powerdown -> the guest's acpid -> poweroff).
     let stop_started = Instant::now();

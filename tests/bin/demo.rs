@@ -6,7 +6,8 @@
 //!    internet server at boot;
 //! 3. `curl` from the host to each VM's web server, each VM's fetch through the NAT (the server
 //!    sees the uplink's address), `micropod stats` with the per-VM counters;
-//! 4. `micropod stop`, `network down`.
+//! 4. `micropod metrics serve`, scraped once with curl;
+//! 5. `micropod stop`, `network down`.
 //!
 //! Everything it makes is removed when it ends, on error too (the lab's guards kill the VMs it
 //! started and remove the namespaces and pin dir).
@@ -166,6 +167,9 @@ fn demo() -> anyhow::Result<()> {
     show(&lab, ["stats"])?;
     show(&lab, ["network", "status"])?;
 
+    say("the Prometheus exporter: `micropod metrics serve`, scraped with curl");
+    scrape_exporter(&lab)?;
+
     say("stop the VMs (ACPI power button; the TAP and the address are released)");
     for name in VMS {
         show(&lab, ["stop", name])?;
@@ -188,6 +192,56 @@ fn wait_console(lab: &VmLab, name: &str, needle: &str) -> anyhow::Result<String>
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Starts the exporter in the lab's host namespace, scrapes it once with curl and shows the
+/// per-VM series; the exporter is ended by its PID on every path.
+fn scrape_exporter(lab: &VmLab) -> anyhow::Result<()> {
+    struct Exporter(std::process::Child);
+    impl Drop for Exporter {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let listen = "127.0.0.1:9464";
+    println!("$ micropod metrics serve --listen {listen} &");
+    let _exporter = Exporter(
+        lab.net
+            .micropod(["metrics", "serve", "--listen", listen])
+            .spawn()
+            .context("starting the exporter")?,
+    );
+    let url = format!("http://{listen}/metrics");
+    println!("$ curl -s {url} | grep -E 'vm=|^micropod_(up|datapath|nat_entries|ipam)'");
+    let text = curl_in_host(lab, &url)?;
+    ensure!(text.ends_with("# EOF\n"), "a whole exposition");
+    let mut shown = 0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let wanted = line.contains("vm=\"") && !line.contains("drops_total")
+            || [
+                "micropod_up ",
+                "micropod_datapath{",
+                "micropod_nat_entries ",
+                "micropod_ipam_",
+            ]
+            .iter()
+            .any(|p| line.starts_with(p));
+        if wanted {
+            println!("{line}");
+            shown += 1;
+        }
+    }
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with("micropod_endpoint_info{") && l.contains("vm=\"")),
+        "the VMs' series carry their names"
+    );
+    println!(
+        "  ({shown} of {} series shown)",
+        text.lines().filter(|l| !l.starts_with('#')).count()
+    );
+    Ok(())
 }
 
 /// `curl` run inside the host namespace (retrying while the guest's httpd starts).

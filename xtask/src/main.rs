@@ -157,6 +157,9 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
     // A target dir of their own, so the skip build and the real build do not evict each other.
     run(cargo(["test", "--target-dir", "target/skip-ebpf"]).env("AYA_BUILD_SKIP", "1"))?;
 
+    step("Grafana dashboard and docs/metrics.md: every query names a served series");
+    run(Command::new("python3").arg("scripts/check-dashboard.py"))?;
+
     step("privileged integration tests (tests/), each in namespaces it creates");
     if !is_root() {
         bail!("the integration tests create network namespaces and load eBPF: run as root");

@@ -1,5 +1,6 @@
 //! The eBPF data path: micropod-ebpf's object, loaded and attached with aya.
 
+mod batch;
 mod counter;
 mod plane;
 
@@ -45,6 +46,12 @@ pub enum DatapathError {
         direction: Direction,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("cannot read the entries of map {name}")]
+    ReadMap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot read map {name}")]
     Map {

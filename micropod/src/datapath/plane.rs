@@ -10,7 +10,9 @@
 
 use std::{
     collections::BTreeMap,
+    mem::size_of,
     net::Ipv4Addr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -29,7 +31,7 @@ use micropod_common::{
 };
 use serde::Serialize;
 
-use super::{DatapathError, Direction};
+use super::{DatapathError, Direction, batch};
 
 const MAPS: [&str; 6] = [
     PORTS_MAP,
@@ -376,35 +378,46 @@ impl DataPlane {
         Ok(keys.len())
     }
 
-    /// Per-endpoint counters by address.
+    /// Per-endpoint counters by address, summed over CPUs (one batched read of the map).
     pub fn endpoint_stats(&self) -> Result<BTreeMap<Ipv4Addr, EndpointStats>, DatapathError> {
-        let map: PerCpuHashMap<MapData, Ipv4Key, EndpointCounters> =
-            self.open(ENDPOINT_COUNTERS_MAP)?;
-        map.iter()
-            .map(|entry| {
-                let (key, per_cpu) = entry.map_err(map_err(ENDPOINT_COUNTERS_MAP))?;
-                let total = per_cpu
-                    .iter()
-                    .fold(EndpointCounters::default(), |acc, c| acc.plus(c));
-                Ok((Ipv4Addr::from(key.addr), EndpointStats::from(total)))
-            })
-            .collect()
+        let data = self.open_data(ENDPOINT_COUNTERS_MAP)?;
+        let cpus = nr_cpus()
+            .map_err(|(_, source)| DatapathError::Cpus(source))?
+            .get() as usize;
+        let per_cpu = size_of::<EndpointCounters>().next_multiple_of(8);
+        let mut out = BTreeMap::new();
+        batch::for_each::<Ipv4Key>(data.fd().as_fd(), per_cpu * cpus, |key, values| {
+            let total = values
+                .chunks_exact(per_cpu)
+                .map(batch::read::<EndpointCounters>)
+                .fold(EndpointCounters::default(), |acc, c| acc.plus(&c));
+            out.insert(Ipv4Addr::from(key.addr), EndpointStats::from(total));
+        })
+        .map_err(|source| DatapathError::ReadMap {
+            name: ENDPOINT_COUNTERS_MAP,
+            source,
+        })?;
+        Ok(out)
     }
 
     /// NAT occupancy and counters.
     pub fn nat_stats(&self) -> Result<NatTableStats, DatapathError> {
         let path = self.map_path(NAT_MAP);
-        let capacity = MapData::from_pin(&path)
-            .and_then(|m| m.info())
+        let nat = self.open_data(NAT_MAP)?;
+        let capacity = nat
+            .info()
             .map_err(|source| DatapathError::OpenPinned { path, source })?
             .max_entries();
-        let nat: HashMap<MapData, NatKey, NatEntry> = self.open(NAT_MAP)?;
         let mut entries = 0;
         let mut flows = 0;
-        for (_, v) in nat.iter().filter_map(Result::ok) {
+        batch::for_each::<NatKey>(nat.fd().as_fd(), size_of::<NatEntry>(), |_, value| {
             entries += 1;
-            flows += u64::from(v.direction == NAT_INBOUND);
-        }
+            flows += u64::from(batch::read::<NatEntry>(value).direction == NAT_INBOUND);
+        })
+        .map_err(|source| DatapathError::ReadMap {
+            name: NAT_MAP,
+            source,
+        })?;
         let stats: PerCpuArray<MapData, NatStats> = self.open(NAT_STATS_MAP)?;
         let total = stats
             .get(&0, 0)
@@ -490,6 +503,11 @@ impl DataPlane {
                 source,
             })
             .map(drop)
+    }
+
+    fn open_data(&self, name: &'static str) -> Result<MapData, DatapathError> {
+        let path = self.map_path(name);
+        MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned { path, source })
     }
 
     fn open<M>(&self, name: &'static str) -> Result<M, DatapathError>

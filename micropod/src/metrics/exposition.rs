@@ -7,11 +7,7 @@
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric, text},
-    metrics::{
-        MetricType,
-        counter::ConstCounter,
-        gauge::ConstGauge,
-    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 
@@ -269,8 +265,14 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
             "Packets translated by the eBPF fast path, by direction",
             None,
             &[
-                (vec![("direction", "outbound".to_owned())], nat.outbound_packets),
-                (vec![("direction", "inbound".to_owned())], nat.inbound_packets),
+                (
+                    vec![("direction", "outbound".to_owned())],
+                    nat.outbound_packets,
+                ),
+                (
+                    vec![("direction", "inbound".to_owned())],
+                    nat.inbound_packets,
+                ),
             ],
         )?;
     }

@@ -177,7 +177,10 @@ async fn handle(mut stream: TcpStream, exporter: &Exporter) -> io::Result<()> {
 }
 
 /// Reads up to the end of the request head; `None` for a head that does not parse.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<(String, String)>> {
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<(String, String)>> {
     let mut chunk = [0u8; 2048];
     loop {
         let n = stream.read(&mut chunk).await?;
