@@ -14,6 +14,7 @@ pub mod network;
 pub mod state;
 pub mod vm;
 pub mod vmm;
+pub mod watch;
 
 /// An error and its causes on one line (`what: because: because`), for logs and reports that
 /// collect several failures.

@@ -6,9 +6,11 @@ use micropod::metrics::{DEFAULT_LISTEN, Exporter, Server};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Serve the counters, NAT table, IPAM and data path at http://ADDR/metrics (OpenMetrics
-    /// text), read from the maps and records on every scrape. Runs until SIGINT/SIGTERM; a
-    /// network that is down is served as `micropod_up 0`.
+    /// Serve Prometheus metrics at http://ADDR/metrics until SIGINT/SIGTERM.
+    ///
+    /// Per-endpoint counters, the NAT table, IPAM and the data path, in OpenMetrics text, read
+    /// from the BPF maps and records on every scrape. A network that is down is served as
+    /// `micropod_up 0`.
     Serve {
         /// IP:PORT to listen on, e.g. 127.0.0.1:9464, 0.0.0.0:9464 or [::1]:9464.
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN, value_parser = parse_listen)]

@@ -4,6 +4,7 @@ mod count_sources;
 mod metrics;
 mod network;
 mod vm;
+mod watch;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -32,12 +33,15 @@ enum Command {
     /// The bridge network and its endpoints.
     #[command(subcommand)]
     Network(network::Command),
-    /// Per-endpoint counters (rx/tx packets and bytes, drops by reason) and the NAT table.
+    /// Per-endpoint counters (rx/tx packets and bytes, drops by reason) and the NAT table;
+    /// with --watch, their rates per second.
     Stats {
         /// Only this endpoint.
         endpoint: Option<String>,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        watch: watch::Args,
     },
     /// Prometheus metrics: `serve` an exporter, or `print` one scrape.
     #[command(subcommand)]
@@ -62,7 +66,17 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::CountSources(args) => count_sources::run(args),
         Command::Network(command) => network::run(&net(&cli.state_dir, &cli.bpf_dir), command),
-        Command::Stats { endpoint, json } => network::stats(
+        Command::Stats {
+            endpoint,
+            json,
+            watch,
+        } if watch.watch => watch::run(
+            &net(&cli.state_dir, &cli.bpf_dir),
+            endpoint.as_deref(),
+            json,
+            &watch,
+        ),
+        Command::Stats { endpoint, json, .. } => network::stats(
             &net(&cli.state_dir, &cli.bpf_dir),
             endpoint.as_deref(),
             json,

@@ -278,3 +278,129 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::{BTreeMap, HashMap},
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::{
+        datapath::NatTableStats,
+        network::{EndpointKind, EndpointStatsView, IpamUsage, Stats},
+    };
+
+    fn endpoint(name: &str, ip: [u8; 4], counters: Option<EndpointStats>) -> EndpointStatsView {
+        EndpointStatsView {
+            name: name.into(),
+            kind: EndpointKind::Tap,
+            ip: ip.into(),
+            link: format!("tap-{name}"),
+            counters,
+        }
+    }
+
+    #[test]
+    fn down_is_a_valid_exposition_with_up_zero_only() {
+        let text = render(Sample {
+            network: None,
+            duration: Duration::from_micros(250),
+        });
+        assert_eq!(
+            text,
+            "# HELP micropod_up 1 when the network is up and its records and maps were read in \
+             this scrape\n\
+             # TYPE micropod_up gauge\n\
+             micropod_up 0\n\
+             # HELP micropod_scrape_duration_seconds Time this scrape spent reading the records \
+             and the BPF maps\n\
+             # TYPE micropod_scrape_duration_seconds gauge\n\
+             # UNIT micropod_scrape_duration_seconds seconds\n\
+             micropod_scrape_duration_seconds 0.00025\n\
+             # EOF\n"
+        );
+    }
+
+    #[test]
+    fn ebpf_endpoints_get_counters_and_the_vm_label_only_where_there_is_a_vm() {
+        let counters = EndpointStats {
+            rx_packets: 3,
+            rx_bytes: 300,
+            tx_packets: 5,
+            tx_bytes: 500,
+            drops: BTreeMap::from([("spoofed_ip", 2), ("spoofed_mac", 0)]),
+        };
+        let text = render(Sample {
+            network: Some(NetworkSample {
+                stats: Stats {
+                    datapath: ActiveDatapath::Ebpf,
+                    ipam: IpamUsage {
+                        capacity: 253,
+                        used: 2,
+                        free: 251,
+                    },
+                    endpoints: vec![
+                        endpoint("web", [10, 10, 0, 2], Some(counters.clone())),
+                        endpoint("ns1", [10, 10, 0, 3], Some(EndpointStats::default())),
+                    ],
+                    nat: Some(NatTableStats {
+                        entries: 4,
+                        capacity: 16,
+                        flows: 2,
+                        table_full: 7,
+                        ..NatTableStats::default()
+                    }),
+                },
+                vms: HashMap::from([("web".to_owned(), "web".to_owned())]),
+            }),
+            duration: Duration::ZERO,
+        });
+        for line in [
+            "micropod_up 1\n",
+            "micropod_datapath{datapath=\"ebpf\"} 1\n",
+            "micropod_datapath{datapath=\"netfilter\"} 0\n",
+            "micropod_endpoint_info{endpoint=\"web\",ip=\"10.10.0.2\",kind=\"tap\",vm=\"web\",link=\"tap-web\"} 1\n",
+            "micropod_endpoint_info{endpoint=\"ns1\",ip=\"10.10.0.3\",kind=\"tap\",link=\"tap-ns1\"} 1\n",
+            "micropod_endpoint_receive_bytes_total{endpoint=\"web\",ip=\"10.10.0.2\",kind=\"tap\",vm=\"web\"} 300\n",
+            "micropod_endpoint_transmit_packets_total{endpoint=\"web\",ip=\"10.10.0.2\",kind=\"tap\",vm=\"web\"} 5\n",
+            "micropod_endpoint_drops_total{endpoint=\"web\",ip=\"10.10.0.2\",kind=\"tap\",vm=\"web\",reason=\"spoofed_ip\"} 2\n",
+            "micropod_endpoint_receive_packets_total{endpoint=\"ns1\",ip=\"10.10.0.3\",kind=\"tap\"} 0\n",
+            "micropod_nat_entries 4\n",
+            "micropod_nat_entries_limit 16\n",
+            "micropod_nat_allocation_failures_total{reason=\"table_full\"} 7\n",
+            "micropod_ipam_addresses_used 2\n",
+            "micropod_ipam_addresses_limit 253\n",
+            "# TYPE micropod_endpoint_receive_bytes counter\n",
+            "# UNIT micropod_endpoint_receive_bytes bytes\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn netfilter_lists_endpoints_without_counters_or_nat() {
+        let text = render(Sample {
+            network: Some(NetworkSample {
+                stats: Stats {
+                    datapath: ActiveDatapath::Netfilter,
+                    ipam: IpamUsage {
+                        capacity: 253,
+                        used: 1,
+                        free: 252,
+                    },
+                    endpoints: vec![endpoint("web", [10, 10, 0, 2], None)],
+                    nat: None,
+                },
+                vms: HashMap::new(),
+            }),
+            duration: Duration::ZERO,
+        });
+        assert!(text.contains("micropod_datapath{datapath=\"netfilter\"} 1\n"));
+        assert!(text.contains("micropod_endpoint_info{endpoint=\"web\""));
+        assert!(!text.contains("_total"), "{text}");
+        assert!(!text.contains("micropod_nat_"), "{text}");
+    }
+}
