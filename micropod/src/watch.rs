@@ -271,6 +271,7 @@ mod tests {
 
     fn ebpf(endpoints: Vec<EndpointStatsView>) -> Stats {
         Stats {
+            ipam: crate::network::IpamUsage::default(),
             datapath: ActiveDatapath::Ebpf,
             endpoints,
             nat: Some(NatTableStats {
@@ -409,6 +410,7 @@ mod tests {
     #[test]
     fn netfilter_lists_endpoints_without_rates() {
         let nf = Stats {
+            ipam: crate::network::IpamUsage::default(),
             datapath: ActiveDatapath::Netfilter,
             endpoints: vec![ep("a", [10, 0, 0, 2], None)],
             nat: None,
@@ -424,6 +426,7 @@ mod tests {
     #[test]
     fn switching_to_ebpf_in_between_has_no_rate_yet() {
         let nf = Stats {
+            ipam: crate::network::IpamUsage::default(),
             datapath: ActiveDatapath::Netfilter,
             endpoints: vec![ep("a", [10, 0, 0, 2], None)],
             nat: None,

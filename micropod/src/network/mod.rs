@@ -66,6 +66,8 @@ pub enum NetworkError {
         "cannot set up the eBPF data path; use `--datapath auto` to fall back to netfilter when eBPF is unavailable"
     )]
     Datapath(#[source] Box<crate::datapath::DatapathError>),
+    #[error("cannot read the eBPF data path's maps; `micropod network up` repairs missing pins")]
+    ReadDatapath(#[source] Box<crate::datapath::DatapathError>),
     #[error("cannot attach endpoint {name} to the eBPF data path")]
     DatapathPort {
         name: String,
@@ -339,7 +341,7 @@ pub struct EndpointStatsView {
     pub counters: Option<crate::datapath::EndpointStats>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct IpamUsage {
     pub capacity: u32,
     pub used: u32,
@@ -461,7 +463,7 @@ impl Network {
         }
         let ebpf = doc.active_datapath == ActiveDatapath::Ebpf;
         let plane = crate::datapath::DataPlane::new(&self.bpf_dir);
-        let datapath = |e| NetworkError::Datapath(Box::new(e));
+        let datapath = |e| NetworkError::ReadDatapath(Box::new(e));
         let mut counters = if ebpf {
             plane.endpoint_stats().map_err(datapath)?
         } else {
