@@ -336,7 +336,8 @@ pub struct EndpointStatsView {
     pub kind: EndpointKind,
     pub ip: Ipv4Addr,
     pub link: String,
-    /// Absent on the netfilter data path (nothing counts there).
+    /// Absent on the netfilter data path (nothing counts there), and for the moment an
+    /// endpoint is being attached or detached (its map entry is not there).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub counters: Option<crate::datapath::EndpointStats>,
 }
@@ -478,11 +479,9 @@ impl Network {
                 kind: ep.kind,
                 ip: ep.ip,
                 link: ep.link.clone(),
-                counters: if ebpf {
-                    Some(counters.remove(&ep.ip).unwrap_or_default())
-                } else {
-                    None
-                },
+                // No entry: the endpoint is being attached or detached right now. Zeros would
+                // read as a counter reset, so there are no counters for this read instead.
+                counters: counters.remove(&ep.ip),
             })
             .collect();
         Ok(Stats {
