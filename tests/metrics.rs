@@ -667,3 +667,54 @@ fn a_nat_table_larger_than_one_batch_is_counted_exactly() {
     assert_eq!(empty.value("micropod_nat_entries", &[]), 0);
     assert_eq!(empty.value("micropod_nat_flows", &[]), 0);
 }
+
+/// An endpoint on record whose counters entry is missing (as between the two reads of an
+/// attach or detach in flight; here the entry is deleted by hand) has no counter series for
+/// that scrape: zeros would read as a counter reset.
+#[test]
+fn an_endpoint_without_its_map_entry_gets_no_counter_series_not_zeros() {
+    use aya::maps::{MapData, PerCpuHashMap};
+    use micropod_common::{ENDPOINT_COUNTERS_MAP, EndpointCounters, Ipv4Key};
+
+    let lab = lab_with("metrics-gap", "ebpf");
+    let a = endpoint(&lab, "alpha", &[]);
+    let exporter = Exporter::start(&lab);
+    let sock = a.ns.udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    sock.send_to(b"hello", (SERVER_ADDR, UDP_PORT)).unwrap();
+    let before = exporter.scrape(&lab.host);
+    assert!(before.counters("alpha")[0] >= 1, "alpha sent a datagram");
+
+    let pin = lab
+        .dirs
+        .pins
+        .join("micropod/maps")
+        .join(ENDPOINT_COUNTERS_MAP);
+    let mut counters: PerCpuHashMap<MapData, Ipv4Key, EndpointCounters> = PerCpuHashMap::try_from(
+        aya::maps::Map::PerCpuHashMap(MapData::from_pin(&pin).expect("EP_COUNTERS pin")),
+    )
+    .expect("the counters map");
+    counters
+        .remove(&Ipv4Key {
+            addr: a.ip.octets(),
+        })
+        .expect("removing alpha's entry");
+    let gap = exporter.scrape(&lab.host);
+    assert_eq!(
+        gap.endpoints(),
+        BTreeSet::from(["alpha".into()]),
+        "still on record"
+    );
+    for name in [
+        "micropod_endpoint_receive_packets_total",
+        "micropod_endpoint_transmit_bytes_total",
+        "micropod_endpoint_drops_total",
+    ] {
+        assert!(
+            gap.get(name, &[("endpoint", "alpha"), ("reason", "spoofed_ip")])
+                .is_none()
+                && gap.get(name, &[("endpoint", "alpha")]).is_none(),
+            "{name} of alpha while its entry is missing:\n{}",
+            gap.text
+        );
+    }
+}
