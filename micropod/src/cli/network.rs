@@ -299,7 +299,14 @@ pub fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> anyhow::R
         "ENDPOINT", "IP", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES"
     );
     for ep in &stats.endpoints {
-        let c = ep.counters.clone().unwrap_or_default();
+        let Some(c) = &ep.counters else {
+            // Netfilter, or an attach/detach in flight: nothing to show, not zeros.
+            println!(
+                "{:<16} {:<15} {:>10} {:>12} {:>10} {:>12}  -",
+                ep.name, ep.ip, "-", "-", "-", "-"
+            );
+            continue;
+        };
         let drops: Vec<String> = c
             .drops
             .iter()

@@ -31,17 +31,6 @@ struct SampleCollector(Sample);
 
 type Labels = Vec<(&'static str, String)>;
 
-/// A metric family being written: one descriptor, then one sample per label set.
-fn family<'a>(
-    encoder: &'a mut DescriptorEncoder<'_>,
-    name: &'a str,
-    help: &str,
-    unit: Option<&'a Unit>,
-    kind: MetricType,
-) -> Result<prometheus_client::encoding::MetricEncoder<'a>, std::fmt::Error> {
-    encoder.encode_descriptor(name, help, unit, kind)
-}
-
 fn gauge<N: EncodeGaugeValue + Copy>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
@@ -49,7 +38,7 @@ fn gauge<N: EncodeGaugeValue + Copy>(
     unit: Option<&Unit>,
     samples: &[(Labels, N)],
 ) -> std::fmt::Result {
-    let mut family = family(encoder, name, help, unit, MetricType::Gauge)?;
+    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
     for (labels, value) in samples {
         ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
     }
@@ -63,7 +52,7 @@ fn counter(
     unit: Option<&Unit>,
     samples: &[(Labels, u64)],
 ) -> std::fmt::Result {
-    let mut family = family(encoder, name, help, unit, MetricType::Counter)?;
+    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
     for (labels, value) in samples {
         ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
     }
@@ -140,8 +129,7 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
         .collect();
 
     {
-        let mut family = family(
-            encoder,
+        let mut family = encoder.encode_descriptor(
             "micropod_endpoint",
             "An endpoint on the bridge; link is its host-side port",
             None,
