@@ -380,19 +380,6 @@ fn parallel_connections_from_two_endpoints_on_the_same_ports_do_not_collide() {
     );
 }
 
-/// The port's kernel statistics, from the host side: (rx packets, rx bytes, tx packets, tx
-/// bytes).
-fn port_stats(lab: &NetLab, port: &str) -> [u64; 4] {
-    let v = ip_json(lab.host.path(), &["-s", "link", "show", "dev", port]);
-    let s = &v[0]["stats64"];
-    [
-        s["rx"]["packets"].as_u64().unwrap(),
-        s["rx"]["bytes"].as_u64().unwrap(),
-        s["tx"]["packets"].as_u64().unwrap(),
-        s["tx"]["bytes"].as_u64().unwrap(),
-    ]
-}
-
 #[test]
 fn counters_match_the_ports_interface_statistics() {
     let lab = Lab::new("counters", "ebpf", 2, &[]);
@@ -423,9 +410,9 @@ fn counters_match_the_ports_interface_statistics() {
         let mut all_equal = true;
         let mut report = String::new();
         for ep in &lab.eps {
-            let before = port_stats(&lab.net, &ep.port);
+            let before = lab.net.port_stats(&ep.port);
             let c = lab.counters(&ep.name);
-            let after = port_stats(&lab.net, &ep.port);
+            let after = lab.net.port_stats(&ep.port);
             let ours = [
                 counter(&c, "tx_packets"),
                 counter(&c, "tx_bytes"),

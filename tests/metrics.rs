@@ -177,19 +177,6 @@ impl Metrics {
     }
 }
 
-/// The port's kernel statistics, from the host side: [rx packets, rx bytes, tx packets, tx
-/// bytes] (the port receives what the endpoint transmits).
-fn port_stats(lab: &NetLab, port: &str) -> [u64; 4] {
-    let v = ip_json(lab.host.path(), &["-s", "link", "show", "dev", port]);
-    let s = &v[0]["stats64"];
-    [
-        s["rx"]["packets"].as_u64().unwrap(),
-        s["rx"]["bytes"].as_u64().unwrap(),
-        s["tx"]["packets"].as_u64().unwrap(),
-        s["tx"]["bytes"].as_u64().unwrap(),
-    ]
-}
-
 /// Scrapes until `ep`'s counters equal its port's statistics read just before and after the
 /// scrape: the host itself may still send a frame (an MLD report when the port came up)
 /// between two reads.
@@ -197,9 +184,9 @@ fn port_stats(lab: &NetLab, port: &str) -> [u64; 4] {
 fn assert_matches_port(lab: &NetLab, exporter: &Exporter, ep: &Ep) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let before = port_stats(lab, &ep.port);
+        let before = lab.port_stats(&ep.port);
         let ours = exporter.scrape(&lab.host).counters(&ep.name);
-        let after = port_stats(lab, &ep.port);
+        let after = lab.port_stats(&ep.port);
         if before == after && ours == after {
             return;
         }

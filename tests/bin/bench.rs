@@ -19,7 +19,6 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitCode, Output, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -27,11 +26,7 @@ use anyhow::{Context as _, bail, ensure};
 use ipnetwork::Ipv4Network;
 use micropod::net::{NetNs, Netlink, link};
 use micropod_tests::{NsGuard, TestDirs, block_on, micropod_bin};
-use nix::{
-    libc,
-    sched::{CloneFlags, setns},
-    sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction},
-};
+use nix::sched::{CloneFlags, setns};
 use serde_json::{Value, json};
 
 const MICROPOD_BRIDGE: &str = "mpbench0";
@@ -117,7 +112,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = catch_interrupts() {
+    if let Err(e) = micropod_tests::interrupt::catch() {
         eprintln!("micropod-bench: {e:#}");
         return ExitCode::FAILURE;
     }
@@ -129,39 +124,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Ctrl-C: the handler only raises a flag; the bench checks it between steps and unwinds, so the
-// guards remove what it made. Children run in a process group of their own, so a Ctrl-C in the
-// terminal does not kill one half-way: the step in flight finishes, then the bench stops.
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn catch_interrupts() -> anyhow::Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and it
-        // replaces no handler anyone else relies on (this is the binary's own main).
-        unsafe { sigaction(signal, &action) }
-            .with_context(|| format!("installing a {signal} handler"))?;
-    }
-    Ok(())
-}
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted; removing everything the benchmark made");
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -627,11 +589,11 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let mut mp_ns = Vec::with_capacity(count + 1);
     let mut cni_ns = Vec::with_capacity(count + 1);
     for _ in 0..=count {
-        check_interrupted()?;
+        micropod_tests::interrupt::check()?;
         mp_ns.push(NsGuard::new("mp"));
         cni_ns.push(NsGuard::new("cni"));
     }
-    check_interrupted()?;
+    micropod_tests::interrupt::check()?;
     // Every child from here on inherits the host namespace from this thread.
     let _entered = Entered::enter(&host)?;
     let cni_bridge = CniBridge { deleted: false };
@@ -663,7 +625,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     cni.add("mpbench-warm-up", warm_cni.path())?;
     cni.del("mpbench-warm-up", warm_cni.path())?;
     let floor = process_floor(&mp, &cni)?;
-    check_interrupted()?;
+    micropod_tests::interrupt::check()?;
 
     // Interleaved per endpoint index, and which side goes first alternates with the index, so
     // drift in machine load (other jobs, frequency scaling, kernel work queues such as netns
@@ -680,7 +642,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let mut mp_ips = HashSet::new();
     let mut cni_ips = HashSet::new();
     for i in 0..count {
-        check_interrupted()?;
+        micropod_tests::interrupt::check()?;
         let name = format!("ep{i}");
         let id = format!("mpbench-{i}");
         let mut run_mp = || -> anyhow::Result<()> {
@@ -723,7 +685,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
 
     eprintln!("detaching them (interleaved)");
     for (i, ns) in cni_ns.iter().enumerate().take(count) {
-        check_interrupted()?;
+        micropod_tests::interrupt::check()?;
         let name = format!("ep{i}");
         let id = format!("mpbench-{i}");
         let mut run_mp = || -> anyhow::Result<()> {

@@ -21,7 +21,6 @@ use std::{
     fs::File,
     path::Path,
     process::{Child, Command, ExitCode, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -30,10 +29,7 @@ use micropod_tests::{
     NsGuard,
     netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR, in_netns},
 };
-use nix::{
-    libc,
-    sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction},
-};
+use nix::libc;
 use serde_json::{Value, json};
 
 const USAGE: &str = "\
@@ -110,12 +106,6 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     Ok(Some(args))
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(a)) => a,
@@ -128,17 +118,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        if let Err(e) = unsafe { sigaction(sig, &action) } {
-            eprintln!("micropod-bench-datapath: cannot catch {sig}: {e}");
-            return ExitCode::FAILURE;
-        }
+    if let Err(e) = micropod_tests::interrupt::catch() {
+        eprintln!("micropod-bench-datapath: {e:#}");
+        return ExitCode::FAILURE;
     }
     match bench(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -470,7 +452,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             .map(|i| (i + round) % MODES.len())
             .collect();
         for &i in &order {
-            ensure!(!INTERRUPTED.load(Ordering::SeqCst), "interrupted");
+            micropod_tests::interrupt::check()?;
             let lab = &labs[i];
             let (rate, rate_cpu) = lab.connection_rate(args.seconds)?;
             let (gbps, gbps_cpu) = lab.throughput(args.seconds)?;

@@ -47,8 +47,7 @@ use micropod_tests::{
     packets,
 };
 use nix::{
-    libc,
-    sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction},
+    sys::signal::{self, Signal},
     unistd::Pid,
 };
 use serde_json::{Value, json};
@@ -145,7 +144,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = catch_interrupts() {
+    if let Err(e) = micropod_tests::interrupt::catch() {
         eprintln!("micropod-bench-metrics: {e:#}");
         return ExitCode::FAILURE;
     }
@@ -157,39 +156,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Ctrl-C: the handler only raises a flag; the bench checks it between steps and unwinds, so the
-// guards remove what it made. Children run in a process group of their own, so a Ctrl-C in the
-// terminal reaches none of them: the step in flight finishes, then the bench stops them.
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn catch_interrupts() -> anyhow::Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and it
-        // replaces no handler anyone else relies on (this is the binary's own main).
-        unsafe { sigaction(sig, &action) }
-            .with_context(|| format!("installing a {sig} handler"))?;
-    }
-    Ok(())
-}
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted; removing everything the benchmark made");
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,7 +257,7 @@ struct Endpoint {
 fn fill(lab: &Lab, count: usize) -> anyhow::Result<Vec<Endpoint>> {
     let mut endpoints = Vec::with_capacity(count);
     for i in 0..count {
-        check_interrupted()?;
+        micropod_tests::interrupt::check()?;
         let name = format!("ep{i:04}");
         let att = lab.json(["network", "attach", &name, "--kind", "tap", "--json"])?;
         let ip: Ipv4Addr = att["ip"]
@@ -444,7 +410,7 @@ fn send_traffic(
         lab.net.host.run(|| -> anyhow::Result<()> {
             let mut i = 0;
             while i < missing.len() {
-                check_interrupted()?;
+                micropod_tests::interrupt::check()?;
                 let e = missing[i].0;
                 let ep = &endpoints[e];
                 let tap = Tap::open(&ep.link)
@@ -710,7 +676,7 @@ fn scrape(addr: SocketAddr, endpoints: usize) -> anyhow::Result<(Duration, Expos
 fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        check_interrupted()?;
+        micropod_tests::interrupt::check()?;
         match http_get(addr, "/") {
             Ok((status, _, _)) if status == "HTTP/1.1 200 OK" => return Ok(()),
             Ok((status, _, _)) => bail!("GET / answered {status}"),
@@ -806,7 +772,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         wait_ready(addr)?;
         let mut samples = Vec::with_capacity(args.scrapes);
         for _ in 0..args.scrapes {
-            check_interrupted()?;
+            micropod_tests::interrupt::check()?;
             samples.push(scrape(addr, n)?);
         }
         Ok(samples)
@@ -818,7 +784,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let mut print_ms = Vec::with_capacity(others);
     let mut stats_ms = Vec::with_capacity(others);
     for _ in 0..others {
-        check_interrupted()?;
+        micropod_tests::interrupt::check()?;
         let (took, out) = timed_process(&lab, &["metrics", "print"])?;
         check_exposition(&out.stdout, n).context("`micropod metrics print`")?;
         print_ms.push(ms(took));

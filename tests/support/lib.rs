@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod interrupt;
 pub mod netlab;
 pub mod packets;
 pub mod vmlab;

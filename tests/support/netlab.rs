@@ -185,6 +185,19 @@ impl NetLab {
         self.json(args)
     }
 
+    /// A port's kernel statistics, from the host side: [rx packets, rx bytes, tx packets, tx
+    /// bytes]. The port receives what the endpoint transmits.
+    pub fn port_stats(&self, port: &str) -> [u64; 4] {
+        let v = ip_json(self.host.path(), &["-s", "link", "show", "dev", port]);
+        let s = &v[0]["stats64"];
+        [
+            s["rx"]["packets"].as_u64().unwrap(),
+            s["rx"]["bytes"].as_u64().unwrap(),
+            s["tx"]["packets"].as_u64().unwrap(),
+            s["tx"]["bytes"].as_u64().unwrap(),
+        ]
+    }
+
     /// The state document, raw (or `None` when absent).
     pub fn state_doc(&self) -> Option<String> {
         std::fs::read_to_string(self.dirs.state.join(micropod::network::STATE_DOC)).ok()
