@@ -101,29 +101,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("micropod-bench: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Err(e) = micropod_tests::interrupt::catch() {
-        eprintln!("micropod-bench: {e:#}");
-        return ExitCode::FAILURE;
-    }
-    // A panic unwinds through `bench`, so its guards remove everything on that path too.
-    match bench(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("micropod-bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    micropod_tests::interrupt::main("micropod-bench", USAGE, parse_args, bench)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -107,28 +107,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("micropod-bench-datapath: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Err(e) = micropod_tests::interrupt::catch() {
-        eprintln!("micropod-bench-datapath: {e:#}");
-        return ExitCode::FAILURE;
-    }
-    match bench(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("micropod-bench-datapath: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    micropod_tests::interrupt::main("micropod-bench-datapath", USAGE, parse_args, bench)
 }
 
 /// One mode's lab and servers; everything is stopped and removed on drop.

@@ -133,29 +133,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("micropod-bench-metrics: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Err(e) = micropod_tests::interrupt::catch() {
-        eprintln!("micropod-bench-metrics: {e:#}");
-        return ExitCode::FAILURE;
-    }
-    // A panic unwinds through `bench`, so its guards remove everything on that path too.
-    match bench(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("micropod-bench-metrics failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    micropod_tests::interrupt::main("micropod-bench-metrics", USAGE, parse_args, bench)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -864,29 +842,42 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         "  {:<36} {:>9} {:>9} {:>9}",
         "", "p50 ms", "p95 ms", "max ms"
     );
-    println!(
-        "  {:<36} {p50:>9.2} {p95:>9.2} {max:>9.2}",
-        format!("HTTP scrape, client ({} scrapes)", args.scrapes)
+    let row = |label: String, p50: f64, p95: f64, max: f64, versus: &str| {
+        println!("  {label:<36} {p50:>9.2} {p95:>9.2} {max:>9.2}{versus}");
+    };
+    let process_row = |label: String, samples: &[f64], own_p50: f64| {
+        let versus = format!("   {:.1}x the HTTP scrape", own_p50 / p50);
+        row(
+            label,
+            own_p50,
+            percentile(samples, 0.95),
+            percentile(samples, 1.0),
+            &versus,
+        );
+    };
+    row(
+        format!("HTTP scrape, client ({} scrapes)", args.scrapes),
+        p50,
+        p95,
+        max,
+        "",
     );
-    println!(
-        "  {:<36} {self_p50:>9.2} {:>9.2} {:>9.2}",
-        "  exporter's own scrape duration",
+    row(
+        "  exporter's own scrape duration".into(),
+        self_p50,
         percentile(&self_ms, 0.95),
-        percentile(&self_ms, 1.0)
+        percentile(&self_ms, 1.0),
+        "",
     );
-    println!(
-        "  {:<36} {print_p50:>9.2} {:>9.2} {:>9.2}   {:.1}x the HTTP scrape",
+    process_row(
         format!("`metrics print` process ({others} runs)"),
-        percentile(&print_ms, 0.95),
-        percentile(&print_ms, 1.0),
-        print_p50 / p50
+        &print_ms,
+        print_p50,
     );
-    println!(
-        "  {:<36} {stats_p50:>9.2} {:>9.2} {:>9.2}   {:.1}x the HTTP scrape",
+    process_row(
         format!("`stats --json` process ({others} runs)"),
-        percentile(&stats_ms, 0.95),
-        percentile(&stats_ms, 1.0),
-        stats_p50 / p50
+        &stats_ms,
+        stats_p50,
     );
     println!(
         "  exposition: {bytes} bytes ({:.0} per endpoint)",

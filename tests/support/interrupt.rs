@@ -37,3 +37,37 @@ pub fn check() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A benchmark binary's `main`: parses its arguments (`Ok(None)` prints `usage`; an error exits
+/// 2), installs the handlers, then runs `bench`. A panic unwinds through `bench`, so its guards
+/// remove everything on that path too.
+pub fn main<A>(
+    name: &str,
+    usage: &str,
+    parse_args: fn() -> anyhow::Result<Option<A>>,
+    bench: fn(&A) -> anyhow::Result<()>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{usage}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = catch() {
+        eprintln!("{name}: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    match bench(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name} failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
