@@ -32,3 +32,21 @@ pub fn kvm_create_vm(kvm: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: `vm` is a descriptor the ioctl just returned to us and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(vm) })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{fs::File, os::fd::AsFd as _};
+
+    use super::*;
+
+    #[test]
+    fn probe_ioctls_where_kvm_opens() {
+        // Without (access to) /dev/kvm there is nothing to probe.
+        let Ok(kvm) = File::options().read(true).write(true).open("/dev/kvm") else {
+            return;
+        };
+        assert_eq!(kvm_api_version(kvm.as_fd()).unwrap(), 12);
+        // An OwnedFd: dropping it closes the VM.
+        drop(kvm_create_vm(kvm.as_fd()).unwrap());
+    }
+}
