@@ -4,6 +4,8 @@
 //! - [`net`]: kernel objects, one module each (network namespaces, links, veth pairs, addresses),
 //!   all configured over netlink.
 //! - [`datapath`]: the eBPF programs from `micropod-ebpf`, loaded and attached with aya.
+//! - `sys`: the raw system calls (ioctls, pidfds, `bpf()`, `pre_exec` hooks) behind safe
+//!   functions; the crate's `unsafe` lives there.
 
 pub mod datapath;
 pub mod failpoint;
@@ -12,6 +14,7 @@ pub mod metrics;
 pub mod net;
 pub mod network;
 pub mod state;
+pub(crate) mod sys;
 pub mod vm;
 pub mod vmm;
 pub mod watch;

@@ -2,7 +2,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
 };
 
 use futures::TryStreamExt as _;
@@ -12,6 +12,7 @@ use rtnetlink::{
 };
 
 use super::Netlink;
+use crate::sys;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
@@ -225,50 +226,26 @@ pub struct IndexProbe {
     sock: OwnedFd,
 }
 
-/// `struct ifreq` with the `ifr_ifindex` member of its union.
-#[repr(C)]
-struct IfIndexReq {
-    name: [u8; libc::IFNAMSIZ],
-    index: libc::c_int,
-    _rest: [u8; size_of::<libc::ifreq>() - libc::IFNAMSIZ - size_of::<libc::c_int>()],
-}
-
-const _: () = assert!(size_of::<IfIndexReq>() == size_of::<libc::ifreq>());
-
 impl IndexProbe {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: socket() takes no pointers; a non-negative result is a new descriptor that
-        // nothing else owns.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by socket() and is owned by nobody else.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { sock })
+        Ok(Self {
+            sock: sys::inet_dgram_socket()?,
+        })
     }
 
     /// The index of the link called `name`, or `None` if there is none.
     pub fn index(&self, name: &str) -> io::Result<Option<u32>> {
-        if validate_name(name).is_err() {
-            return Ok(None);
-        }
-        let mut req = IfIndexReq {
-            name: [0; libc::IFNAMSIZ],
-            index: 0,
-            _rest: [0; size_of::<libc::ifreq>() - libc::IFNAMSIZ - size_of::<libc::c_int>()],
-        };
         // validate_name guarantees at most IFNAMSIZ - 1 bytes, so the name stays NUL-terminated.
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: SIOCGIFINDEX reads the NUL-terminated name from and writes an int into a
-        // struct ifreq; `req` has ifreq's size and layout for those members and outlives the call.
-        let rc = unsafe { libc::ioctl(self.sock.as_raw_fd(), libc::SIOCGIFINDEX, &raw mut req) };
-        if rc == 0 {
-            return Ok(u32::try_from(req.index).ok());
-        }
-        match io::Error::last_os_error() {
-            e if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
-            e => Err(e),
+        let Some(mut req) = validate_name(name)
+            .ok()
+            .and_then(|()| sys::IfReq::new(name))
+        else {
+            return Ok(None);
+        };
+        match sys::if_index(self.sock.as_fd(), &mut req) {
+            Ok(index) => Ok(u32::try_from(index).ok()),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::{
     fs::{self, File},
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
     thread,
 };
@@ -21,9 +21,6 @@ use nix::{
 
 /// Where named namespaces live, shared with iproute2.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
-
-/// `NS_GET_NSTYPE` from `<linux/nsfs.h>`: `_IO(0xb7, 0x3)`.
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -301,9 +298,7 @@ fn is_netns(file: &File) -> bool {
     if !fstatfs(file).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC) {
         return false;
     }
-    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd, which `file` keeps open.
-    let ns_type = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
-    ns_type == libc::CLONE_NEWNET
+    crate::sys::ns_type(file.as_fd()).is_ok_and(|ns_type| ns_type == libc::CLONE_NEWNET)
 }
 
 #[cfg(test)]

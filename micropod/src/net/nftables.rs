@@ -13,7 +13,6 @@ use std::{
     ffi::{CStr, CString},
     fmt, io,
     net::Ipv4Addr,
-    os::fd::AsRawFd as _,
     time::Duration,
 };
 
@@ -25,6 +24,7 @@ use nftnl::{
 };
 
 use super::link::{self, IFNAME_MAX, LinkError};
+use crate::sys;
 
 /// The one base chain of the table.
 pub const CHAIN: &str = "postrouting";
@@ -363,33 +363,9 @@ fn ack_map(seqs: std::ops::Range<u32>, steps: &[Step]) -> BTreeMap<u32, Step> {
 
 fn open_socket() -> Result<mnl::Socket, NftError> {
     let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::OpenSocket)?;
-    set_receive_timeout(&socket, ANSWER_TIMEOUT).map_err(NftError::OpenSocket)?;
+    // mnl has no timeout of its own, and nix is built without its socket feature.
+    sys::set_receive_timeout(&socket, ANSWER_TIMEOUT).map_err(NftError::OpenSocket)?;
     Ok(socket)
-}
-
-/// `SO_RCVTIMEO`: mnl has no timeout of its own, and nix is built without its socket feature.
-fn set_receive_timeout(socket: &mnl::Socket, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    let len = libc::socklen_t::try_from(size_of::<libc::timeval>()).expect("timeval is small");
-    // SAFETY: the descriptor is the socket's own and stays open for the call (`socket` is
-    // borrowed); `tv` is a live `timeval` and `len` its exact size, which SO_RCVTIMEO expects.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// What to tell the user about an errno the kernel answered `step` with.

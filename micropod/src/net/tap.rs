@@ -14,7 +14,7 @@
 //! single-queue, which also means one attached file descriptor at a time.
 
 use std::{
-    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -26,6 +26,7 @@ use nix::{
 };
 
 use super::link::{IFNAME_MAX, validate_name};
+use crate::sys::{self, IfReq};
 
 /// The clone device every tun/tap is made and attached through.
 pub const TUN_DEVICE: &str = "/dev/net/tun";
@@ -125,11 +126,13 @@ pub enum TapError {
 /// device outlives this call until deleted (over rtnetlink, like any link, or with
 /// [`make_transient`]).
 pub fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
-    let mut ifr = IfReq::new(name)?;
+    let mut ifr = request(name)?;
     let fd = open_tun()?;
     // IFF_VNET_HDR: what Firecracker asks for on re-open anyway; it only sets the default.
-    ifr.flags = flags(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL);
-    tun_ioctl(fd.as_fd(), TunIoctl::SetIff(&mut ifr)).map_err(|source| match source {
+    ifr.set_flags(flags(
+        libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL,
+    ));
+    sys::tun_set_iff(fd.as_fd(), &mut ifr).map_err(|source| match source {
         // EBUSY from IFF_TUN_EXCL; EEXIST if the name clashes with an altname.
         Errno::EBUSY | Errno::EEXIST => TapError::Exists { name: name.into() },
         source => TapError::Create {
@@ -139,13 +142,13 @@ pub fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError>
     })?;
     // Persistence last: if any step fails, closing `fd` deletes the half-made device.
     if let Some(uid) = owner {
-        tun_ioctl(fd.as_fd(), TunIoctl::SetOwner(uid)).map_err(|source| TapError::SetOwner {
+        sys::tun_set_owner(fd.as_fd(), uid).map_err(|source| TapError::SetOwner {
             name: name.into(),
             uid,
             source,
         })?;
     }
-    tun_ioctl(fd.as_fd(), TunIoctl::SetPersist(true)).map_err(|source| TapError::SetPersist {
+    sys::tun_set_persist(fd.as_fd(), true).map_err(|source| TapError::SetPersist {
         name: name.into(),
         source,
     })?;
@@ -157,7 +160,7 @@ pub fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError>
 /// go of it. Fails with [`TapError::Busy`] while a VMM holds it.
 pub fn make_transient(name: &str) -> Result<(), TapError> {
     let tap = Tap::open(name)?;
-    tun_ioctl(tap.as_fd(), TunIoctl::SetPersist(false)).map_err(|source| TapError::ClearPersist {
+    sys::tun_set_persist(tap.as_fd(), false).map_err(|source| TapError::ClearPersist {
         name: name.into(),
         source,
     })
@@ -177,11 +180,11 @@ impl Tap {
     /// [`TapError::Busy`] while another fd (a VMM) is attached. As with any attach, its flags
     /// (no vnet header) replace the device's until the next one.
     pub fn open(name: &str) -> Result<Self, TapError> {
-        let mut ifr = IfReq::new(name)?;
+        let mut ifr = request(name)?;
         let fd = open_tun()?;
         // Without IFF_TUN_EXCL, TUNSETIFF attaches to an existing device or creates one.
-        ifr.flags = flags(libc::IFF_TAP | libc::IFF_NO_PI);
-        tun_ioctl(fd.as_fd(), TunIoctl::SetIff(&mut ifr)).map_err(|source| match source {
+        ifr.set_flags(flags(libc::IFF_TAP | libc::IFF_NO_PI));
+        sys::tun_set_iff(fd.as_fd(), &mut ifr).map_err(|source| match source {
             Errno::EBUSY => TapError::Busy { name: name.into() },
             Errno::EINVAL => TapError::NotATap { name: name.into() },
             source => TapError::Attach {
@@ -189,13 +192,13 @@ impl Tap {
                 source,
             },
         })?;
-        tun_ioctl(fd.as_fd(), TunIoctl::GetIff(&mut ifr)).map_err(|source| TapError::GetFlags {
+        sys::tun_get_iff(fd.as_fd(), &mut ifr).map_err(|source| TapError::GetFlags {
             name: name.into(),
             source,
         })?;
         // A device we attached to is persistent (a non-persistent single-queue one would be
         // busy); one that is not was just created by us and goes away when `fd` closes.
-        if ifr.flags & flags(libc::IFF_PERSIST) == 0 {
+        if ifr.flags() & flags(libc::IFF_PERSIST) == 0 {
             return Err(TapError::NotFound { name: name.into() });
         }
         Ok(Self {
@@ -277,66 +280,14 @@ fn flags(bits: libc::c_int) -> libc::c_short {
     bits as libc::c_short
 }
 
-/// `struct ifreq` as the tun ioctls use it: the name, then `ifr_flags` at the start of the
-/// union; the padding fills the rest of the union, which the kernel copies in and out whole.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _union_rest: [u8; IFREQ_UNION_REST],
-}
-
-const IFREQ_UNION_REST: usize =
-    size_of::<libc::ifreq>() - libc::IFNAMSIZ - size_of::<libc::c_short>();
-
-const _: () = assert!(size_of::<IfReq>() == size_of::<libc::ifreq>());
-
-impl IfReq {
-    /// A zeroed request for `name`, which must be a plain interface name: a `%` would let
-    /// the kernel pick the name (`tap%d`), an empty one would give `tap0`.
-    fn new(name: &str) -> Result<Self, TapError> {
-        if validate_name(name).is_err() || name.contains('%') {
-            return Err(TapError::InvalidName { name: name.into() });
-        }
-        let mut ifr = Self {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _union_rest: [0; IFREQ_UNION_REST],
-        };
-        // At most IFNAME_MAX bytes (checked above), so the name stays NUL-terminated.
-        ifr.name[..name.len()].copy_from_slice(name.as_bytes());
-        Ok(ifr)
+/// A zeroed `struct ifreq` for `name`, which must be a plain interface name: a `%` would let
+/// the kernel pick the name (`tap%d`), an empty one would give `tap0`.
+fn request(name: &str) -> Result<IfReq, TapError> {
+    if validate_name(name).is_err() || name.contains('%') {
+        return Err(TapError::InvalidName { name: name.into() });
     }
-}
-
-/// The tun ioctls used here, each with the argument type the kernel expects of it.
-enum TunIoctl<'a> {
-    SetIff(&'a mut IfReq),
-    GetIff(&'a mut IfReq),
-    SetPersist(bool),
-    SetOwner(u32),
-}
-
-/// The one place the tun ioctls are issued.
-fn tun_ioctl(fd: BorrowedFd<'_>, op: TunIoctl<'_>) -> Result<(), Errno> {
-    let raw = fd.as_raw_fd();
-    let ret = match op {
-        // SAFETY: TUNSETIFF and TUNGETIFF read and write one `struct ifreq`; `ifr` is a
-        // live, exclusively borrowed `IfReq` of exactly that size and layout, and `fd` is
-        // open for the duration of the call.
-        TunIoctl::SetIff(ifr) => unsafe { libc::ioctl(raw, libc::TUNSETIFF, &raw mut *ifr) },
-        // SAFETY: as above.
-        TunIoctl::GetIff(ifr) => unsafe { libc::ioctl(raw, libc::TUNGETIFF, &raw mut *ifr) },
-        // SAFETY: TUNSETPERSIST takes its argument by value and touches no memory of ours.
-        TunIoctl::SetPersist(on) => unsafe {
-            libc::ioctl(raw, libc::TUNSETPERSIST, libc::c_ulong::from(on))
-        },
-        // SAFETY: TUNSETOWNER takes the uid by value and touches no memory of ours.
-        TunIoctl::SetOwner(uid) => unsafe {
-            libc::ioctl(raw, libc::TUNSETOWNER, libc::c_ulong::from(uid))
-        },
-    };
-    Errno::result(ret).map(drop)
+    // At most IFNAME_MAX bytes (checked above), so the name stays NUL-terminated.
+    IfReq::new(name).ok_or_else(|| TapError::InvalidName { name: name.into() })
 }
 
 /// Waits until `fd` is readable or `timeout` passes; `Ok(false)` on timeout.
@@ -347,17 +298,9 @@ fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool, Errno> {
         // Round up so that a sub-millisecond remainder still waits instead of spinning.
         let ms = left.as_micros().div_ceil(1000);
         let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd for the duration of the call (count 1), and
-        // `fd` is open while borrowed.
-        let ret = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-        match Errno::result(ret) {
+        match sys::poll_readable(fd, ms) {
             // POLLERR/POLLHUP count as readable: the read then reports the error.
-            Ok(n) => return Ok(n > 0),
+            Ok(ready) => return Ok(ready),
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e),
         }
@@ -371,14 +314,14 @@ mod tests {
     #[test]
     fn names_are_checked_before_any_ioctl() {
         for bad in ["", "a/b", "tap%d", "sixteen-chars-xx", "a b"] {
-            let err = IfReq::new(bad).err();
+            let err = request(bad).err();
             assert!(
                 matches!(err, Some(TapError::InvalidName { .. })),
                 "{bad:?}: {err:?}"
             );
         }
-        let ifr = IfReq::new("fifteen-chars-x").unwrap();
-        assert_eq!(&ifr.name[..15], b"fifteen-chars-x");
-        assert_eq!(ifr.name[15], 0, "name is NUL-terminated");
+        let ifr = request("fifteen-chars-x").unwrap();
+        assert_eq!(&ifr.name()[..15], b"fifteen-chars-x");
+        assert_eq!(ifr.name()[15], 0, "name is NUL-terminated");
     }
 }

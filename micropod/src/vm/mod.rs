@@ -24,7 +24,7 @@ use std::{
     fs::{self, DirBuilder, File},
     io::{self, Read as _, Seek as _, Write},
     net::Ipv4Addr,
-    os::unix::{fs::DirBuilderExt as _, process::CommandExt as _},
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -586,16 +586,7 @@ impl Vms {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_err)?)
             .stderr(log);
-        // SAFETY: runs in the forked child before exec; setsid is async-signal-safe and
-        // touches no memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::sys::setsid_on_exec(&mut cmd);
         cmd.spawn().map_err(spawn_err)
     }
 
@@ -976,9 +967,8 @@ fn host_memory_mib() -> Option<u32> {
 /// 16 random hex digits.
 fn new_id() -> String {
     let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if usize::try_from(n).ok() != Some(bytes.len()) {
+    let n = crate::sys::getrandom(&mut bytes);
+    if n.ok() != Some(bytes.len()) {
         // Unique enough without the entropy pool: time and pid.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

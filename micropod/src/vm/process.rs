@@ -5,9 +5,11 @@
 //! matches the process that had that pid when it was recorded, and signals go through a pidfd
 //! opened before the start time is checked, so they cannot reach a newcomer either.
 
-use std::{io, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
+use std::{io, os::fd::AsFd as _};
 
 use serde::{Deserialize, Serialize};
+
+use crate::sys;
 
 /// One process: its pid and its start time (clock ticks after boot, field 22 of `stat`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,41 +69,20 @@ impl ProcessRef {
     /// Sends `signal` to this process if it still runs; returns whether it did.
     pub fn signal(&self, signal: libc::c_int) -> io::Result<bool> {
         let pid = libc::pid_t::try_from(self.pid).map_err(io::Error::other)?;
-        // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::ESRCH) => Ok(false),
-                _ => Err(err),
-            };
-        }
-        let fd = i32::try_from(fd).map_err(io::Error::other)?;
-        // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(pidfd) => pidfd,
+            Err(err) if err.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
+            Err(err) => return Err(err),
+        };
         // The pidfd pins the process it was opened for; if that is still ours, the signal
         // can only reach it.
         if !self.is_alive() {
             return Ok(false);
         }
-        // SAFETY: pidfd_send_signal takes the pidfd, the signal number, a null siginfo (the
-        // kernel fills one in as for kill(2)) and flags 0; it touches no memory of ours.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                pidfd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ESRCH) => Ok(false),
-            _ => Err(err),
+        match sys::pidfd_send_signal(pidfd.as_fd(), signal) {
+            Ok(()) => Ok(true),
+            Err(err) if err.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            Err(err) => Err(err),
         }
     }
 }

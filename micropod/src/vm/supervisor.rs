@@ -7,10 +7,7 @@
 
 use std::{
     fs::File,
-    os::unix::{
-        fs::FileTypeExt as _,
-        process::{CommandExt as _, ExitStatusExt as _},
-    },
+    os::unix::{fs::FileTypeExt as _, process::ExitStatusExt as _},
     process::{Child, ExitStatus, Stdio},
     sync::mpsc,
 };
@@ -176,20 +173,8 @@ fn spawn_vmm(rec: &VmRecord) -> Result<Child, String> {
         .stderr(open(VMM_LOG)?);
     // Read before the fork; 0 (never a parent's pid) if it does not fit, refusing the spawn.
     let supervisor = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
-    // SAFETY: runs in the forked child before exec; prctl and getppid are async-signal-safe
-    // syscalls and touch no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The supervisor died before the prctl took effect: do not run unsupervised.
-            if libc::getppid() != supervisor {
-                return Err(std::io::Error::other("the supervisor is gone"));
-            }
-            Ok(())
-        });
-    }
+    // If the supervisor died before the prctl took effect, the VMM does not run unsupervised.
+    crate::sys::kill_on_parent_death(&mut cmd, supervisor, "the supervisor is gone");
     cmd.spawn()
         .map_err(|e| format!("cannot run {}: {e}", binary.display()))
 }

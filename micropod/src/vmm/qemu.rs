@@ -15,7 +15,7 @@ mod qmp;
 
 use std::{
     fs::File,
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -74,8 +74,6 @@ impl Accel {
 /// virtualisation, as on nested cloud instances) passes all of those checks but only runs
 /// guest kernels built for it, so a stock kernel never boots there.
 pub fn kvm_usable() -> bool {
-    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
-    const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
     const KVM_API_VERSION: libc::c_int = 12;
     if Path::new("/sys/module/kvm_pvm").exists() {
         return false;
@@ -83,20 +81,11 @@ pub fn kvm_usable() -> bool {
     let Ok(kvm) = File::options().read(true).write(true).open("/dev/kvm") else {
         return false;
     };
-    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int; the fd is open.
-    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
-    if version != KVM_API_VERSION {
+    if crate::sys::kvm_api_version(kvm.as_fd()).ok() != Some(KVM_API_VERSION) {
         return false;
     }
-    // SAFETY: KVM_CREATE_VM takes the machine type by value (0: default) and returns a new fd
-    // or -1; it touches no memory of ours.
-    let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
-    if vm < 0 {
-        return false;
-    }
-    // SAFETY: `vm` is a descriptor the ioctl just returned to us and nothing else owns it.
-    unsafe { libc::close(vm) };
-    true
+    // The VM is closed again at once: creating it is the test.
+    crate::sys::kvm_create_vm(kvm.as_fd()).is_ok()
 }
 
 /// The host's TSC rate in kHz, from `/proc/cpuinfo` (`cpu MHz`).

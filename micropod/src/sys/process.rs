@@ -1,0 +1,86 @@
+//! Processes: pidfds, what a child does between fork and exec, random bytes.
+
+use std::{
+    io,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    process::Command,
+};
+
+/// `pidfd_open(pid, 0)`: a descriptor that keeps naming this very process (`ESRCH` if none).
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `pidfd_send_signal(pidfd, signal, NULL, 0)`, as `kill(2)` would send it (`ESRCH` once
+/// the process is gone).
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal takes the pidfd (open while borrowed), the signal number, a
+    // null siginfo (the kernel fills one in as for kill(2)) and flags 0; it touches no
+    // memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes `cmd`'s child call `setsid` before exec: a session (and process group) of its own,
+/// without a controlling terminal.
+pub fn setsid_on_exec(cmd: &mut Command) {
+    // SAFETY: the hook runs in the forked child before exec; setsid is async-signal-safe and
+    // touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes `cmd`'s child get `SIGKILL` when its parent dies (`PR_SET_PDEATHSIG`), and refuse to
+/// exec, failing the spawn with `parent_gone`, if its parent is no longer `parent` (the
+/// caller's pid, read before the fork: the parent died before the prctl took effect).
+pub fn kill_on_parent_death(cmd: &mut Command, parent: libc::pid_t, parent_gone: &'static str) {
+    // SAFETY: the hook runs in the forked child before exec; prctl and getppid are
+    // async-signal-safe syscalls and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(io::Error::other(parent_gone));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `getrandom(buf, 0)`: how many bytes of `buf` it filled from the kernel's entropy pool.
+pub fn getrandom(buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`, which we borrow
+    // exclusively.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
