@@ -11,6 +11,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod net;
 pub mod network;
+pub mod runtime;
 pub mod state;
 pub mod vm;
 pub mod vmm;
