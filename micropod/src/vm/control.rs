@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{POLL, ProcessRef, VmError, VmRecord, VmState, Vms};
+use super::{LazyRuntime, POLL, ProcessRef, VmError, VmRecord, VmState, Vms};
 use crate::vmm;
 
 /// How long `stop` waits for the supervisor to release the endpoint after the VMM died.
@@ -122,7 +122,7 @@ impl Vms {
                 state: rec.state,
             });
         }
-        if let Err(e) = self.release_endpoint(&mut rec) {
+        if let Err(e) = self.release_endpoint(&mut rec, &mut LazyRuntime::default()) {
             self.write(&lock, &rec)?;
             return Err(e);
         }

@@ -1,9 +1,13 @@
 //! What the VM lifecycle can fail at.
 
-use std::{io, path::PathBuf, time::Duration};
+use std::{io, path::PathBuf, process::ExitStatus, time::Duration};
 
-use super::{MAX_CMDLINE, MAX_CPUS, MIN_MEMORY_MIB, SUN_PATH_MAX, VmState};
-use crate::{network::NetworkError, state::StateError, vmm::VmmError};
+use super::{MAX_CMDLINE, MAX_CPUS, MIN_MEMORY_MIB, VmState, supervisor::describe};
+use crate::{
+    network::NetworkError,
+    state::StateError,
+    vmm::{SUN_PATH_MAX, VmmError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -137,4 +141,37 @@ fn log_excerpt(log: &str) -> String {
     } else {
         format!("\n--- last lines of its log ---\n{}", log.trim_end())
     }
+}
+
+/// What the supervisor can fail at while it starts the VMM. Its chain (`error_chain`) is the
+/// reason recorded in the VM's exit and shown by `run`.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The VMM binary is missing (the message says how to install it).
+    #[error(transparent)]
+    Binary(VmmError),
+    /// The driver cannot build the VMM's command line.
+    #[error(transparent)]
+    Command(VmmError),
+    #[error("cannot create {}", path.display())]
+    CreateLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot run {}", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The driver's `start` failed (its message names the step).
+    #[error(transparent)]
+    Start(VmmError),
+    #[error("the driver's start panicked")]
+    StartPanicked,
+    #[error("the VMM exited during start ({})", describe(*status))]
+    ExitedDuringStart { status: ExitStatus },
+    #[error("cannot watch the VMM")]
+    Watch(#[source] io::Error),
 }

@@ -27,7 +27,7 @@ mod supervisor;
 use std::{fs, io, path::PathBuf, time::Duration};
 
 pub use control::StopOutcome;
-pub use error::VmError;
+pub use error::{SupervisorError, VmError};
 pub use process::ProcessRef;
 pub use reconcile::Reconciled;
 pub use record::{RECORD_VERSION, VmExit, VmNetwork, VmRecord, VmState, now as unix_now};
@@ -52,8 +52,6 @@ pub const MAX_CPUS: u8 = 64;
 pub const MIN_MEMORY_MIB: u32 = 32;
 /// The x86 kernel's `COMMAND_LINE_SIZE`, including the terminating NUL.
 pub const MAX_CMDLINE: usize = 2048;
-/// sun_path holds 108 bytes with the NUL.
-const SUN_PATH_MAX: usize = 107;
 /// How long the supervisor gives the driver's `start`.
 const VMM_START_TIMEOUT: Duration = Duration::from_secs(45);
 /// How often waits look again.
@@ -77,13 +75,6 @@ impl Vms {
             state,
             supervisor_exe,
         }
-    }
-
-    /// Starts supervisors from `exe` (a `micropod` binary) instead of this executable.
-    #[must_use]
-    pub fn with_supervisor_exe(mut self, exe: impl Into<PathBuf>) -> Self {
-        self.supervisor_exe = exe.into();
-        self
     }
 
     pub fn network(&self) -> &Network {
@@ -171,11 +162,19 @@ pub fn vmm_name(kind: VmmKind) -> &'static str {
     }
 }
 
-/// Runs a netlink future on a fresh current-thread runtime.
-fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, VmError> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(VmError::Runtime)?
-        .block_on(f))
+/// A current-thread runtime for netlink futures, built on first use and then reused: a
+/// reconcile with nothing to detach builds none, one that releases many endpoints builds one.
+#[derive(Default)]
+struct LazyRuntime(Option<tokio::runtime::Runtime>);
+
+impl LazyRuntime {
+    fn block_on<F: std::future::Future>(&mut self, f: F) -> Result<F::Output, VmError> {
+        let rt = match self.0.take() {
+            Some(rt) => rt,
+            None => crate::runtime::current_thread().map_err(VmError::Runtime)?,
+        };
+        let out = rt.block_on(f);
+        self.0 = Some(rt);
+        Ok(out)
+    }
 }

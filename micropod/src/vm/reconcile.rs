@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::{VmError, VmRecord, VmState, Vms, block_on};
+use super::{LazyRuntime, VmError, VmRecord, VmState, Vms};
 use crate::{network::NetworkError, state::StateLock};
 
 /// A VM whose end a reconcile recorded.
@@ -39,6 +39,8 @@ impl Vms {
 
     pub(super) fn reconcile_locked(&self, lock: &StateLock) -> Result<Vec<Reconciled>, VmError> {
         let mut done = Vec::new();
+        // One runtime for every release of this pass.
+        let mut rt = LazyRuntime::default();
         for mut rec in self.read_all(Some(lock))? {
             if rec.state == VmState::Exited && rec.network.released {
                 continue;
@@ -55,7 +57,7 @@ impl Vms {
                 log::info!("VM {}: {who}; recording its end", rec.name);
                 rec.mark_exited(None, None, format!("{who} (found by reconcile)"));
             }
-            let released = self.release_endpoint(&mut rec);
+            let released = self.release_endpoint(&mut rec, &mut rt);
             self.write(lock, &rec)?;
             match released {
                 Ok(()) => done.push(Reconciled {
@@ -74,8 +76,12 @@ impl Vms {
     }
 
     /// Detaches the VM's endpoint if it is still the one the VM got, and notes it released.
-    /// Call with the VM lock held.
-    pub(super) fn release_endpoint(&self, rec: &mut VmRecord) -> Result<(), VmError> {
+    /// Call with the VM lock held; `rt` runs the detach.
+    pub(super) fn release_endpoint(
+        &self,
+        rec: &mut VmRecord,
+        rt: &mut LazyRuntime,
+    ) -> Result<(), VmError> {
         if rec.network.released {
             return Ok(());
         }
@@ -92,7 +98,7 @@ impl Vms {
             .into_iter()
             .any(|ep| ep.name == rec.network.endpoint && ep.link == rec.network.tap);
         if ours {
-            match block_on(self.network.detach(&rec.network.endpoint))? {
+            match rt.block_on(self.network.detach(&rec.network.endpoint))? {
                 Ok(_) | Err(NetworkError::UnknownEndpoint { .. } | NetworkError::NotUp { .. }) => {}
                 Err(e) => return Err(fail(e)),
             }

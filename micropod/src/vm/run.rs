@@ -11,14 +11,14 @@ use std::{
 };
 
 use super::{
-    CONSOLE_LOG, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MAX_CMDLINE, MAX_CPUS, MIN_MEMORY_MIB, POLL,
-    ProcessRef, RECORD_VERSION, SUN_PATH_MAX, SUPERVISE_COMMAND, SUPERVISOR_LOG, VMM_LOG, VmError,
-    VmNetwork, VmRecord, VmState, Vms, block_on, control::kill_and_wait, record, supervisor,
+    CONSOLE_LOG, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, LazyRuntime, MAX_CMDLINE, MAX_CPUS,
+    MIN_MEMORY_MIB, POLL, ProcessRef, RECORD_VERSION, SUPERVISE_COMMAND, SUPERVISOR_LOG, VMM_LOG,
+    VmError, VmNetwork, VmRecord, VmState, Vms, control::kill_and_wait, record, supervisor,
     vmm_name,
 };
 use crate::{
     network::{AttachRequest, EndpointKind, valid_endpoint_name},
-    vmm::{self, Boot, VmSpec, VmmKind},
+    vmm::{self, Boot, SUN_PATH_MAX, VmSpec, VmmKind},
 };
 
 /// The longest `ip=` argument micropod can generate.
@@ -81,7 +81,7 @@ impl Vms {
         let dir = self.state.root().join(&id);
         if dir.as_os_str().len() + 1 + SOCKET_NAME_BUDGET > SUN_PATH_MAX {
             return Err(VmError::SocketPath {
-                path: dir.join(vmm::qemu::QMP_SOCKET),
+                path: dir.join(vmm::driver(req.vmm).control_socket_name()),
             });
         }
 
@@ -102,19 +102,21 @@ impl Vms {
                 path: dir.clone(),
                 source,
             })?;
-        let attached = block_on(self.network.attach(&AttachRequest {
-            name: name.clone(),
-            kind: EndpointKind::Tap,
-            netns: None,
-            ip: req.ip,
-            ifname: None,
-        }))
-        .and_then(|r| {
-            r.map_err(|source| VmError::Attach {
+        let mut rt = LazyRuntime::default();
+        let attached = rt
+            .block_on(self.network.attach(&AttachRequest {
                 name: name.clone(),
-                source,
-            })
-        });
+                kind: EndpointKind::Tap,
+                netns: None,
+                ip: req.ip,
+                ifname: None,
+            }))
+            .and_then(|r| {
+                r.map_err(|source| VmError::Attach {
+                    name: name.clone(),
+                    source,
+                })
+            });
         let attachment = match attached {
             Ok(a) => a,
             Err(e) => {
@@ -170,7 +172,7 @@ impl Vms {
         };
         if let Err(e) = self.write(&lock, &rec) {
             let mut rec = rec;
-            if let Err(e) = self.release_endpoint(&mut rec) {
+            if let Err(e) = self.release_endpoint(&mut rec, &mut rt) {
                 log::warn!("{e}");
             }
             remove_dir(&dir);
@@ -295,7 +297,7 @@ impl Vms {
             if rec.state != VmState::Exited {
                 rec.mark_exited(None, None, "failed to start".into());
             }
-            if let Err(e) = self.release_endpoint(&mut rec) {
+            if let Err(e) = self.release_endpoint(&mut rec, &mut LazyRuntime::default()) {
                 self.write(&lock, &rec)?;
                 return Err(e);
             }
