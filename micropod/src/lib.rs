@@ -13,6 +13,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod net;
 pub mod network;
+pub mod runtime;
 pub mod state;
 pub(crate) mod sys;
 pub mod vm;

@@ -55,6 +55,20 @@ enum Command {
     },
 }
 
+/// `micropod gc`: the VM reconcile, then the network sweep. The sweep runs even when the
+/// reconcile failed (it releases what it can on its own), and both failures are reported.
+fn gc(network: &micropod::network::Network, json: bool) -> anyhow::Result<()> {
+    let vms = vm::gc(&micropod::vm::Vms::new(network.clone()));
+    let sweep = network::gc(network, json);
+    match (vms, sweep) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(vms), Err(sweep)) => Err(anyhow::anyhow!(
+            "gc left 2 problems; run it again once fixed:\n  - VM reconcile: {vms:#}\n  - network sweep: {sweep:#}"
+        )),
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
@@ -86,8 +100,7 @@ pub fn main() -> ExitCode {
             command,
         ),
         Command::Vm(command) => vm::run(&vms(net(&cli.state_dir, &cli.bpf_dir)), command),
-        Command::Gc { json } => vm::gc(&vms(net(&cli.state_dir, &cli.bpf_dir)))
-            .and_then(|()| network::gc(&net(&cli.state_dir, &cli.bpf_dir), json)),
+        Command::Gc { json } => gc(&net(&cli.state_dir, &cli.bpf_dir), json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -91,9 +91,7 @@ enum KindArg {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+    Ok(micropod::runtime::current_thread()?)
 }
 
 pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {

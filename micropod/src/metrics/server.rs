@@ -87,11 +87,7 @@ impl Server {
 
     /// Serves until SIGINT or SIGTERM.
     pub fn run(self) -> Result<(), MetricsError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(MetricsError::Runtime)?;
+        let runtime = crate::runtime::current_thread().map_err(MetricsError::Runtime)?;
         runtime.block_on(self.serve())
     }
 

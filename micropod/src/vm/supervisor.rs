@@ -13,7 +13,8 @@ use std::{
 };
 
 use super::{
-    CONSOLE_LOG, POLL, ProcessRef, VMM_LOG, VMM_START_TIMEOUT, VmError, VmRecord, VmState, Vms,
+    CONSOLE_LOG, LazyRuntime, POLL, ProcessRef, SupervisorError, VMM_LOG, VMM_START_TIMEOUT,
+    VmError, VmRecord, VmState, Vms,
 };
 use crate::vmm;
 
@@ -56,7 +57,8 @@ impl Vms {
 
         let mut child = match spawn_vmm(&rec) {
             Ok(child) => child,
-            Err(reason) => {
+            Err(e) => {
+                let reason = crate::error_chain(&e);
                 log::error!("{reason}");
                 self.finish(name, None, format!("{FAILED_TO_START}{reason}"))?;
                 return Err(VmError::StartFailed {
@@ -85,7 +87,8 @@ impl Vms {
                     }
                 })?;
             }
-            Err(reason) => {
+            Err(e) => {
+                let reason = crate::error_chain(&e);
                 log::error!("VM {name} did not start: {reason}");
                 // Our own child, by its handle.
                 let _ = child.kill();
@@ -140,7 +143,7 @@ impl Vms {
             status.and_then(|s| s.signal()),
             reason,
         );
-        let released = self.release_endpoint(&mut rec);
+        let released = self.release_endpoint(&mut rec, &mut LazyRuntime::default());
         self.write(&lock, &rec)?;
         // The control sockets are dead; the logs stay for `micropod logs`.
         for entry in std::fs::read_dir(rec.dir()).into_iter().flatten().flatten() {
@@ -158,15 +161,15 @@ impl Vms {
 
 /// Spawns the VMM with the console and VMM logs as its stdout and stderr, and with
 /// `PR_SET_PDEATHSIG` so that it never outlives the supervisor.
-fn spawn_vmm(rec: &VmRecord) -> Result<Child, String> {
+fn spawn_vmm(rec: &VmRecord) -> Result<Child, SupervisorError> {
     let driver = vmm::driver(rec.vmm);
-    let binary = driver.binary().map_err(|e| e.to_string())?;
+    let binary = driver.binary().map_err(SupervisorError::Binary)?;
     let mut cmd = driver
         .command(&binary, &rec.spec)
-        .map_err(|e| e.to_string())?;
+        .map_err(SupervisorError::Command)?;
     let open = |name: &str| {
         let path = rec.dir().join(name);
-        File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))
+        File::create(&path).map_err(|source| SupervisorError::CreateLog { path, source })
     };
     cmd.stdin(Stdio::null())
         .stdout(open(CONSOLE_LOG)?)
@@ -176,12 +179,12 @@ fn spawn_vmm(rec: &VmRecord) -> Result<Child, String> {
     // If the supervisor died before the prctl took effect, the VMM does not run unsupervised.
     crate::sys::kill_on_parent_death(&mut cmd, supervisor, "the supervisor is gone");
     cmd.spawn()
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))
+        .map_err(|source| SupervisorError::Spawn { binary, source })
 }
 
 /// Runs the driver's `start` on a thread while watching the VMM, so a VMM that dies during
 /// start is reported at once rather than after the start timeout.
-fn start_watching(rec: &VmRecord, child: &mut Child) -> Result<(), String> {
+fn start_watching(rec: &VmRecord, child: &mut Child) -> Result<(), SupervisorError> {
     let (tx, rx) = mpsc::channel();
     let spec = rec.spec.clone();
     let kind = rec.vmm;
@@ -197,31 +200,27 @@ fn start_watching(rec: &VmRecord, child: &mut Child) -> Result<(), String> {
                 let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
                 while std::time::Instant::now() < deadline {
                     if let Ok(Some(status)) = child.try_wait() {
-                        return Err(exited_during_start(status));
+                        return Err(SupervisorError::ExitedDuringStart { status });
                     }
                     std::thread::sleep(POLL);
                 }
-                return Err(crate::error_chain(&e));
+                return Err(SupervisorError::Start(e));
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err("the driver's start panicked".into());
+                return Err(SupervisorError::StartPanicked);
             }
         }
         match child.try_wait() {
-            Ok(Some(status)) => return Err(exited_during_start(status)),
+            Ok(Some(status)) => return Err(SupervisorError::ExitedDuringStart { status }),
             Ok(None) => {}
-            Err(e) => return Err(format!("cannot watch the VMM: {e}")),
+            Err(e) => return Err(SupervisorError::Watch(e)),
         }
     }
 }
 
-fn exited_during_start(status: ExitStatus) -> String {
-    format!("the VMM exited during start ({})", describe(status))
-}
-
 /// An exit status in words.
-fn describe(status: ExitStatus) -> String {
+pub(super) fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(signal)) => format!("killed by signal {signal}"),

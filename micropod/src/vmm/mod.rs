@@ -19,6 +19,10 @@ use crate::network::Mac;
 pub mod firecracker;
 pub mod qemu;
 
+/// The longest path a unix socket can have: `sun_path` holds 108 bytes, the terminating NUL
+/// included.
+pub const SUN_PATH_MAX: usize = 107;
+
 /// Which VMM runs a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -112,6 +116,8 @@ pub trait Vmm {
     fn kind(&self) -> VmmKind;
     /// The VMM binary, or [`VmmError::NotInstalled`] saying how to install it.
     fn binary(&self) -> Result<PathBuf, VmmError>;
+    /// The file name of the VMM's control socket (QMP, API) in the VM's run dir.
+    fn control_socket_name(&self) -> &'static str;
     /// Arguments this VMM needs on the guest kernel's command line, appended to the VM's
     /// (recorded in the spec, so `inspect` shows the command line the guest really got).
     fn kernel_args(&self) -> Result<Vec<String>, VmmError> {

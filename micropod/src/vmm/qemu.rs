@@ -205,6 +205,10 @@ impl Vmm for Qemu {
         })
     }
 
+    fn control_socket_name(&self) -> &'static str {
+        QMP_SOCKET
+    }
+
     fn kernel_args(&self) -> Result<Vec<String>, VmmError> {
         // Under TCG the guest's quick PIT calibration of the TSC often fails when the host is
         // busy (several VMs booting at once); the kernel then finds no other reference clock

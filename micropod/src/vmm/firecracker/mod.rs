@@ -26,7 +26,7 @@ use self::{
     api::{ActionType, ApiError, InstanceInfo, Request},
     http::HttpError,
 };
-use super::{Boot, VmSpec, Vmm, VmmError, VmmKind};
+use super::{Boot, SUN_PATH_MAX, VmSpec, Vmm, VmmError, VmmKind};
 
 const VMM: &str = "firecracker";
 const BINARY: &str = "firecracker";
@@ -38,8 +38,6 @@ const INSTALL: &str = "download a release from \
     to its path); Firecracker also needs a usable /dev/kvm";
 /// The API socket's file name inside the VM's run directory.
 pub const SOCKET_NAME: &str = "firecracker.sock";
-/// `sun_path` holds 108 bytes, the terminating NUL included.
-const MAX_SOCKET_PATH: usize = 107;
 /// Firecracker's instance id rules (`validate_instance_id`).
 const MAX_ID_LEN: usize = 64;
 /// How often to look for the API socket while Firecracker starts.
@@ -67,6 +65,10 @@ impl Vmm for Firecracker {
             .to_vec())
     }
 
+    fn control_socket_name(&self) -> &'static str {
+        SOCKET_NAME
+    }
+
     fn binary(&self) -> Result<PathBuf, VmmError> {
         let wanted = std::env::var_os(BINARY_ENV)
             .filter(|v| !v.is_empty())
@@ -76,9 +78,9 @@ impl Vmm for Firecracker {
 
     fn command(&self, binary: &Path, spec: &VmSpec) -> Result<Command, VmmError> {
         let socket = api_socket(&spec.run_dir);
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        if socket.as_os_str().len() > SUN_PATH_MAX {
             return Err(unsupported(format!(
-                "an API socket path longer than {MAX_SOCKET_PATH} bytes ({}); use a shorter \
+                "an API socket path longer than {SUN_PATH_MAX} bytes ({}); use a shorter \
                  state directory",
                 socket.display()
             )));
