@@ -60,7 +60,7 @@ const FLOOR_RUNS: usize = 20;
 /// with host-local IPAM (ADD/DEL), N endpoints each, interleaved, in namespaces of its own.
 /// Run as root (cargo xtask bench attach builds and runs it).
 #[derive(Parser)]
-#[command(name = "micropod-bench")]
+#[command(name = "micropod-bench", verbatim_doc_comment)]
 struct Cli {
     /// Endpoints per side (default 200; at least 200 unless --quick; at most 1000)
     #[arg(long, value_name = "N")]

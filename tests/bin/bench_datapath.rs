@@ -71,7 +71,7 @@ impl Mode {
 /// short-connection rate (wrk), with the CPU time each costs. In namespaces of its own; run as
 /// root (cargo xtask bench datapath builds and runs it).
 #[derive(Parser)]
-#[command(name = "micropod-bench-datapath")]
+#[command(name = "micropod-bench-datapath", verbatim_doc_comment)]
 struct Cli {
     /// Measurement rounds; each round measures every mode once, in rotating order (default 7)
     #[arg(long, value_name = "N")]

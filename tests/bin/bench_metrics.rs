@@ -77,7 +77,7 @@ const KIB_PER_MIB: f64 = 1024.0;
 /// flows) in the maps, times `metrics print` and `stats --json` beside it, and reads the
 /// exporter's memory. In namespaces of its own; run as root (cargo xtask bench metrics).
 #[derive(Parser)]
-#[command(name = "micropod-bench-metrics")]
+#[command(name = "micropod-bench-metrics", verbatim_doc_comment)]
 struct Cli {
     /// TAP endpoints (default 1000, at most 1000)
     #[arg(long, value_name = "N")]
