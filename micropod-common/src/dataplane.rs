@@ -31,7 +31,8 @@ pub const MAX_ENDPOINTS: u32 = 1024;
 /// Default capacity of [`NAT_MAP`], in entries (two per flow).
 pub const NAT_DEFAULT_ENTRIES: u32 = 131_072;
 
-/// An IPv4 address as a map key, network order.
+/// An IPv4 address as a map key, network order (as on the wire): the key of the endpoint maps
+/// and of [`SRC_COUNTERS_MAP`](crate::SRC_COUNTERS_MAP).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ipv4Key {

@@ -13,19 +13,11 @@ pub use dataplane::*;
 
 /// Name of the TC classifier that counts packets and bytes per IPv4 source address.
 pub const COUNT_SRC_PROGRAM: &str = "count_src";
-/// Name of the per-CPU hash map `Ipv4SrcKey -> PacketCounters` filled by [`COUNT_SRC_PROGRAM`].
+/// Name of the per-CPU hash map [`Ipv4Key`] source address -> [`PacketCounters`], filled by
+/// [`COUNT_SRC_PROGRAM`].
 pub const SRC_COUNTERS_MAP: &str = "SRC_COUNTERS";
 /// Capacity of [`SRC_COUNTERS_MAP`]; sources beyond it are not counted.
 pub const SRC_COUNTERS_MAX_ENTRIES: u32 = 4096;
-
-/// Key of [`SRC_COUNTERS_MAP`]: an IPv4 address as it appears on the wire (network order).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ipv4SrcKey {
-    pub addr: [u8; 4],
-}
-
-const _: () = assert!(size_of::<Ipv4SrcKey>() == 4);
 
 /// A packet and byte count. In per-CPU maps each CPU holds its own copy; readers sum them.
 #[repr(C)]
@@ -53,8 +45,6 @@ impl PacketCounters {
 mod user {
     // SAFETY: #[repr(C)], plain integers, no padding (size asserted above): every bit pattern
     // is a valid value.
-    unsafe impl aya::Pod for super::Ipv4SrcKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::PacketCounters {}
     // SAFETY: as above, for each data plane type (sizes asserted in `dataplane`).
     unsafe impl aya::Pod for super::Ipv4Key {}
@@ -97,7 +87,7 @@ mod tests {
 
     #[test]
     fn key_keeps_network_order() {
-        let key = Ipv4SrcKey {
+        let key = Ipv4Key {
             addr: [10, 0, 0, 1],
         };
         assert_eq!(u32::from_be_bytes(key.addr), 0x0a00_0001);

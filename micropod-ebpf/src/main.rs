@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::info;
-use micropod_common::{Ipv4SrcKey, PacketCounters, SRC_COUNTERS_MAX_ENTRIES};
+use micropod_common::{Ipv4Key, PacketCounters, SRC_COUNTERS_MAX_ENTRIES};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: [u8; 2] = 0x0800_u16.to_be_bytes();
@@ -25,7 +25,7 @@ const IPV4_SRC_OFFSET: usize = ETH_HLEN + 12;
 const NEEDED: usize = IPV4_SRC_OFFSET + 4;
 
 #[map]
-static SRC_COUNTERS: PerCpuHashMap<Ipv4SrcKey, PacketCounters> =
+static SRC_COUNTERS: PerCpuHashMap<Ipv4Key, PacketCounters> =
     PerCpuHashMap::with_max_entries(SRC_COUNTERS_MAX_ENTRIES, 0);
 
 // Not `pub`: the macro's exported entry point takes the kernel's raw `__sk_buff` pointer, and
@@ -33,7 +33,7 @@ static SRC_COUNTERS: PerCpuHashMap<Ipv4SrcKey, PacketCounters> =
 #[classifier]
 fn count_src(ctx: TcContext) -> i32 {
     if let Some(addr) = ipv4_source(&ctx) {
-        count(&ctx, Ipv4SrcKey { addr });
+        count(&ctx, Ipv4Key { addr });
     }
     TC_ACT_UNSPEC
 }
@@ -65,7 +65,7 @@ fn linear_headers(ctx: &TcContext) -> Option<usize> {
 }
 
 #[inline(always)]
-fn count(ctx: &TcContext, key: Ipv4SrcKey) {
+fn count(ctx: &TcContext, key: Ipv4Key) {
     let bytes = u64::from(ctx.len());
     if bump(&key, bytes) {
         return;
@@ -83,7 +83,7 @@ fn count(ctx: &TcContext, key: Ipv4SrcKey) {
 
 /// Adds one packet of `bytes` to this CPU's counters for `key`; false if the key is absent.
 #[inline(always)]
-fn bump(key: &Ipv4SrcKey, bytes: u64) -> bool {
+fn bump(key: &Ipv4Key, bytes: u64) -> bool {
     match SRC_COUNTERS.get_ptr_mut(key) {
         Some(counters) => {
             // SAFETY: the pointer is this CPU's slot of a per-CPU map value; TC programs run

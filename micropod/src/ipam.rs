@@ -23,7 +23,7 @@ use std::{
 };
 
 use ipnetwork::{IpNetworkError, Ipv4Network};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 /// The addresses of a subnet that are never assigned to an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,7 +110,10 @@ pub enum IpamError {
 }
 
 /// Address allocations in one IPv4 subnet. See the module docs for the rules.
-#[derive(Clone, Debug, Deserialize)]
+///
+/// Persisted as `{"subnet":"10.10.0.0/24","gateway":…,"allocations":{ip: owner}}`: the subnet
+/// through ipnetwork's own serde (its CIDR text).
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(try_from = "IpamRepr")]
 pub struct Ipam {
     subnet: Ipv4Network,
@@ -118,9 +121,11 @@ pub struct Ipam {
     /// ip -> owner (endpoint name). Ordered, so "lowest free" is a walk from [`Self::next_free`].
     allocations: BTreeMap<Ipv4Addr, String>,
     /// Reverse index of `allocations` (not serialized): owner lookups stay O(1).
+    #[serde(skip)]
     by_owner: HashMap<String, Ipv4Addr>,
     /// Lower bound of the lowest free host address (not serialized): every host address below
     /// it is the gateway or allocated. Keeps sequential allocation from rescanning the map.
+    #[serde(skip)]
     next_free: u32,
 }
 
@@ -339,33 +344,16 @@ fn capacity(subnet: Ipv4Network) -> u32 {
     u32::try_from(size.saturating_sub(3)).unwrap_or(u32::MAX)
 }
 
-/// The persisted form. `ipnetwork` is built without its `serde` feature, so the subnet is
-/// stored as its CIDR text.
+/// The persisted form as read, checked by [`TryFrom`] before it becomes an [`Ipam`]. The
+/// subnet is read as text and parsed there, not through ipnetwork's `Deserialize`, so a bad one
+/// is an [`IpamError::InvalidSubnet`] that names it and says what is expected (ipnetwork's own
+/// error says only "invalid prefix").
 #[derive(Deserialize)]
 struct IpamRepr {
     subnet: String,
     gateway: Ipv4Addr,
     #[serde(default)]
     allocations: BTreeMap<Ipv4Addr, String>,
-}
-
-/// Borrowed twin of [`IpamRepr`], so serializing does not clone the allocations.
-#[derive(Serialize)]
-struct IpamReprRef<'a> {
-    subnet: String,
-    gateway: Ipv4Addr,
-    allocations: &'a BTreeMap<Ipv4Addr, String>,
-}
-
-impl Serialize for Ipam {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        IpamReprRef {
-            subnet: self.subnet.to_string(),
-            gateway: self.gateway,
-            allocations: &self.allocations,
-        }
-        .serialize(serializer)
-    }
 }
 
 impl TryFrom<IpamRepr> for Ipam {

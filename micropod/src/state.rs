@@ -725,16 +725,18 @@ mod tests {
         assert_eq!(distinct, expected);
     }
 
-    // Multi-process tests: the test binary re-runs itself with `--exact` on this entry point,
-    // which does nothing in a normal test run.
+    // Multi-process tests: the test binary re-runs itself with `--ignored --exact` on this
+    // entry point, which is ignored in a normal test run.
     const CHILD_MODE: &str = "MICROPOD_STATE_TEST_CHILD";
     const CHILD_DIR: &str = "MICROPOD_STATE_TEST_DIR";
     const CHILD_ARG: &str = "MICROPOD_STATE_TEST_ARG";
     const CHILD_ENTRY: &str = "state::tests::child_process_entry";
 
     #[test]
+    #[ignore = "run by the multi-process tests below, in child processes of their own"]
     fn child_process_entry() {
         let Ok(mode) = env::var(CHILD_MODE) else {
+            eprintln!("{CHILD_MODE} not set: nothing to do outside a parent test");
             return;
         };
         let dir = StateDir::new(env::var(CHILD_DIR).unwrap());
@@ -769,7 +771,13 @@ mod tests {
 
     fn spawn_child(mode: &str, dir: &Path, arg: &str) -> ChildGuard {
         let child = Command::new(env::current_exe().unwrap())
-            .args([CHILD_ENTRY, "--exact", "--test-threads=1", "--nocapture"])
+            .args([
+                CHILD_ENTRY,
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+                "--nocapture",
+            ])
             .env(CHILD_MODE, mode)
             .env(CHILD_DIR, dir)
             .env(CHILD_ARG, arg)

@@ -23,9 +23,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
 use ipnetwork::Ipv4Network;
 use micropod::net::{NetNs, Netlink, link};
-use micropod_tests::{NsGuard, TestDirs, block_on, micropod_bin};
+use micropod_tests::{
+    NsGuard, TestDirs,
+    bench::{Percentile, ScratchDir, ms, ms_each, percentile, round_to},
+    block_on, micropod_bin,
+};
 use nix::sched::{CloneFlags, setns};
 use serde_json::{Value, json};
 
@@ -51,43 +56,33 @@ const GROWTH_GOAL: f64 = 1.5;
 /// Runs of each binary doing nothing, for the process start-up floor.
 const FLOOR_RUNS: usize = 20;
 
-const USAGE: &str = "\
-usage: micropod-bench [--count N] [--quick] [--json]
-
-Times one endpoint attach+detach as a whole `micropod` process against the CNI bridge plugin
-with host-local IPAM (ADD/DEL), N endpoints each, interleaved, in namespaces of its own.
-Run as root (cargo xtask bench attach builds and runs it).
-
-  --count N   endpoints per side (default 200; at least 200 unless --quick; at most 1000)
-  --quick     a development smoke run: allows fewer endpoints (default 20)
-  --json      print the figures as one JSON object instead of the table";
+/// Times one endpoint attach+detach as a whole `micropod` process against the CNI bridge plugin
+/// with host-local IPAM (ADD/DEL), N endpoints each, interleaved, in namespaces of its own.
+/// Run as root (cargo xtask bench attach builds and runs it).
+#[derive(Parser)]
+#[command(name = "micropod-bench", verbatim_doc_comment)]
+struct Cli {
+    /// Endpoints per side (default 200; at least 200 unless --quick; at most 1000)
+    #[arg(long, value_name = "N")]
+    count: Option<usize>,
+    /// A development smoke run: allows fewer endpoints (default 20)
+    #[arg(long)]
+    quick: bool,
+    /// Print the figures as one JSON object instead of the table
+    #[arg(long)]
+    json: bool,
+}
 
 struct Args {
     count: usize,
     json: bool,
 }
 
-fn parse_args() -> anyhow::Result<Option<Args>> {
-    let mut count = None;
-    let mut json = false;
-    let mut quick = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--json" => json = true,
-            "--quick" => quick = true,
-            "--count" => {
-                let n = args.next().context("--count needs a number")?;
-                count = Some(n.parse().with_context(|| format!("--count {n:?}"))?);
-            }
-            "-h" | "--help" => return Ok(None),
-            other => match other.strip_prefix("--count=") {
-                Some(n) => count = Some(n.parse().with_context(|| format!("--count {n:?}"))?),
-                None => bail!("unknown argument {other:?}\n\n{USAGE}"),
-            },
-        }
-    }
-    let count = count.unwrap_or(if quick { QUICK_COUNT } else { MIN_COUNT });
+fn resolve(cli: Cli) -> anyhow::Result<Args> {
+    let quick = cli.quick;
+    let count = cli
+        .count
+        .unwrap_or(if quick { QUICK_COUNT } else { MIN_COUNT });
     ensure!(count >= 1, "--count must be at least 1");
     ensure!(
         quick || count >= MIN_COUNT,
@@ -97,35 +92,18 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         count <= MAX_COUNT,
         "--count {count}: at most {MAX_COUNT}, since one Linux bridge holds at most 1023 ports"
     );
-    Ok(Some(Args { count, json }))
+    Ok(Args {
+        count,
+        json: cli.json,
+    })
 }
 
 fn main() -> ExitCode {
-    micropod_tests::interrupt::main("micropod-bench", USAGE, parse_args, bench)
+    micropod_tests::interrupt::main("micropod-bench", resolve, bench)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Guards, beyond NsGuard and TestDirs from the support library.
-
-/// A directory of the benchmark's own under the temp dir, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(tag: &str) -> anyhow::Result<Self> {
-        let path =
-            std::env::temp_dir().join(format!("micropod-bench-{}-{tag}", std::process::id()));
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0) {
-            eprintln!("warning: cannot remove {}: {e}", self.0.display());
-        }
-    }
-}
+// Guards, beyond NsGuard, TestDirs and ScratchDir from the support library.
 
 /// The calling thread moved into another network namespace; moved back on drop (before the
 /// namespace's own guard unmounts it).
@@ -343,7 +321,7 @@ impl Cni {
             "ipam": {
                 "type": "host-local",
                 "subnet": CNI_SUBNET,
-                "dataDir": data_dir.0,
+                "dataDir": data_dir.path(),
             },
         });
         Self {
@@ -393,7 +371,7 @@ impl Cni {
 
     /// Addresses host-local still holds (one file per address in its data dir).
     fn held(&self) -> anyhow::Result<Vec<String>> {
-        let dir = self.data_dir.0.join(CNI_NETWORK);
+        let dir = self.data_dir.path().join(CNI_NETWORK);
         let mut held = Vec::new();
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let name = entry?.file_name().to_string_lossy().into_owned();
@@ -415,36 +393,20 @@ struct Stats {
     mean: f64,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Nearest-rank percentile of milliseconds.
-fn percentile(samples: &[Duration], p: f64) -> f64 {
-    let mut sorted: Vec<f64> = samples.iter().copied().map(ms).collect();
-    sorted.sort_by(f64::total_cmp);
-    // A rank between 1 and len, from a len of at most MAX_COUNT: the casts are exact.
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
 fn stats(samples: &[Duration]) -> Stats {
-    let mean = samples.iter().copied().map(ms).sum::<f64>() / samples.len() as f64;
+    let ms = ms_each(samples);
+    let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     Stats {
-        p50: percentile(samples, 50.0),
-        p95: percentile(samples, 95.0),
+        p50: percentile(&ms, Percentile::P50),
+        p95: percentile(&ms, Percentile::P95),
         mean,
     }
 }
 
 impl Stats {
     fn json(self) -> Value {
-        json!({"p50_ms": round3(self.p50), "p95_ms": round3(self.p95), "mean_ms": round3(self.mean)})
+        json!({"p50_ms": round_to(self.p50, 3), "p95_ms": round_to(self.p95, 3), "mean_ms": round_to(self.mean, 3)})
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1e3).round() / 1e3
 }
 
 /// One side's timings, per endpoint index.
@@ -477,8 +439,8 @@ impl Side {
     /// Does the n-th attach (with n-1 endpoints already there) cost more than the first?
     fn growth(&self, window: usize) -> Growth {
         let n = self.attach.len();
-        let first = percentile(&self.attach[..window], 50.0);
-        let last = percentile(&self.attach[n - window..], 50.0);
+        let first = percentile(&ms_each(&self.attach[..window]), Percentile::P50);
+        let last = percentile(&ms_each(&self.attach[n - window..]), Percentile::P50);
         let nth = n.min(MIN_COUNT);
         Growth {
             first_median: first,
@@ -517,14 +479,14 @@ impl Growth {
     fn json(&self, window: usize, count: usize) -> Value {
         json!({
             "window": window,
-            "first_window_median_ms": round3(self.first_median),
-            "last_window_median_ms": round3(self.last_median),
-            "ratio": round3(self.ratio),
-            "attach_1_ms": round3(self.first),
+            "first_window_median_ms": round_to(self.first_median, 3),
+            "last_window_median_ms": round_to(self.last_median, 3),
+            "ratio": round_to(self.ratio, 3),
+            "attach_1_ms": round_to(self.first, 3),
             "nth": self.nth,
-            "attach_nth_ms": round3(self.nth_ms),
+            "attach_nth_ms": round_to(self.nth_ms, 3),
             "last_index": count,
-            "attach_last_ms": round3(self.last),
+            "attach_last_ms": round_to(self.last, 3),
         })
     }
 }
@@ -557,7 +519,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         bpf_dir: dirs.pins.join("micropod"),
         dirs,
     };
-    let cni = Cni::new(ScratchDir::new("cni")?);
+    let cni = Cni::new(ScratchDir::new("bench-cni")?);
     eprintln!(
         "making 1 host namespace and {} endpoint namespaces (not timed)",
         2 * (count + 1)
@@ -750,7 +712,10 @@ fn process_floor(mp: &Micropod, cni: &Cni) -> anyhow::Result<(f64, f64)> {
         check_success("CNI bridge VERSION", &out)?;
         cni_runs.push(took);
     }
-    Ok((percentile(&mp_runs, 50.0), percentile(&cni_runs, 50.0)))
+    Ok((
+        percentile(&ms_each(&mp_runs), Percentile::P50),
+        percentile(&ms_each(&cni_runs), Percentile::P50),
+    ))
 }
 
 fn cni_package_version() -> String {
@@ -794,9 +759,9 @@ fn report(
             "micropod": mp.json(),
             "cni": cni.json(),
             "ratio_cni_over_micropod": {
-                "attach_p50": round3(attach_ratio),
-                "detach_p50": round3(detach_ratio),
-                "attach_detach_p50": round3(both_ratio),
+                "attach_p50": round_to(attach_ratio, 3),
+                "detach_p50": round_to(detach_ratio, 3),
+                "attach_detach_p50": round_to(both_ratio, 3),
             },
             "growth": {
                 "micropod": mp_growth.json(window, count),
@@ -810,12 +775,12 @@ fn report(
                 "literal_nth_vs_first_met": literal_met,
             },
             "process_floor_p50_ms": {
-                "micropod_version": round3(floor.0),
-                "cni_bridge_version": round3(floor.1),
+                "micropod_version": round_to(floor.0, 3),
+                "cni_bridge_version": round_to(floor.1, 3),
             },
             "micropod_datapath": datapath,
             "cni_plugins_version": cni_version,
-            "wall_s": round3(wall),
+            "wall_s": round_to(wall, 3),
         });
         println!("{out}");
         return;

@@ -25,19 +25,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
 use micropod_tests::{
     NsGuard,
+    bench::{ScratchDir, median, round_to},
     netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR, in_netns},
 };
 use nix::libc;
 use serde_json::{Value, json};
-
-const USAGE: &str = "\
-usage: micropod-bench-datapath [--rounds N] [--seconds S] [--quick] [--json]
-  --rounds N   measurement rounds; each round measures every mode once, in rotating order (default 7)
-  --seconds S  duration of each iperf3 and wrk run (default 2)
-  --quick      one round of one second: a smoke run
-  --json       machine-readable output on stdout";
 
 /// Goals from the issue, as ratios of medians.
 const CONN_RATE_GOAL: f64 = 1.15;
@@ -72,42 +67,49 @@ impl Mode {
     }
 }
 
+/// Routed, MASQUERADE and eBPF SNAT side by side: single-stream TCP throughput (iperf3) and the
+/// short-connection rate (wrk), with the CPU time each costs. In namespaces of its own; run as
+/// root (cargo xtask bench datapath builds and runs it).
+#[derive(Parser)]
+#[command(name = "micropod-bench-datapath", verbatim_doc_comment)]
+struct Cli {
+    /// Measurement rounds; each round measures every mode once, in rotating order (default 7)
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
+    /// Duration of each iperf3 and wrk run, 1..=30 (default 2)
+    #[arg(long, value_name = "S")]
+    seconds: Option<u32>,
+    /// One round of one second, unless --rounds or --seconds say otherwise: a smoke run
+    #[arg(long)]
+    quick: bool,
+    /// Machine-readable output on stdout
+    #[arg(long)]
+    json: bool,
+}
+
 struct Args {
     rounds: usize,
     seconds: u32,
     json: bool,
 }
 
-fn parse_args() -> anyhow::Result<Option<Args>> {
-    let mut args = Args {
-        rounds: 7,
-        seconds: 2,
-        json: false,
+fn resolve(cli: Cli) -> anyhow::Result<Args> {
+    let (rounds, seconds) = if cli.quick { (1, 1) } else { (7, 2) };
+    let args = Args {
+        rounds: cli.rounds.unwrap_or(rounds),
+        seconds: cli.seconds.unwrap_or(seconds),
+        json: cli.json,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--rounds" => args.rounds = it.next().context("--rounds needs a value")?.parse()?,
-            "--seconds" => args.seconds = it.next().context("--seconds needs a value")?.parse()?,
-            "--quick" => {
-                args.rounds = 1;
-                args.seconds = 1;
-            }
-            "--json" => args.json = true,
-            "-h" | "--help" => return Ok(None),
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
     ensure!(
         (1..=30).contains(&args.seconds),
         "--seconds must be 1..=30 (the load is bounded)"
     );
-    Ok(Some(args))
+    Ok(args)
 }
 
 fn main() -> ExitCode {
-    micropod_tests::interrupt::main("micropod-bench-datapath", USAGE, parse_args, bench)
+    micropod_tests::interrupt::main("micropod-bench-datapath", resolve, bench)
 }
 
 /// One mode's lab and servers; everything is stopped and removed on drop.
@@ -117,35 +119,7 @@ struct ModeLab {
     _endpoint: NsGuard,
     endpoint_file: File,
     servers: Vec<Child>,
-    _scratch: tempdir::Scratch,
-}
-
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    /// A directory removed on drop.
-    pub struct Scratch(PathBuf);
-
-    impl Scratch {
-        pub fn new(tag: &str) -> std::io::Result<Self> {
-            let dir = std::env::temp_dir().join(format!(
-                "micropod-bench-datapath-{}-{tag}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&dir)?;
-            Ok(Self(dir))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    scratch: ScratchDir,
 }
 
 impl Drop for ModeLab {
@@ -211,21 +185,21 @@ impl ModeLab {
             String::from_utf8_lossy(&att.stderr)
         );
         let endpoint_file = File::open(endpoint.path())?;
-        let scratch = tempdir::Scratch::new(mode.name())?;
+        let scratch = ScratchDir::new(&format!("bench-datapath-{}", mode.name()))?;
         let mut me = Self {
             mode,
             lab,
             _endpoint: endpoint,
             endpoint_file,
             servers: Vec::new(),
-            _scratch: scratch,
+            scratch,
         };
         me.start_servers()?;
         Ok(me)
     }
 
     fn start_servers(&mut self) -> anyhow::Result<()> {
-        let dir = self._scratch.path().to_path_buf();
+        let dir = self.scratch.path().to_path_buf();
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, nginx_conf(&dir))?;
         let internet = File::open(self.lab.internet.path())?;
@@ -398,21 +372,6 @@ fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 fn bench(args: &Args) -> anyhow::Result<()> {
     ensure!(
         nix::unistd::geteuid().is_root(),
@@ -472,7 +431,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let by_mode = |metric: usize| {
         MODES
             .iter()
-            .map(|m| (m.name().to_owned(), json!(round3(med(metric, *m)))))
+            .map(|m| (m.name().to_owned(), json!(round_to(med(metric, *m), 3))))
             .collect::<serde_json::Map<_, _>>()
     };
     let mut medians = serde_json::Map::new();
@@ -493,7 +452,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         for other in [Mode::Masquerade, Mode::Routed] {
             ratios.insert(
                 format!("{name}_ebpf_vs_{}", other.name()),
-                json!(round3(ratio(metric, Mode::Ebpf, other))),
+                json!(round_to(ratio(metric, Mode::Ebpf, other), 3)),
             );
         }
     }

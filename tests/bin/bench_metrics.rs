@@ -37,11 +37,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
 use micropod::{
     net::{Netlink, link, tap::Tap},
     network::Mac,
 };
 use micropod_tests::{
+    bench::{Percentile, ms, percentile, round_to},
     block_on,
     netlab::{NetLab, SERVER_ADDR},
     packets,
@@ -51,19 +53,6 @@ use nix::{
     unistd::Pid,
 };
 use serde_json::{Value, json};
-
-const USAGE: &str = "\
-usage: micropod-bench-metrics [--endpoints N] [--flows-per-endpoint K] [--scrapes N] [--quick] [--json]
-
-Scrapes `micropod metrics serve` over HTTP with N TAP endpoints (each with traffic and NAT
-flows) in the maps, times `metrics print` and `stats --json` beside it, and reads the
-exporter's memory. In namespaces of its own; run as root (cargo xtask bench metrics).
-
-  --endpoints N           TAP endpoints (default 1000, at most 1000)
-  --flows-per-endpoint K  UDP flows each endpoint opens through the NAT (default 1, at most 16)
-  --scrapes N             HTTP scrapes (default 100); `metrics print` and `stats` run N/10 times
-  --quick                 a smoke run: 50 endpoints and 10 scrapes unless given
-  --json                  print the figures as one JSON object instead of the table";
 
 /// The lab's subnet: a /22 holds 1021 assignable addresses (gateway excluded).
 const SUBNET: &str = "10.10.0.0/22";
@@ -84,6 +73,29 @@ const SCRAPE_GOAL_MS: f64 = 50.0;
 const MEMORY_GOAL_MIB: f64 = 20.0;
 const KIB_PER_MIB: f64 = 1024.0;
 
+/// Scrapes `micropod metrics serve` over HTTP with N TAP endpoints (each with traffic and NAT
+/// flows) in the maps, times `metrics print` and `stats --json` beside it, and reads the
+/// exporter's memory. In namespaces of its own; run as root (cargo xtask bench metrics).
+#[derive(Parser)]
+#[command(name = "micropod-bench-metrics", verbatim_doc_comment)]
+struct Cli {
+    /// TAP endpoints (default 1000, at most 1000)
+    #[arg(long, value_name = "N")]
+    endpoints: Option<usize>,
+    /// UDP flows each endpoint opens through the NAT (at most 16)
+    #[arg(long = "flows-per-endpoint", value_name = "K", default_value_t = 1)]
+    flows: usize,
+    /// HTTP scrapes (default 100); `metrics print` and `stats` run N/10 times
+    #[arg(long, value_name = "N")]
+    scrapes: Option<usize>,
+    /// A smoke run: 50 endpoints and 10 scrapes unless given
+    #[arg(long)]
+    quick: bool,
+    /// Print the figures as one JSON object instead of the table
+    #[arg(long)]
+    json: bool,
+}
+
 struct Args {
     endpoints: usize,
     flows: usize,
@@ -91,32 +103,13 @@ struct Args {
     json: bool,
 }
 
-fn parse_args() -> anyhow::Result<Option<Args>> {
-    let (mut endpoints, mut flows, mut scrapes) = (None, 1, None);
-    let (mut quick, mut json) = (false, false);
-    let mut it = std::env::args().skip(1);
-    let number = |flag: &str, it: &mut dyn Iterator<Item = String>| -> anyhow::Result<usize> {
-        let v = it
-            .next()
-            .with_context(|| format!("{flag} needs a number"))?;
-        v.parse().with_context(|| format!("{flag} {v:?}"))
-    };
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--endpoints" => endpoints = Some(number("--endpoints", &mut it)?),
-            "--flows-per-endpoint" => flows = number("--flows-per-endpoint", &mut it)?,
-            "--scrapes" => scrapes = Some(number("--scrapes", &mut it)?),
-            "--quick" => quick = true,
-            "--json" => json = true,
-            "-h" | "--help" => return Ok(None),
-            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
-        }
-    }
+fn resolve(cli: Cli) -> anyhow::Result<Args> {
+    let quick = cli.quick;
     let args = Args {
-        endpoints: endpoints.unwrap_or(if quick { 50 } else { 1000 }),
-        flows,
-        scrapes: scrapes.unwrap_or(if quick { 10 } else { 100 }),
-        json,
+        endpoints: cli.endpoints.unwrap_or(if quick { 50 } else { 1000 }),
+        flows: cli.flows,
+        scrapes: cli.scrapes.unwrap_or(if quick { 10 } else { 100 }),
+        json: cli.json,
     };
     ensure!(
         (1..=MAX_ENDPOINTS).contains(&args.endpoints),
@@ -129,11 +122,11 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         args.flows
     );
     ensure!(args.scrapes >= 1, "--scrapes must be at least 1");
-    Ok(Some(args))
+    Ok(args)
 }
 
 fn main() -> ExitCode {
-    micropod_tests::interrupt::main("micropod-bench-metrics", USAGE, parse_args, bench)
+    micropod_tests::interrupt::main("micropod-bench-metrics", resolve, bench)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -679,22 +672,6 @@ fn timed_process(lab: &Lab, args: &[&str]) -> anyhow::Result<(Duration, Output)>
 // ---------------------------------------------------------------------------------------------
 // Figures.
 
-/// Nearest-rank percentile of unsorted milliseconds.
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    s[rank - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT MET" }
 }
@@ -786,13 +763,13 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         .collect();
     let bytes = scrapes.iter().map(|(_, e)| e.bytes).max().unwrap_or(0);
     let (p50, p95, max) = (
-        percentile(&client_ms, 0.5),
-        percentile(&client_ms, 0.95),
-        percentile(&client_ms, 1.0),
+        percentile(&client_ms, Percentile::P50),
+        percentile(&client_ms, Percentile::P95),
+        percentile(&client_ms, Percentile::MAX),
     );
-    let self_p50 = percentile(&self_ms, 0.5);
-    let print_p50 = percentile(&print_ms, 0.5);
-    let stats_p50 = percentile(&stats_ms, 0.5);
+    let self_p50 = percentile(&self_ms, Percentile::P50);
+    let print_p50 = percentile(&print_ms, Percentile::P50);
+    let stats_p50 = percentile(&stats_ms, Percentile::P50);
     let (rss_mib, hwm_mib) = (rss_kib as f64 / KIB_PER_MIB, hwm_kib as f64 / KIB_PER_MIB);
     // The goals, judged strictly: nearly every scrape (p95), and the peak memory.
     let scrape_met = p95 < SCRAPE_GOAL_MS;
@@ -804,21 +781,21 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             "flows_per_endpoint": args.flows,
             "frames_written": frames,
             "nat_entries": nat_entries,
-            "fill_s": round2(fill_time.as_secs_f64()),
-            "attach_ms_mean": round2(ms(fill_time) / n as f64),
+            "fill_s": round_to(fill_time.as_secs_f64(), 2),
+            "attach_ms_mean": round_to(ms(fill_time) / n as f64, 2),
             "scrapes": args.scrapes,
-            "scrape_ms": { "p50": round2(p50), "p95": round2(p95), "max": round2(max) },
-            "exporter_self_ms_p50": round2(self_p50),
+            "scrape_ms": { "p50": round_to(p50, 2), "p95": round_to(p95, 2), "max": round_to(max, 2) },
+            "exporter_self_ms_p50": round_to(self_p50, 2),
             "bytes_per_exposition": bytes,
-            "metrics_print_ms_p50": round2(print_p50),
-            "stats_json_ms_p50": round2(stats_p50),
+            "metrics_print_ms_p50": round_to(print_p50, 2),
+            "stats_json_ms_p50": round_to(stats_p50, 2),
             "runs_each": others,
             "ratios": {
-                "metrics_print_vs_http": round2(print_p50 / p50),
-                "stats_json_vs_http": round2(stats_p50 / p50),
+                "metrics_print_vs_http": round_to(print_p50 / p50, 2),
+                "stats_json_vs_http": round_to(stats_p50 / p50, 2),
             },
-            "rss_mib": round2(rss_mib),
-            "hwm_mib": round2(hwm_mib),
+            "rss_mib": round_to(rss_mib, 2),
+            "hwm_mib": round_to(hwm_mib, 2),
             "goals": {
                 "scrape_p95_ms_below": SCRAPE_GOAL_MS,
                 "scrape_met": scrape_met,
@@ -850,8 +827,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         row(
             label,
             own_p50,
-            percentile(samples, 0.95),
-            percentile(samples, 1.0),
+            percentile(samples, Percentile::P95),
+            percentile(samples, Percentile::MAX),
             &versus,
         );
     };
@@ -865,8 +842,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     row(
         "  exporter's own scrape duration".into(),
         self_p50,
-        percentile(&self_ms, 0.95),
-        percentile(&self_ms, 1.0),
+        percentile(&self_ms, Percentile::P95),
+        percentile(&self_ms, Percentile::MAX),
         "",
     );
     process_row(

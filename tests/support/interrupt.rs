@@ -38,26 +38,21 @@ pub fn check() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A benchmark binary's `main`: parses its arguments (`Ok(None)` prints `usage`; an error exits
-/// 2), installs the handlers, then runs `bench`. A panic unwinds through `bench`, so its guards
-/// remove everything on that path too.
-pub fn main<A>(
+/// A benchmark binary's `main`: parses its arguments with clap (which prints `--help` and
+/// exits 2 on a malformed command line), `resolve`s them (an error exits 2 as a clap usage
+/// error), installs the handlers, then runs `bench`. A panic unwinds through `bench`, so its
+/// guards remove everything on that path too.
+pub fn main<C: clap::Parser, A>(
     name: &str,
-    usage: &str,
-    parse_args: fn() -> anyhow::Result<Option<A>>,
+    resolve: fn(C) -> anyhow::Result<A>,
     bench: fn(&A) -> anyhow::Result<()>,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
-    let args = match parse_args() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{usage}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("{name}: {e:#}");
-            return ExitCode::from(2);
-        }
+    let args = match resolve(C::parse()) {
+        Ok(args) => args,
+        Err(e) => C::command()
+            .error(clap::error::ErrorKind::ValueValidation, format!("{e:#}"))
+            .exit(),
     };
     if let Err(e) = catch() {
         eprintln!("{name}: {e:#}");

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod bench;
 pub mod interrupt;
 pub mod netlab;
 pub mod packets;

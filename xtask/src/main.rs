@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo | bench attach|datapath | guest`: the project's tasks.
+//! `cargo xtask setup | test | demo | bench attach|datapath|metrics | guest`: the project's tasks.
 //!
 //! `setup` installs toolchains, bpf-linker and Debian packages (scripts/setup.sh, which `./dev`
 //! also runs before anything else, since cargo itself may not exist yet).
@@ -38,7 +38,7 @@ enum Task {
     /// Release build, then a benchmark in network namespaces of its own (as root).
     Bench {
         what: BenchWhat,
-        /// Arguments for the benchmark binary (`--help` lists them; `--quick`, `--json` for both).
+        /// Arguments for the benchmark binary (`--help` lists them; `--quick`, `--json` for each).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

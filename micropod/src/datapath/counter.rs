@@ -8,7 +8,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use aya_log::EbpfLogger;
-use micropod_common::{COUNT_SRC_PROGRAM, Ipv4SrcKey, PacketCounters, SRC_COUNTERS_MAP};
+use micropod_common::{COUNT_SRC_PROGRAM, Ipv4Key, PacketCounters, SRC_COUNTERS_MAP};
 
 use super::DatapathError;
 use crate::net::NetNs;
@@ -154,7 +154,7 @@ fn map_error(source: aya::maps::MapError) -> DatapathError {
 
 /// Folds each key's per-CPU values into one total.
 fn sum_per_cpu<T: Borrow<MapData>>(
-    map: &PerCpuHashMap<T, Ipv4SrcKey, PacketCounters>,
+    map: &PerCpuHashMap<T, Ipv4Key, PacketCounters>,
 ) -> Result<BTreeMap<Ipv4Addr, PacketCounters>, DatapathError> {
     map.iter()
         .map(|entry| {
