@@ -208,7 +208,7 @@ impl DataPlane {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let port = name
                     .rsplit_once('-')
-                    .and_then(|(link, _)| crate::network::endpoint_link_ip(link))
+                    .and_then(|(link, _)| crate::net::naming::endpoint_link_ip(link))
                     .is_some();
                 if !port
                     && Some(entry.path()) != current
