@@ -228,14 +228,14 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
             "micropod_nat_flows_created",
             "Flows the eBPF fast path translated",
             None,
-            &[(Vec::new(), nat.flows_created)],
+            &[(Vec::new(), nat.counters.flows_created)],
         )?;
         counter(
             encoder,
             "micropod_nat_flows_reclaimed",
             "New flows that took over the slot of an expired flow",
             None,
-            &[(Vec::new(), nat.reclaimed)],
+            &[(Vec::new(), nat.counters.reclaimed)],
         )?;
         counter(
             encoder,
@@ -243,8 +243,11 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
             "New flows refused: table_full (no room) or no_port (no free source port)",
             None,
             &[
-                (vec![("reason", "table_full".to_owned())], nat.table_full),
-                (vec![("reason", "no_port".to_owned())], nat.no_port),
+                (
+                    vec![("reason", "table_full".to_owned())],
+                    nat.counters.table_full,
+                ),
+                (vec![("reason", "no_port".to_owned())], nat.counters.no_port),
             ],
         )?;
         counter(
@@ -255,11 +258,11 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
             &[
                 (
                     vec![("direction", "outbound".to_owned())],
-                    nat.outbound_packets,
+                    nat.counters.outbound_packets,
                 ),
                 (
                     vec![("direction", "inbound".to_owned())],
-                    nat.inbound_packets,
+                    nat.counters.inbound_packets,
                 ),
             ],
         )?;
@@ -273,6 +276,8 @@ mod tests {
         collections::{BTreeMap, HashMap},
         time::Duration,
     };
+
+    use micropod_common::NatStats;
 
     use super::*;
     use crate::{
@@ -337,8 +342,10 @@ mod tests {
                         entries: 4,
                         capacity: 16,
                         flows: 2,
-                        table_full: 7,
-                        ..NatTableStats::default()
+                        counters: NatStats {
+                            table_full: 7,
+                            ..NatStats::default()
+                        },
                     }),
                 },
                 vms: HashMap::from([("web".to_owned(), "web".to_owned())]),
