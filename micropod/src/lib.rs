@@ -1,9 +1,17 @@
 //! micropod: MicroVMs with real networking.
 //!
-//! The library holds everything; the `micropod` binary is a thin CLI over it.
-//! - [`net`]: kernel objects, one module each (network namespaces, links, veth pairs, addresses),
-//!   all configured over netlink.
-//! - [`datapath`]: the eBPF programs from `micropod-ebpf`, loaded and attached with aya.
+//! The library holds everything; the `micropod` binary is a thin CLI over it. Layers, each
+//! using only the ones before it:
+//! - [`net`]: kernel objects, one module each (network namespaces, links, veth pairs, addresses,
+//!   nf_tables), all configured over netlink, and [`net::naming`]: endpoint link names and MACs.
+//! - [`datapath`]: the eBPF programs from `micropod-ebpf`, loaded, pinned and attached with aya;
+//!   [`vmm`]: the QEMU and Firecracker drivers.
+//! - [`network`]: the manager (up, down, attach, detach, gc, reconcile) over its state document.
+//! - [`vm`]: the VM lifecycle; [`stats`]: counters and rates read from a network's maps.
+//! - [`metrics`]: the Prometheus exporter; then the binary's CLI.
+//!
+//! Beside them, used from any layer: [`state`] (lock and atomic documents), [`ipam`] (addresses
+//! of one subnet), [`failpoint`] (test hooks).
 
 pub mod datapath;
 pub mod failpoint;
@@ -12,9 +20,9 @@ pub mod metrics;
 pub mod net;
 pub mod network;
 pub mod state;
+pub mod stats;
 pub mod vm;
 pub mod vmm;
-pub mod watch;
 
 /// An error and its causes on one line (`what: because: because`), for logs and reports that
 /// collect several failures.

@@ -285,7 +285,7 @@ fn print_endpoints(endpoints: &[EndpointView]) {
 
 /// `micropod stats [ENDPOINT] [--json]`.
 pub fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let stats = network.stats(endpoint)?;
+    let stats = micropod::stats::read(network, endpoint)?;
     if json {
         println!("{}", serde_json::to_string(&stats)?);
         return Ok(());

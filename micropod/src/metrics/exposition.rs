@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 
 use super::{NetworkSample, Sample};
-use crate::{datapath::EndpointStats, network::ActiveDatapath};
+use crate::{datapath::EndpointStats, network::ActiveDatapath, stats::EndpointStatsView};
 
 /// What `/metrics` answers with.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -112,7 +112,7 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
         &[(Vec::new(), stats.ipam.capacity)],
     )?;
 
-    let labelled: Vec<(Labels, &crate::network::EndpointStatsView)> = stats
+    let labelled: Vec<(Labels, &EndpointStatsView)> = stats
         .endpoints
         .iter()
         .map(|ep| {
@@ -280,10 +280,7 @@ mod tests {
     use micropod_common::NatStats;
 
     use super::*;
-    use crate::{
-        datapath::NatTableStats,
-        network::{EndpointKind, EndpointStatsView, IpamUsage, Stats},
-    };
+    use crate::{datapath::NatTableStats, ipam::IpamUsage, network::EndpointKind, stats::Stats};
 
     fn endpoint(name: &str, ip: [u8; 4], counters: Option<EndpointStats>) -> EndpointStatsView {
         EndpointStatsView {
