@@ -245,9 +245,11 @@ pub const TCP_CLOSING_TIMEOUT_S: u32 = 10;
 pub const UDP_TIMEOUT_S: u32 = 120;
 pub const ICMP_TIMEOUT_S: u32 = 30;
 
-/// Global NAT counters (one copy per CPU; readers sum).
+/// Global NAT counters (one copy per CPU; readers sum). Userspace reports the sum as is (its
+/// JSON field names are these).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct NatStats {
     /// Packets translated on the way out and redirected to the uplink.
     pub outbound_packets: u64,
@@ -261,6 +263,7 @@ pub struct NatStats {
     pub no_port: u64,
     /// Stale entries taken over by a new flow.
     pub reclaimed: u64,
+    #[cfg_attr(feature = "user", serde(skip))]
     pub _pad: [u64; 2],
 }
 

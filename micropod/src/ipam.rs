@@ -129,6 +129,14 @@ pub struct Ipam {
     next_free: u32,
 }
 
+/// How much of the subnet is handed out ([`Ipam::usage`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IpamUsage {
+    pub capacity: u32,
+    pub used: u32,
+    pub free: u32,
+}
+
 impl PartialEq for Ipam {
     /// Equal when the persisted content is; the caches derive from it.
     fn eq(&self, other: &Self) -> bool {
@@ -249,6 +257,16 @@ impl Ipam {
     pub fn used(&self) -> u32 {
         // Bounded by the capacity, which is a u32.
         u32::try_from(self.allocations.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Capacity, used and free addresses together, as `network status` and `stats` report them.
+    #[must_use]
+    pub fn usage(&self) -> IpamUsage {
+        IpamUsage {
+            capacity: self.capacity(),
+            used: self.used(),
+            free: self.capacity() - self.used(),
+        }
     }
 
     /// All allocations, in address order.
@@ -396,6 +414,20 @@ mod tests {
     fn pool(subnet: &str) -> Ipam {
         let subnet = net(subnet);
         Ipam::new(subnet, Ipam::default_gateway(subnet).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn usage_counts_what_is_handed_out() {
+        let mut ipam = pool("10.10.0.0/29");
+        ipam.allocate("a", None).unwrap();
+        assert_eq!(
+            ipam.usage(),
+            IpamUsage {
+                capacity: 5,
+                used: 1,
+                free: 4
+            }
+        );
     }
 
     #[test]

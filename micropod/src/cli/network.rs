@@ -283,7 +283,7 @@ fn print_endpoints(endpoints: &[EndpointView]) {
 
 /// `micropod stats [ENDPOINT] [--json]`.
 pub fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let stats = network.stats(endpoint)?;
+    let stats = micropod::stats::read(network, endpoint)?;
     if json {
         println!("{}", serde_json::to_string(&stats)?);
         return Ok(());
@@ -332,12 +332,12 @@ pub fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> anyhow::R
             nat.flows,
             nat.entries,
             nat.capacity,
-            nat.flows_created,
-            nat.reclaimed,
-            nat.table_full,
-            nat.no_port,
-            nat.outbound_packets,
-            nat.inbound_packets
+            nat.counters.flows_created,
+            nat.counters.reclaimed,
+            nat.counters.table_full,
+            nat.counters.no_port,
+            nat.counters.outbound_packets,
+            nat.counters.inbound_packets
         );
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! `micropod stats --watch`: printing around [`micropod::watch::Watch`].
+//! `micropod stats --watch`: printing around [`micropod::stats::watch::Watch`].
 
 use std::{
     fmt::Write as _,
@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context as _;
 use micropod::{
     network::{ActiveDatapath, Network},
-    watch::{CounterRates, EndpointRates, Rates, Unknown, Watch},
+    stats::watch::{CounterRates, EndpointRates, Rates, Unknown, Watch},
 };
 use serde::Serialize;
 
@@ -38,7 +38,7 @@ pub struct Args {
 }
 
 fn parse_interval(input: &str) -> Result<Duration, String> {
-    micropod::watch::parse_interval(input).map_err(|e| e.to_string())
+    micropod::stats::watch::parse_interval(input).map_err(|e| e.to_string())
 }
 
 fn parse_count(input: &str) -> Result<u64, String> {

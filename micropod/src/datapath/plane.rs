@@ -100,12 +100,9 @@ pub struct NatTableStats {
     pub entries: u64,
     pub capacity: u32,
     pub flows: u64,
-    pub outbound_packets: u64,
-    pub inbound_packets: u64,
-    pub flows_created: u64,
-    pub table_full: u64,
-    pub no_port: u64,
-    pub reclaimed: u64,
+    /// The programs' counters (`NAT_STATS`), as fields of this object in JSON.
+    #[serde(flatten)]
+    pub counters: NatStats,
 }
 
 impl DataPlane {
@@ -208,7 +205,7 @@ impl DataPlane {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let port = name
                     .rsplit_once('-')
-                    .and_then(|(link, _)| crate::network::endpoint_link_ip(link))
+                    .and_then(|(link, _)| crate::net::naming::endpoint_link_ip(link))
                     .is_some();
                 if !port
                     && Some(entry.path()) != current
@@ -428,12 +425,7 @@ impl DataPlane {
             entries,
             capacity,
             flows,
-            outbound_packets: total.outbound_packets,
-            inbound_packets: total.inbound_packets,
-            flows_created: total.flows_created,
-            table_full: total.table_full,
-            no_port: total.no_port,
-            reclaimed: total.reclaimed,
+            counters: total,
         })
     }
 

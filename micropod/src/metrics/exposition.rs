@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 
 use super::{NetworkSample, Sample};
-use crate::{datapath::EndpointStats, network::ActiveDatapath};
+use crate::{datapath::EndpointStats, network::ActiveDatapath, stats::EndpointStatsView};
 
 /// What `/metrics` answers with.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -112,7 +112,7 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
         &[(Vec::new(), stats.ipam.capacity)],
     )?;
 
-    let labelled: Vec<(Labels, &crate::network::EndpointStatsView)> = stats
+    let labelled: Vec<(Labels, &EndpointStatsView)> = stats
         .endpoints
         .iter()
         .map(|ep| {
@@ -228,14 +228,14 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
             "micropod_nat_flows_created",
             "Flows the eBPF fast path translated",
             None,
-            &[(Vec::new(), nat.flows_created)],
+            &[(Vec::new(), nat.counters.flows_created)],
         )?;
         counter(
             encoder,
             "micropod_nat_flows_reclaimed",
             "New flows that took over the slot of an expired flow",
             None,
-            &[(Vec::new(), nat.reclaimed)],
+            &[(Vec::new(), nat.counters.reclaimed)],
         )?;
         counter(
             encoder,
@@ -243,8 +243,11 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
             "New flows refused: table_full (no room) or no_port (no free source port)",
             None,
             &[
-                (vec![("reason", "table_full".to_owned())], nat.table_full),
-                (vec![("reason", "no_port".to_owned())], nat.no_port),
+                (
+                    vec![("reason", "table_full".to_owned())],
+                    nat.counters.table_full,
+                ),
+                (vec![("reason", "no_port".to_owned())], nat.counters.no_port),
             ],
         )?;
         counter(
@@ -255,11 +258,11 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
             &[
                 (
                     vec![("direction", "outbound".to_owned())],
-                    nat.outbound_packets,
+                    nat.counters.outbound_packets,
                 ),
                 (
                     vec![("direction", "inbound".to_owned())],
-                    nat.inbound_packets,
+                    nat.counters.inbound_packets,
                 ),
             ],
         )?;
@@ -274,11 +277,10 @@ mod tests {
         time::Duration,
     };
 
+    use micropod_common::NatStats;
+
     use super::*;
-    use crate::{
-        datapath::NatTableStats,
-        network::{EndpointKind, EndpointStatsView, IpamUsage, Stats},
-    };
+    use crate::{datapath::NatTableStats, ipam::IpamUsage, network::EndpointKind, stats::Stats};
 
     fn endpoint(name: &str, ip: [u8; 4], counters: Option<EndpointStats>) -> EndpointStatsView {
         EndpointStatsView {
@@ -337,8 +339,10 @@ mod tests {
                         entries: 4,
                         capacity: 16,
                         flows: 2,
-                        table_full: 7,
-                        ..NatTableStats::default()
+                        counters: NatStats {
+                            table_full: 7,
+                            ..NatStats::default()
+                        },
                     }),
                 },
                 vms: HashMap::from([("web".to_owned(), "web".to_owned())]),

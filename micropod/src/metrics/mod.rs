@@ -20,7 +20,8 @@ use std::{
 pub use server::{DEFAULT_LISTEN, MetricsError, Server};
 
 use crate::{
-    network::{NetworkError, Stats},
+    network::NetworkError,
+    stats::{self, Stats},
     vm::Vms,
 };
 
@@ -56,7 +57,7 @@ impl Exporter {
     #[must_use]
     pub fn sample(&self) -> Sample {
         let started = Instant::now();
-        let network = match self.vms.network().stats(None) {
+        let network = match stats::read(self.vms.network(), None) {
             Ok(stats) => Some(NetworkSample {
                 vms: self.vm_owners(),
                 stats,

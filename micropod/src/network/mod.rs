@@ -33,7 +33,7 @@ pub use model::{
 use serde::Serialize;
 
 use crate::{
-    ipam::IpamError,
+    ipam::{IpamError, IpamUsage},
     net::{
         NetlinkError, NetnsError, addr::AddrError, bridge::BridgeError, link::LinkError,
         nftables::NftError, route::RouteError, sysctl::SysctlError, tap::TapError, veth::VethError,
@@ -319,46 +319,6 @@ pub struct NetworkStatus {
     pub endpoints: Vec<EndpointView>,
 }
 
-/// `micropod stats`: counters of the endpoints and the NAT table, read from the pinned maps.
-#[derive(Clone, Debug, Serialize)]
-pub struct Stats {
-    pub datapath: ActiveDatapath,
-    pub ipam: IpamUsage,
-    pub endpoints: Vec<EndpointStatsView>,
-    /// Absent on the netfilter data path.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nat: Option<crate::datapath::NatTableStats>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct EndpointStatsView {
-    pub name: String,
-    pub kind: EndpointKind,
-    pub ip: Ipv4Addr,
-    pub link: String,
-    /// Absent on the netfilter data path (nothing counts there), and for the moment an
-    /// endpoint is being attached or detached (its map entry is not there).
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub counters: Option<crate::datapath::EndpointStats>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct IpamUsage {
-    pub capacity: u32,
-    pub used: u32,
-    pub free: u32,
-}
-
-impl IpamUsage {
-    fn of(doc: &NetworkDoc) -> Self {
-        Self {
-            capacity: doc.ipam.capacity(),
-            used: doc.ipam.used(),
-            free: doc.ipam.capacity() - doc.ipam.used(),
-        }
-    }
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct EndpointView {
     pub name: String,
@@ -431,7 +391,7 @@ impl Network {
                     datapath_note: doc.datapath_note.clone(),
                     nat_table_size: doc.config.nat_entries,
                     nft_table: doc.nft_table.clone(),
-                    ipam: IpamUsage::of(&doc),
+                    ipam: doc.ipam.usage(),
                     endpoints: doc
                         .endpoints
                         .values()
@@ -448,52 +408,14 @@ impl Network {
         })
     }
 
-    /// `micropod stats [ENDPOINT]`: per-endpoint counters and NAT occupancy from the pinned
-    /// maps. Read-only and lock-free, like `status`.
-    pub fn stats(&self, endpoint: Option<&str>) -> Result<Stats, NetworkError> {
-        let doc: NetworkDoc =
-            self.state
-                .read_json_unlocked(STATE_DOC)?
-                .ok_or_else(|| NetworkError::NotUp {
-                    state_dir: self.state.root().to_path_buf(),
-                })?;
-        if let Some(name) = endpoint
-            && !doc.endpoints.contains_key(name)
-        {
-            return Err(NetworkError::UnknownEndpoint { name: name.into() });
-        }
-        let ebpf = doc.active_datapath == ActiveDatapath::Ebpf;
-        let plane = crate::datapath::DataPlane::new(&self.bpf_dir);
-        let datapath = |e| NetworkError::ReadDatapath(Box::new(e));
-        let mut counters = if ebpf {
-            plane.endpoint_stats().map_err(datapath)?
-        } else {
-            Default::default()
-        };
-        let endpoints = doc
-            .endpoints
-            .values()
-            .filter(|ep| endpoint.is_none_or(|n| n == ep.name))
-            .map(|ep| EndpointStatsView {
-                name: ep.name.clone(),
-                kind: ep.kind,
-                ip: ep.ip,
-                link: ep.link.clone(),
-                // No entry: the endpoint is being attached or detached right now. Zeros would
-                // read as a counter reset, so there are no counters for this read instead.
-                counters: counters.remove(&ep.ip),
+    /// The state document as last written, read without the lock (writes are atomic renames);
+    /// [`NetworkError::NotUp`] when no network is up. For readers such as `micropod stats`.
+    pub fn read_doc(&self) -> Result<NetworkDoc, NetworkError> {
+        self.state
+            .read_json_unlocked(STATE_DOC)?
+            .ok_or_else(|| NetworkError::NotUp {
+                state_dir: self.state.root().to_path_buf(),
             })
-            .collect();
-        Ok(Stats {
-            datapath: doc.active_datapath,
-            ipam: IpamUsage::of(&doc),
-            endpoints,
-            nat: if ebpf {
-                Some(plane.nat_stats().map_err(datapath)?)
-            } else {
-                None
-            },
-        })
     }
 
     /// `network ls`: the endpoints on record.

@@ -1,11 +1,13 @@
 //! What micropod records about a network and its endpoints (the state document), and the
-//! values derived from it: MACs, link names, the guest kernel's `ip=` argument.
+//! values derived from it: the nf_tables table, the guest kernel's `ip=` argument. Endpoint
+//! names, link names and MACs are [`crate::net::naming`]'s, re-exported here.
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf, str::FromStr};
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
+pub use crate::net::naming::{EndpointKind, Mac, endpoint_link_ip, link_name, valid_endpoint_name};
 use crate::{
     ipam::{Ipam, IpamError},
     net::NetnsId,
@@ -151,24 +153,6 @@ impl NetworkDoc {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EndpointKind {
-    /// A persistent TAP on the bridge, for a VMM.
-    Tap,
-    /// A veth pair whose far end lives in another network namespace.
-    Netns,
-}
-
-impl fmt::Display for EndpointKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tap => "tap",
-            Self::Netns => "netns",
-        })
-    }
-}
-
 /// The namespace a `netns` endpoint lives in: its path and identity when attached.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetnsRef {
@@ -190,76 +174,6 @@ pub struct Endpoint {
     pub netns: Option<NetnsRef>,
 }
 
-/// A MAC address, written `02:6d:0a:0a:00:02`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    /// The locally administered, unicast MAC micropod gives `ip`: `02:6d` ("m") and the four
-    /// address bytes, so a MAC seen in a capture names its endpoint.
-    pub fn for_ip(ip: Ipv4Addr) -> Self {
-        let [a, b, c, d] = ip.octets();
-        Self([0x02, 0x6d, a, b, c, d])
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
-}
-
-impl FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut out {
-            let part = parts.next().ok_or_else(|| format!("bad MAC {s:?}"))?;
-            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("bad MAC {s:?}"))?;
-        }
-        if parts.next().is_some() {
-            return Err(format!("bad MAC {s:?}"));
-        }
-        Ok(Self(out))
-    }
-}
-
-impl Serialize for Mac {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Mac {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// Host-side link name for an endpoint: `mpt-`/`mpv-` and the address in hex, 12 bytes, so
-/// names are unique per namespace (subnets of two networks never overlap) and fit IFNAMSIZ.
-pub fn link_name(kind: EndpointKind, ip: Ipv4Addr) -> String {
-    let prefix = match kind {
-        EndpointKind::Tap => "mpt",
-        EndpointKind::Netns => "mpv",
-    };
-    format!("{prefix}-{:08x}", u32::from(ip))
-}
-
-/// The address an endpoint link name was made for, if it is a name micropod gives endpoints.
-pub fn endpoint_link_ip(name: &str) -> Option<Ipv4Addr> {
-    let hex = name
-        .strip_prefix("mpt-")
-        .or_else(|| name.strip_prefix("mpv-"))?;
-    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u32::from_str_radix(hex, 16).ok().map(Ipv4Addr::from)
-}
-
 /// The nf_tables table of the network on `bridge`.
 pub fn nft_table_name(bridge: &str) -> String {
     format!("micropod_{bridge}")
@@ -270,49 +184,9 @@ pub fn kernel_ip_arg(ip: Ipv4Addr, subnet: Ipv4Network, gateway: Ipv4Addr) -> St
     format!("ip={ip}::{gateway}:{}::eth0:off", subnet.mask())
 }
 
-/// Endpoint names: what a user would call a VM or container.
-pub fn valid_endpoint_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mac_from_ip_is_local_unicast_and_round_trips() {
-        let mac = Mac::for_ip(Ipv4Addr::new(10, 10, 0, 2));
-        assert_eq!(mac.to_string(), "02:6d:0a:0a:00:02");
-        assert_eq!(mac.0[0] & 0x01, 0, "unicast");
-        assert_eq!(mac.0[0] & 0x02, 0x02, "locally administered");
-        assert_eq!(mac.to_string().parse::<Mac>().unwrap(), mac);
-        assert_eq!(
-            serde_json::to_string(&mac).unwrap(),
-            "\"02:6d:0a:0a:00:02\""
-        );
-        for bad in ["", "02:6d", "02:6d:0a:0a:00:02:03", "zz:6d:0a:0a:00:02"] {
-            assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn link_names_fit_ifnamsiz_and_are_recognised() {
-        let ip = Ipv4Addr::new(10, 10, 255, 254);
-        for kind in [EndpointKind::Tap, EndpointKind::Netns] {
-            let name = link_name(kind, ip);
-            assert!(name.len() <= crate::net::link::IFNAME_MAX, "{name}");
-            assert_eq!(endpoint_link_ip(&name), Some(ip));
-            assert_eq!(endpoint_link_ip(&name), Some(ip));
-        }
-        assert_eq!(link_name(EndpointKind::Tap, ip), "mpt-0a0afffe");
-        for other in ["micropod0", "mpv-", "mpv-0a0a00zz", "eth0", "mpx-0a0a0002"] {
-            assert_eq!(endpoint_link_ip(other), None, "{other}");
-        }
-    }
 
     #[test]
     fn kernel_argument() {
@@ -325,15 +199,5 @@ mod tests {
             ),
             "ip=10.10.0.2::10.10.0.1:255.255.255.0::eth0:off"
         );
-    }
-
-    #[test]
-    fn endpoint_names() {
-        for good in ["vm1", "web-1", "a.b_c", &"x".repeat(64)] {
-            assert!(valid_endpoint_name(good), "{good:?}");
-        }
-        for bad in ["", "-x", "a/b", "a b", &"x".repeat(65), "é"] {
-            assert!(!valid_endpoint_name(bad), "{bad:?}");
-        }
     }
 }

@@ -14,7 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::network::Mac;
+use crate::net::Mac;
 
 pub mod firecracker;
 pub mod qemu;

@@ -258,7 +258,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::network::Mac;
+    use crate::net::Mac;
 
     fn spec(boot: Boot) -> VmSpec {
         VmSpec {

@@ -333,7 +333,7 @@ mod tests {
     use std::{net::Ipv4Addr, os::unix::fs::PermissionsExt as _};
 
     use super::*;
-    use crate::network::Mac;
+    use crate::net::Mac;
 
     struct TempDir(PathBuf);
 

@@ -16,9 +16,10 @@ use std::{
 
 use serde::Serialize;
 
+use super::Stats;
 use crate::{
     datapath::{EndpointStats, NatTableStats},
-    network::{ActiveDatapath, EndpointKind, Network, NetworkError, Stats},
+    network::{ActiveDatapath, EndpointKind, Network, NetworkError},
 };
 
 /// The longest `--interval`: beyond an hour a rate says little, and a typo (`--interval 1000000`)
@@ -188,7 +189,7 @@ fn per_second(then: &EndpointStats, now: &EndpointStats, secs: f64) -> Option<Co
     })
 }
 
-/// Successive reads of [`Network::stats`] at a steady interval.
+/// Successive reads of [`super::read`] at a steady interval.
 pub struct Watch<'a> {
     network: &'a Network,
     endpoint: Option<String>,
@@ -208,7 +209,7 @@ impl<'a> Watch<'a> {
         endpoint: Option<&str>,
         interval: Duration,
     ) -> Result<Self, WatchError> {
-        let previous = network.stats(endpoint).map_err(WatchError::Read)?;
+        let previous = super::read(network, endpoint).map_err(WatchError::Read)?;
         let previous_at = Instant::now();
         Ok(Self {
             network,
@@ -226,10 +227,8 @@ impl<'a> Watch<'a> {
         if let Some(wait) = self.due.checked_duration_since(now) {
             std::thread::sleep(wait);
         }
-        let current = self
-            .network
-            .stats(self.endpoint.as_deref())
-            .map_err(WatchError::Read)?;
+        let current =
+            super::read(self.network, self.endpoint.as_deref()).map_err(WatchError::Read)?;
         let at = Instant::now();
         let rates = Rates::between(&self.previous, &current, at - self.previous_at);
         self.previous = current;
@@ -247,7 +246,7 @@ impl<'a> Watch<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::EndpointStatsView;
+    use crate::{ipam::IpamUsage, stats::EndpointStatsView};
 
     fn counters(rx: u64, tx: u64, spoofed_ip: u64) -> EndpointStats {
         EndpointStats {
@@ -271,7 +270,7 @@ mod tests {
 
     fn ebpf(endpoints: Vec<EndpointStatsView>) -> Stats {
         Stats {
-            ipam: crate::network::IpamUsage::default(),
+            ipam: IpamUsage::default(),
             datapath: ActiveDatapath::Ebpf,
             endpoints,
             nat: Some(NatTableStats {
@@ -410,7 +409,7 @@ mod tests {
     #[test]
     fn netfilter_lists_endpoints_without_rates() {
         let nf = Stats {
-            ipam: crate::network::IpamUsage::default(),
+            ipam: IpamUsage::default(),
             datapath: ActiveDatapath::Netfilter,
             endpoints: vec![ep("a", [10, 0, 0, 2], None)],
             nat: None,
@@ -426,7 +425,7 @@ mod tests {
     #[test]
     fn switching_to_ebpf_in_between_has_no_rate_yet() {
         let nf = Stats {
-            ipam: crate::network::IpamUsage::default(),
+            ipam: IpamUsage::default(),
             datapath: ActiveDatapath::Netfilter,
             endpoints: vec![ep("a", [10, 0, 0, 2], None)],
             nat: None,

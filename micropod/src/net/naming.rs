@@ -1,0 +1,180 @@
+//! The names and addresses micropod gives an endpoint's kernel objects: the host-side link
+//! name, the guest's MAC, and which endpoint names are allowed. Pure functions, so every layer
+//! (the data plane telling its port links apart, the VMM drivers, the network manager) derives
+//! them the same way.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// Link name prefix of a [`EndpointKind::Tap`] endpoint (`mpt-<address in hex>`).
+pub const TAP_LINK_PREFIX: &str = "mpt-";
+/// Link name prefix of a [`EndpointKind::Netns`] endpoint (`mpv-<address in hex>`).
+pub const NETNS_LINK_PREFIX: &str = "mpv-";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    /// A persistent TAP on the bridge, for a VMM.
+    Tap,
+    /// A veth pair whose far end lives in another network namespace.
+    Netns,
+}
+
+impl EndpointKind {
+    pub const ALL: [Self; 2] = [Self::Tap, Self::Netns];
+
+    /// The prefix of this kind's host-side link names.
+    #[must_use]
+    pub const fn link_prefix(self) -> &'static str {
+        match self {
+            Self::Tap => TAP_LINK_PREFIX,
+            Self::Netns => NETNS_LINK_PREFIX,
+        }
+    }
+}
+
+impl fmt::Display for EndpointKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tap => "tap",
+            Self::Netns => "netns",
+        })
+    }
+}
+
+/// A MAC address, written `02:6d:0a:0a:00:02`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// The locally administered, unicast MAC micropod gives `ip`: `02:6d` ("m") and the four
+    /// address bytes, so a MAC seen in a capture names its endpoint.
+    #[must_use]
+    pub fn for_ip(ip: Ipv4Addr) -> Self {
+        let [a, b, c, d] = ip.octets();
+        Self([0x02, 0x6d, a, b, c, d])
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts.next().ok_or_else(|| format!("bad MAC {s:?}"))?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("bad MAC {s:?}"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("bad MAC {s:?}"));
+        }
+        Ok(Self(out))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Host-side link name for an endpoint: `mpt-`/`mpv-` and the address in hex, 12 bytes, so
+/// names are unique per namespace (subnets of two networks never overlap) and fit IFNAMSIZ.
+#[must_use]
+pub fn link_name(kind: EndpointKind, ip: Ipv4Addr) -> String {
+    format!("{}{:08x}", kind.link_prefix(), u32::from(ip))
+}
+
+/// The kind and address an endpoint link name was made for, if it is a name micropod gives
+/// endpoints.
+#[must_use]
+pub fn endpoint_link(name: &str) -> Option<(EndpointKind, Ipv4Addr)> {
+    let (kind, hex) = EndpointKind::ALL
+        .into_iter()
+        .find_map(|kind| Some((kind, name.strip_prefix(kind.link_prefix())?)))?;
+    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(hex, 16)
+        .ok()
+        .map(|ip| (kind, Ipv4Addr::from(ip)))
+}
+
+/// The address an endpoint link name was made for, if it is a name micropod gives endpoints.
+#[must_use]
+pub fn endpoint_link_ip(name: &str) -> Option<Ipv4Addr> {
+    endpoint_link(name).map(|(_, ip)| ip)
+}
+
+/// Endpoint names: what a user would call a VM or container.
+#[must_use]
+pub fn valid_endpoint_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_from_ip_is_local_unicast_and_round_trips() {
+        let mac = Mac::for_ip(Ipv4Addr::new(10, 10, 0, 2));
+        assert_eq!(mac.to_string(), "02:6d:0a:0a:00:02");
+        assert_eq!(mac.0[0] & 0x01, 0, "unicast");
+        assert_eq!(mac.0[0] & 0x02, 0x02, "locally administered");
+        assert_eq!(mac.to_string().parse::<Mac>().unwrap(), mac);
+        assert_eq!(
+            serde_json::to_string(&mac).unwrap(),
+            "\"02:6d:0a:0a:00:02\""
+        );
+        for bad in ["", "02:6d", "02:6d:0a:0a:00:02:03", "zz:6d:0a:0a:00:02"] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn link_names_fit_ifnamsiz_and_are_recognised() {
+        let ip = Ipv4Addr::new(10, 10, 255, 254);
+        for kind in EndpointKind::ALL {
+            let name = link_name(kind, ip);
+            assert!(name.len() <= crate::net::link::IFNAME_MAX, "{name}");
+            assert_eq!(endpoint_link_ip(&name), Some(ip));
+            // The prefix names the kind: a TAP's name never reads as a veth's.
+            assert_eq!(endpoint_link(&name), Some((kind, ip)), "{name}");
+        }
+        assert_eq!(link_name(EndpointKind::Tap, ip), "mpt-0a0afffe");
+        assert_eq!(link_name(EndpointKind::Netns, ip), "mpv-0a0afffe");
+        for other in ["micropod0", "mpv-", "mpv-0a0a00zz", "eth0", "mpx-0a0a0002"] {
+            assert_eq!(endpoint_link_ip(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn endpoint_names() {
+        for good in ["vm1", "web-1", "a.b_c", &"x".repeat(64)] {
+            assert!(valid_endpoint_name(good), "{good:?}");
+        }
+        for bad in ["", "-x", "a/b", "a b", &"x".repeat(65), "é"] {
+            assert!(!valid_endpoint_name(bad), "{bad:?}");
+        }
+    }
+}
