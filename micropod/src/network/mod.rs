@@ -20,8 +20,11 @@
 //! the process (the page cache is shared), since after a power cut the links it describes are
 //! gone too. The state document is synced.
 
+mod datapath;
+mod endpoint;
 mod model;
-mod ops;
+mod reconcile;
+mod up;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
