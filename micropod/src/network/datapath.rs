@@ -1,7 +1,7 @@
 //! The glue between the manager and the eBPF data plane: installing it under `up`, a port
 //! per endpoint under `attach`, forgetting one under `detach` and reconcile.
 
-use super::{NetworkError, model::*};
+use super::{AttachError, NetworkError, UpError, model::*};
 use crate::{
     datapath::{DataPlane, PlaneSettings, PortSpec},
     net::{Netlink, addr, link},
@@ -31,7 +31,10 @@ impl super::Network {
                 let why = crate::error_chain(&err);
                 log::warn!("eBPF data path unavailable, using netfilter only: {why}");
                 for p in plane.remove() {
-                    log::warn!("while removing the partial eBPF data path: {p}");
+                    log::warn!(
+                        "while removing the partial eBPF data path: {}",
+                        crate::error_chain(&p)
+                    );
                 }
                 doc.active_datapath = ActiveDatapath::Netfilter;
                 doc.datapath_note = Some(format!("eBPF unavailable: {why}"));
@@ -79,7 +82,7 @@ impl super::Network {
             uplink,
             nat_entries: cfg.nat_entries,
         };
-        let datapath = |e| NetworkError::Datapath(Box::new(e));
+        let datapath = |e| UpError::Datapath(Box::new(e));
         if plane.is_installed() {
             plane.configure(&settings).map_err(datapath)?;
             plane.attach_network_hooks(&settings).map_err(datapath)?;
@@ -92,7 +95,7 @@ impl super::Network {
                 if let Some(ifindex) = probe.index(&ep.link).map_err(NetworkError::Probe)? {
                     plane
                         .attach_port(&port_spec(ep, ifindex))
-                        .map_err(|source| NetworkError::DatapathPort {
+                        .map_err(|source| AttachError::DatapathPort {
                             name: ep.name.clone(),
                             source: Box::new(source),
                         })?;
@@ -109,7 +112,7 @@ impl super::Network {
             return;
         }
         for p in DataPlane::new(&self.bpf_dir).detach_port(ip, port) {
-            log::warn!("eBPF data path: {p}");
+            log::warn!("eBPF data path: {}", crate::error_chain(&p));
         }
     }
 
@@ -123,9 +126,11 @@ impl super::Network {
         if doc.active_datapath != ActiveDatapath::Ebpf {
             return Ok(());
         }
-        let wrap = |source| NetworkError::DatapathPort {
-            name: ep.name.clone(),
-            source: Box::new(source),
+        let wrap = |source| {
+            NetworkError::from(AttachError::DatapathPort {
+                name: ep.name.clone(),
+                source: Box::new(source),
+            })
         };
         let ifindex = link::IndexProbe::new()
             .and_then(|p| p.index(&ep.link))

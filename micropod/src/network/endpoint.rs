@@ -4,7 +4,10 @@ use std::{os::fd::AsFd as _, path::Path};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 
-use super::{AttachRequest, Attachment, NetworkError, Released, check_privileges, model::*};
+use super::{
+    AttachError, AttachRequest, Attachment, InputError, NetnsStep, NetworkError, Released,
+    check_privileges, model::*,
+};
 use crate::{
     failpoint,
     net::{NetNs, Netlink, addr, link, route, tap, veth},
@@ -15,21 +18,22 @@ impl super::Network {
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attachment, NetworkError> {
         check_privileges()?;
         if !valid_endpoint_name(&req.name) {
-            return Err(NetworkError::InvalidEndpointName {
+            return Err(InputError::InvalidEndpointName {
                 name: req.name.clone(),
-            });
+            }
+            .into());
         }
         let target = match (req.kind, &req.netns) {
-            (EndpointKind::Netns, None) => return Err(NetworkError::NetnsRequired),
-            (EndpointKind::Tap, Some(_)) => return Err(NetworkError::NetnsNotForTap),
+            (EndpointKind::Netns, None) => return Err(InputError::NetnsRequired.into()),
+            (EndpointKind::Tap, Some(_)) => return Err(InputError::NetnsNotForTap.into()),
             (EndpointKind::Tap, None) if req.ifname.is_some() => {
-                return Err(NetworkError::NetnsNotForTap);
+                return Err(InputError::NetnsNotForTap.into());
             }
             (EndpointKind::Tap, None) => None,
             (EndpointKind::Netns, Some(path)) => Some(open_endpoint_netns(path)?),
         };
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
-        link::validate_name(&ifname).map_err(|e| NetworkError::InvalidIfname(Box::new(e)))?;
+        link::validate_name(&ifname).map_err(|e| InputError::InvalidIfname(Box::new(e)))?;
 
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
@@ -37,23 +41,24 @@ impl super::Network {
         let seen = self.reconcile(&nl, &lock, &mut doc, false).await?;
         failpoint::hit("attach:locked");
         if let Some(ep) = doc.endpoints.get(&req.name) {
-            return Err(NetworkError::DuplicateEndpoint {
+            return Err(AttachError::DuplicateEndpoint {
                 name: req.name.clone(),
                 ip: ep.ip,
-            });
+            }
+            .into());
         }
         if doc.endpoints.len() >= BR_MAX_PORTS {
-            return Err(NetworkError::BridgeFull);
+            return Err(AttachError::BridgeFull.into());
         }
         let bridge_index = seen
             .bridge_index
-            .ok_or_else(|| NetworkError::BridgeMissing {
+            .ok_or_else(|| AttachError::BridgeMissing {
                 name: doc.config.bridge.clone(),
             })?;
         let ip = doc
             .ipam
             .allocate(&req.name, req.ip)
-            .map_err(|source| NetworkError::Allocate {
+            .map_err(|source| AttachError::Allocate {
                 name: req.name.clone(),
                 source: Box::new(source),
             })?;
@@ -135,7 +140,7 @@ impl super::Network {
                 // NIC, and a port sharing it would make the bridge deliver the VM's frames
                 // to itself.
                 tap::create_persistent(&ep.link, None).map_err(|source| {
-                    NetworkError::CreateTap {
+                    AttachError::CreateTap {
                         name: ep.link.clone(),
                         source,
                     }
@@ -145,9 +150,12 @@ impl super::Network {
                 self.attach_datapath(doc, ep)?;
                 link::set_controller_up(nl, &ep.link, bridge_index)
                     .await
-                    .map_err(|source| NetworkError::Enslave {
-                        name: ep.link.clone(),
-                        source: Box::new(source),
+                    .map_err(|source| {
+                        AttachError::Enslave {
+                            name: ep.link.clone(),
+                            source: Box::new(source),
+                        }
+                        .into()
                     })
             }
             (EndpointKind::Netns, Some(ns), Some(ns_ref)) => {
@@ -164,22 +172,24 @@ impl super::Network {
                     // EEXIST names neither end; the host end's name is ours and was free (we
                     // hold the lock and reconciled), so it is the name inside the namespace.
                     if source.is_exists() {
-                        return Err(NetworkError::IfnameTaken {
+                        return Err(AttachError::IfnameTaken {
                             ifname: ns_ref.ifname.clone(),
                             netns: ns_ref.path.clone(),
-                        });
+                        }
+                        .into());
                     }
-                    return Err(NetworkError::CreateVeth {
+                    return Err(AttachError::CreateVeth {
                         name: ep.link.clone(),
                         source: Box::new(source),
-                    });
+                    }
+                    .into());
                 }
                 failpoint::hit("attach:link-created");
                 if ebpf {
                     self.attach_datapath(doc, ep)?;
                     link::set_up(nl, &ep.link)
                         .await
-                        .map_err(|source| NetworkError::Enslave {
+                        .map_err(|source| AttachError::Enslave {
                             name: ep.link.clone(),
                             source: Box::new(source),
                         })?;
@@ -215,10 +225,7 @@ impl super::Network {
         failpoint::hit("detach:link-deleted");
         self.forget_datapath(&doc, ep.ip, &ep.link);
         if let Some((_, Err(source))) = doc.release_endpoint(name) {
-            return Err(NetworkError::Release {
-                ip: ep.ip,
-                source: Box::new(source),
-            });
+            return Err(NetworkError::Release { ip: ep.ip, source });
         }
         self.state.write_json(&lock, STATE_DOC, &doc)?;
         Ok(None)
@@ -227,7 +234,7 @@ impl super::Network {
 
 /// Opens `--netns` and refuses micropod's own namespace.
 fn open_endpoint_netns(path: &Path) -> Result<(NetNs, crate::net::NetnsId), NetworkError> {
-    let wrap = |source| NetworkError::EndpointNetns {
+    let wrap = |source| InputError::EndpointNetns {
         path: path.to_path_buf(),
         source,
     };
@@ -235,9 +242,10 @@ fn open_endpoint_netns(path: &Path) -> Result<(NetNs, crate::net::NetnsId), Netw
     let id = ns.id().map_err(wrap)?;
     let own = NetNs::current().and_then(|n| n.id()).map_err(wrap)?;
     if id == own {
-        return Err(NetworkError::HostNetns {
+        return Err(InputError::HostNetns {
             path: path.to_path_buf(),
-        });
+        }
+        .into());
     }
     Ok((ns, id))
 }
@@ -255,29 +263,26 @@ async fn configure_inside(
     ep: &Endpoint,
     doc: &NetworkDoc,
 ) -> Result<(), NetworkError> {
-    let fail = |step: &'static str, source: Box<dyn std::error::Error + Send + Sync>| {
-        NetworkError::ConfigureNetns {
-            netns: ns_ref.path.clone(),
-            ifname: ns_ref.ifname.clone(),
-            step,
-            source,
-        }
+    let fail = |step| AttachError::ConfigureNetns {
+        netns: ns_ref.path.clone(),
+        ifname: ns_ref.ifname.clone(),
+        step,
     };
-    let inner = Netlink::connect_in(ns).map_err(|e| fail("netlink", Box::new(e)))?;
+    let inner = Netlink::connect_in(ns).map_err(|e| fail(NetnsStep::Netlink(Box::new(e))))?;
     let index = link::index(&inner, &ns_ref.ifname)
         .await
-        .map_err(|e| fail("find the interface", Box::new(e)))?;
+        .map_err(|e| fail(NetnsStep::FindInterface(Box::new(e))))?;
     // Up first: IPv4 adds the subnet route (which the gateway route needs) only on a live link.
     link::set_up(&inner, &ns_ref.ifname)
         .await
-        .map_err(|e| fail("bring it up", Box::new(e)))?;
+        .map_err(|e| fail(NetnsStep::BringUp(Box::new(e))))?;
     let cidr = Ipv4Network::new(ep.ip, doc.config.subnet.prefix())
         .expect("the prefix comes from a valid subnet");
     addr::ensure(&inner, index, IpNetwork::V4(cidr))
         .await
-        .map_err(|e| fail("add the address", Box::new(e)))?;
+        .map_err(|e| fail(NetnsStep::AddAddress(Box::new(e))))?;
     route::add_default(&inner, doc.config.gateway, index)
         .await
-        .map_err(|e| fail("add the default route", Box::new(e)))?;
+        .map_err(|e| fail(NetnsStep::AddDefaultRoute(Box::new(e))))?;
     Ok(())
 }

@@ -4,7 +4,10 @@
 use ipnetwork::{IpNetwork, Ipv4Network};
 use micropod_common::NAT_DEFAULT_ENTRIES;
 
-use super::{NetworkError, UpOutcome, UpRequest, check_privileges, model::*, parse_subnet};
+use super::{
+    InputError, NetworkError, TeardownError, UpError, UpOutcome, UpRequest, check_privileges,
+    model::*, parse_subnet,
+};
 use crate::{
     datapath::DataPlane,
     failpoint,
@@ -17,17 +20,17 @@ impl super::Network {
     /// Idempotent; refuses to change the settings of a network that has endpoints.
     pub async fn up(&self, req: &UpRequest) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
         check_privileges()?;
-        link::validate_name(&req.bridge).map_err(|e| NetworkError::BridgeName(Box::new(e)))?;
+        link::validate_name(&req.bridge).map_err(|e| InputError::BridgeName(Box::new(e)))?;
         let subnet = parse_subnet(&req.subnet)?;
-        let gateway =
-            Ipam::default_gateway(subnet).map_err(|e| NetworkError::Subnet(Box::new(e)))?;
+        let gateway = Ipam::default_gateway(subnet).map_err(InputError::Subnet)?;
         let nat_entries = req.nat_entries.unwrap_or(NAT_DEFAULT_ENTRIES);
         if !NAT_ENTRIES_RANGE.contains(&nat_entries) {
-            return Err(NetworkError::NatEntries {
+            return Err(InputError::NatEntries {
                 value: nat_entries,
                 min: *NAT_ENTRIES_RANGE.start(),
                 max: *NAT_ENTRIES_RANGE.end(),
-            });
+            }
+            .into());
         }
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
@@ -69,11 +72,12 @@ impl super::Network {
                 return Ok((UpOutcome::Unchanged, config));
             }
             if !doc.endpoints.is_empty() {
-                return Err(NetworkError::Reconfigure {
+                return Err(UpError::Reconfigure {
                     current: doc.config.to_string(),
                     requested: config.to_string(),
                     endpoints: doc.endpoints.len(),
-                });
+                }
+                .into());
             }
         }
 
@@ -87,9 +91,10 @@ impl super::Network {
                 .map_err(|e| NetworkError::Links(Box::new(e)))?
                 .is_some()
         {
-            return Err(NetworkError::BridgeExists {
+            return Err(UpError::BridgeExists {
                 name: config.bridge,
-            });
+            }
+            .into());
         }
         let mut outcome = UpOutcome::Created;
         if let Some(doc) = existing {
@@ -100,7 +105,7 @@ impl super::Network {
             self.state.remove(&lock, STATE_DOC)?;
             outcome = UpOutcome::Replaced;
         }
-        let ip_forward_was_off = !sysctl::ip_forward().map_err(NetworkError::Forwarding)?;
+        let ip_forward_was_off = !sysctl::ip_forward().map_err(UpError::Forwarding)?;
         let mut doc = NetworkDoc {
             version: STATE_VERSION,
             phase: Phase::Creating,
@@ -108,7 +113,7 @@ impl super::Network {
             active_datapath: ActiveDatapath::Netfilter,
             datapath_note: None,
             ip_forward_was_off,
-            ipam: Ipam::new(subnet, gateway).map_err(|e| NetworkError::Subnet(Box::new(e)))?,
+            ipam: Ipam::new(subnet, gateway).map_err(InputError::Subnet)?,
             endpoints: Default::default(),
             config: config.clone(),
         };
@@ -122,7 +127,7 @@ impl super::Network {
         if let Err(err) = made {
             let problems = self.teardown(&nl, &doc).await;
             for p in &problems {
-                log::warn!("while undoing a failed `up`: {p}");
+                log::warn!("while undoing a failed `up`: {}", crate::error_chain(p));
             }
             if problems.is_empty() {
                 self.state.remove(&lock, STATE_DOC)?;
@@ -145,7 +150,7 @@ impl super::Network {
             Some(found) => {
                 link::set_up(nl, &cfg.bridge)
                     .await
-                    .map_err(|source| NetworkError::BridgeUp {
+                    .map_err(|source| UpError::BridgeUp {
                         name: cfg.bridge.clone(),
                         source: Box::new(source),
                     })?;
@@ -153,7 +158,7 @@ impl super::Network {
             }
             None => bridge::create(nl, &cfg.bridge, Mac::for_ip(cfg.gateway).0)
                 .await
-                .map_err(|source| NetworkError::CreateBridge {
+                .map_err(|source| UpError::CreateBridge {
                     name: cfg.bridge.clone(),
                     source: Box::new(source),
                 })?,
@@ -162,18 +167,18 @@ impl super::Network {
             .expect("the prefix comes from a valid subnet");
         addr::ensure(nl, index, IpNetwork::V4(gateway))
             .await
-            .map_err(|source| NetworkError::GatewayAddress {
+            .map_err(|source| UpError::GatewayAddress {
                 bridge: cfg.bridge.clone(),
                 gateway: cfg.gateway,
                 source: Box::new(source),
             })?;
-        sysctl::set_ip_forward(true).map_err(NetworkError::Forwarding)?;
+        sysctl::set_ip_forward(true).map_err(UpError::Forwarding)?;
         nftables::apply(&nftables::Masquerade {
             table: &doc.nft_table,
             subnet: cfg.subnet,
             bridge: &cfg.bridge,
         })
-        .map_err(|e| NetworkError::Masquerade(Box::new(e)))?;
+        .map_err(|e| UpError::Masquerade(Box::new(e)))?;
         Ok(())
     }
 
@@ -203,37 +208,38 @@ impl super::Network {
     }
 
     /// Removes every kernel object and pin of `doc`; runs every step and returns all failures.
-    async fn teardown(&self, nl: &Netlink, doc: &NetworkDoc) -> Vec<String> {
+    async fn teardown(&self, nl: &Netlink, doc: &NetworkDoc) -> Vec<TeardownError> {
         let mut problems = Vec::new();
         for ep in doc.endpoints.values() {
-            if let Err(e) = link::delete_if_exists(nl, &ep.link).await {
-                problems.push(format!("endpoint {}: {}", ep.name, crate::error_chain(&e)));
+            if let Err(source) = link::delete_if_exists(nl, &ep.link).await {
+                problems.push(TeardownError::EndpointLink {
+                    name: ep.name.clone(),
+                    source,
+                });
             }
         }
-        if let Err(e) = link::delete_if_exists(nl, &doc.config.bridge).await {
-            problems.push(format!(
-                "bridge {}: {}",
-                doc.config.bridge,
-                crate::error_chain(&e)
-            ));
+        if let Err(source) = link::delete_if_exists(nl, &doc.config.bridge).await {
+            problems.push(TeardownError::Bridge {
+                name: doc.config.bridge.clone(),
+                source,
+            });
         }
-        if let Err(e) = nftables::delete(&doc.nft_table) {
-            problems.push(format!(
-                "nf_tables table {}: {}",
-                doc.nft_table,
-                crate::error_chain(&e)
-            ));
+        if let Err(source) = nftables::delete(&doc.nft_table) {
+            problems.push(TeardownError::NftTable {
+                table: doc.nft_table.clone(),
+                source,
+            });
         }
         if doc.ip_forward_was_off
-            && let Err(e) = sysctl::set_ip_forward(false)
+            && let Err(source) = sysctl::set_ip_forward(false)
         {
-            problems.push(format!("ip_forward: {}", crate::error_chain(&e)));
+            problems.push(TeardownError::IpForward(source));
         }
         problems.extend(
             DataPlane::new(&self.bpf_dir)
                 .remove()
                 .into_iter()
-                .map(|p| format!("BPF pins: {p}")),
+                .map(TeardownError::BpfPins),
         );
         problems
     }
@@ -258,7 +264,7 @@ async fn resolve_uplink(
             };
             match found {
                 Some(_) => Ok(Some(name.clone())),
-                None => Err(NetworkError::UnknownUplink { name: name.clone() }),
+                None => Err(InputError::UnknownUplink { name: name.clone() }.into()),
             }
         }
         UplinkChoice::Auto => {
@@ -305,10 +311,11 @@ async fn check_overlap(
             continue;
         }
         if overlaps(a.addr) {
-            return Err(NetworkError::SubnetOverlap {
+            return Err(UpError::SubnetOverlap {
                 subnet: subnet.to_string(),
                 what: format!("address {} on {}", a.addr, name_of(a.index)),
-            });
+            }
+            .into());
         }
     }
     for r in route::list(nl)
@@ -320,10 +327,11 @@ async fn check_overlap(
         }
         if overlaps(r.destination) {
             let dev = r.oif.map(name_of).unwrap_or_default();
-            return Err(NetworkError::SubnetOverlap {
+            return Err(UpError::SubnetOverlap {
                 subnet: subnet.to_string(),
                 what: format!("route {} dev {dev}", r.destination),
-            });
+            }
+            .into());
         }
     }
     Ok(())
