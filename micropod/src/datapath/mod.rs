@@ -5,7 +5,9 @@ mod counter;
 mod plane;
 
 pub use counter::{Direction, SourceCounter, read_pinned_counters};
-pub use plane::{DataPlane, EndpointStats, NatTableStats, OBJECT_ENV, PlaneSettings, PortSpec};
+pub use plane::{
+    DataPlane, EndpointStats, NatTableStats, OBJECT_ENV, PlaneSettings, PortSpec, RemoveError,
+};
 
 use aya::{Ebpf, EbpfLoader};
 

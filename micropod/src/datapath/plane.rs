@@ -76,6 +76,55 @@ pub struct PortSpec<'a> {
     pub ifindex: u32,
 }
 
+/// One step of removing (part of) a data plane that failed. Removal runs every step, so
+/// [`DataPlane::remove`] and [`DataPlane::detach_port`] return a list of these. The
+/// [`DatapathError`]s are boxed: one takes 128 bytes (clippy::result_large_err).
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("{path}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}")]
+    ReadPinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}")]
+    RemovePinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("port entry of {ip}")]
+    PortEntry {
+        ip: Ipv4Addr,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("endpoint entry of {ip}")]
+    EndpointEntry {
+        ip: Ipv4Addr,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("counters of {ip}")]
+    Counters {
+        ip: Ipv4Addr,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("NAT flows of {ip}")]
+    NatFlows {
+        ip: Ipv4Addr,
+        #[source]
+        source: Box<DatapathError>,
+    },
+}
+
 /// The data plane of one network, by its pin dir.
 #[derive(Clone, Debug)]
 pub struct DataPlane {
@@ -126,7 +175,10 @@ impl DataPlane {
         let result = self.try_install(settings);
         if result.is_err() {
             for problem in self.remove() {
-                log::warn!("while undoing a failed data plane install: {problem}");
+                log::warn!(
+                    "while undoing a failed data plane install: {}",
+                    crate::error_chain(&problem)
+                );
             }
         }
         result
@@ -264,21 +316,15 @@ impl DataPlane {
 
     /// Forgets an endpoint: its port's links, map entries, counters and NAT flows. Runs every
     /// step; returns what failed.
-    pub fn detach_port(&self, ip: Ipv4Addr, port: &str) -> Vec<String> {
+    pub fn detach_port(&self, ip: Ipv4Addr, port: &str) -> Vec<RemoveError> {
         let mut problems = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
-            if let Err(e) = remove_file(&self.link_path(port, direction)) {
+            if let Err(e) = remove_pin(&self.link_path(port, direction)) {
                 problems.push(e);
             }
         }
         let key = Ipv4Key { addr: ip.octets() };
-        let mut step = |what: &str, result: Result<(), DatapathError>| {
-            if let Err(e) = result {
-                problems.push(format!("{what} of {ip}: {}", crate::error_chain(&e)));
-            }
-        };
-        step(
-            "port entry",
+        let steps = [
             self.open::<HashMap<MapData, u32, Endpoint>>(PORTS_MAP)
                 .and_then(|mut ports| {
                     let stale: Vec<u32> = ports
@@ -291,27 +337,35 @@ impl DataPlane {
                         ignore_missing(ports.remove(&index)).map_err(map_err(PORTS_MAP))?;
                     }
                     Ok(())
+                })
+                .map_err(|source| RemoveError::PortEntry {
+                    ip,
+                    source: Box::new(source),
                 }),
-        );
-        step(
-            "endpoint entry",
             self.open::<HashMap<MapData, Ipv4Key, Endpoint>>(ENDPOINTS_MAP)
-                .and_then(|mut m| ignore_missing(m.remove(&key)).map_err(map_err(ENDPOINTS_MAP))),
-        );
-        step(
-            "counters",
+                .and_then(|mut m| ignore_missing(m.remove(&key)).map_err(map_err(ENDPOINTS_MAP)))
+                .map_err(|source| RemoveError::EndpointEntry {
+                    ip,
+                    source: Box::new(source),
+                }),
             self.open::<PerCpuHashMap<MapData, Ipv4Key, EndpointCounters>>(ENDPOINT_COUNTERS_MAP)
                 .and_then(|mut m| {
                     ignore_missing(m.remove(&key)).map_err(map_err(ENDPOINT_COUNTERS_MAP))
+                })
+                .map_err(|source| RemoveError::Counters {
+                    ip,
+                    source: Box::new(source),
                 }),
-        );
-        step(
-            "NAT flows",
             self.remove_nat(|k, v| {
                 (v.direction == NAT_INBOUND && v.addr == key.addr) || k.src_ip == key.addr
             })
-            .map(drop),
-        );
+            .map(drop)
+            .map_err(|source| RemoveError::NatFlows {
+                ip,
+                source: Box::new(source),
+            }),
+        ];
+        problems.extend(steps.into_iter().filter_map(Result::err));
         problems
     }
 
@@ -431,7 +485,7 @@ impl DataPlane {
 
     /// Removes every link, program and map pin, and the pin dir. Runs every step; returns what
     /// failed (a missing pin is not a failure).
-    pub fn remove(&self) -> Vec<String> {
+    pub fn remove(&self) -> Vec<RemoveError> {
         let mut problems = Vec::new();
         // Links first, so no program runs on a half-removed plane.
         for sub in ["links", "progs", "maps"] {
@@ -439,19 +493,22 @@ impl DataPlane {
             match std::fs::read_dir(&dir) {
                 Ok(entries) => {
                     for entry in entries.flatten() {
-                        if let Err(e) = remove_file(&entry.path()) {
+                        if let Err(e) = remove_pin(&entry.path()) {
                             problems.push(e);
                         }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(format!("{}: {e}", dir.display())),
+                Err(source) => problems.push(RemoveError::ReadPinDir { path: dir, source }),
             }
         }
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => problems.push(format!("{}: {e}", self.dir.display())),
+            Err(source) => problems.push(RemoveError::RemovePinDir {
+                path: self.dir.clone(),
+                source,
+            }),
         }
         problems
     }
@@ -572,10 +629,18 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 fn remove_file(path: &Path) -> Result<(), String> {
+    remove_pin(path).map_err(|e| crate::error_chain(&e))
+}
+
+/// Removes a pin; one that is not there is removed already.
+fn remove_pin(path: &Path) -> Result<(), RemoveError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(source) => Err(RemoveError::Unpin {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 

@@ -20,11 +20,16 @@
 //! the process (the page cache is shared), since after a power cut the links it describes are
 //! gone too. The state document is synced.
 
+mod datapath;
+mod endpoint;
+mod error;
 mod model;
-mod ops;
+mod reconcile;
+mod up;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
+pub use error::{AttachError, InputError, NetnsStep, NetworkError, TeardownError, UpError};
 pub use model::{
     ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode,
     Endpoint, EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc, Phase, STATE_DOC,
@@ -32,182 +37,12 @@ pub use model::{
 };
 use serde::Serialize;
 
-use crate::{
-    ipam::{IpamError, IpamUsage},
-    net::{
-        NetlinkError, NetnsError, addr::AddrError, bridge::BridgeError, link::LinkError,
-        nftables::NftError, route::RouteError, sysctl::SysctlError, tap::TapError, veth::VethError,
-    },
-    state::{StateDir, StateError},
-};
+use crate::{ipam::IpamUsage, state::StateDir};
 
 /// Default state dir, overridable with `--state-dir` / `MICROPOD_STATE_DIR`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/micropod";
 /// Default BPF pin dir, overridable with `--bpf-dir` / `MICROPOD_BPF_DIR`.
 pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/micropod";
-
-#[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
-    #[error(
-        "this needs CAP_NET_ADMIN (run as root): micropod configures links, addresses and netfilter"
-    )]
-    NotPrivileged,
-    #[error("invalid bridge name")]
-    BridgeName(#[source] Box<LinkError>),
-    #[error("invalid subnet {input:?}: {reason}")]
-    InvalidSubnet { input: String, reason: String },
-    #[error("invalid subnet")]
-    Subnet(#[source] Box<IpamError>),
-    #[error("subnet {subnet} overlaps {what} in this network namespace; choose another --subnet")]
-    SubnetOverlap { subnet: String, what: String },
-    #[error("uplink {name} does not exist; name an existing interface or use --uplink auto")]
-    UnknownUplink { name: String },
-    #[error(
-        "cannot set up the eBPF data path; use `--datapath auto` to fall back to netfilter when eBPF is unavailable"
-    )]
-    Datapath(#[source] Box<crate::datapath::DatapathError>),
-    #[error("cannot read the eBPF data path's maps; `micropod network up` repairs missing pins")]
-    ReadDatapath(#[source] Box<crate::datapath::DatapathError>),
-    #[error("cannot attach endpoint {name} to the eBPF data path")]
-    DatapathPort {
-        name: String,
-        #[source]
-        source: Box<crate::datapath::DatapathError>,
-    },
-    #[error("--nat-table-size {value} is out of range; use {min}..={max} entries (two per flow)")]
-    NatEntries { value: u32, min: u32, max: u32 },
-    #[error(
-        "a link named {name} already exists and micropod did not create it; choose another --bridge"
-    )]
-    BridgeExists { name: String },
-    #[error(
-        "the network is up with {current}, and {endpoints} endpoint(s) use it; detach them (or `network down --force`) before changing it to {requested}"
-    )]
-    Reconfigure {
-        current: String,
-        requested: String,
-        endpoints: usize,
-    },
-    #[error("no network is up in {state_dir}; run `micropod network up` first")]
-    NotUp { state_dir: PathBuf },
-    #[error(
-        "{count} endpoint(s) still attached ({names}); detach them or use `network down --force`"
-    )]
-    EndpointsExist { count: usize, names: String },
-    #[error(
-        "invalid endpoint name {name:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit"
-    )]
-    InvalidEndpointName { name: String },
-    #[error("invalid interface name for inside the namespace")]
-    InvalidIfname(#[source] Box<LinkError>),
-    #[error("an endpoint named {name:?} already exists (address {ip}); pick another name")]
-    DuplicateEndpoint { name: String, ip: Ipv4Addr },
-    #[error("no endpoint named {name:?}; `micropod network ls` lists them")]
-    UnknownEndpoint { name: String },
-    #[error("a netns endpoint needs --netns PATH (e.g. /run/netns/NAME)")]
-    NetnsRequired,
-    #[error("--netns and --ifname only apply to --kind netns")]
-    NetnsNotForTap,
-    #[error("cannot use {path} as the endpoint's namespace")]
-    EndpointNetns {
-        path: PathBuf,
-        #[source]
-        source: NetnsError,
-    },
-    #[error(
-        "{path} is micropod's own network namespace; a netns endpoint must live in another one"
-    )]
-    HostNetns { path: PathBuf },
-    #[error(
-        "the bridge holds at most {BR_MAX_PORTS} ports (BR_MAX_PORTS) and all are in use; more endpoints need a second network"
-    )]
-    BridgeFull,
-    #[error("cannot allocate an address for {name:?}")]
-    Allocate {
-        name: String,
-        #[source]
-        source: Box<IpamError>,
-    },
-    #[error("cannot release {ip}")]
-    Release {
-        ip: Ipv4Addr,
-        #[source]
-        source: Box<IpamError>,
-    },
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error("cannot talk to the kernel over netlink")]
-    Netlink(#[source] NetlinkError),
-    #[error("cannot read this namespace's links")]
-    Links(#[source] Box<LinkError>),
-    #[error("cannot read this namespace's addresses")]
-    Addresses(#[source] Box<AddrError>),
-    #[error("cannot read this namespace's routes")]
-    Routes(#[source] Box<RouteError>),
-    #[error("cannot create bridge {name}")]
-    CreateBridge {
-        name: String,
-        #[source]
-        source: Box<BridgeError>,
-    },
-    #[error("cannot bring bridge {name} up")]
-    BridgeUp {
-        name: String,
-        #[source]
-        source: Box<LinkError>,
-    },
-    #[error("cannot add the gateway address {gateway} to {bridge}")]
-    GatewayAddress {
-        bridge: String,
-        gateway: Ipv4Addr,
-        #[source]
-        source: Box<AddrError>,
-    },
-    #[error("cannot enable IPv4 forwarding")]
-    Forwarding(#[source] SysctlError),
-    #[error("cannot install the MASQUERADE fallback")]
-    Masquerade(#[source] Box<NftError>),
-    #[error("cannot create TAP {name}")]
-    CreateTap {
-        name: String,
-        #[source]
-        source: TapError,
-    },
-    #[error("cannot create veth {name}")]
-    CreateVeth {
-        name: String,
-        #[source]
-        source: Box<VethError>,
-    },
-    #[error("{netns} already has an interface named {ifname}; choose another with --ifname")]
-    IfnameTaken { ifname: String, netns: PathBuf },
-    #[error("cannot attach {name} to the bridge")]
-    Enslave {
-        name: String,
-        #[source]
-        source: Box<LinkError>,
-    },
-    #[error("cannot configure {ifname} in {netns}: {step}")]
-    ConfigureNetns {
-        netns: PathBuf,
-        ifname: String,
-        step: &'static str,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("cannot look up interfaces (SIOCGIFINDEX)")]
-    Probe(#[source] std::io::Error),
-    #[error("bridge {name} is missing; run `micropod network up` to repair the network")]
-    BridgeMissing { name: String },
-    #[error("cannot delete link {name}")]
-    DeleteLink {
-        name: String,
-        #[source]
-        source: Box<LinkError>,
-    },
-    #[error("teardown left {} problem(s); run the command again once fixed:\n  - {}", .0.len(), .0.join("\n  - "))]
-    Teardown(Vec<String>),
-}
 
 /// One micropod network: its state dir and BPF pin dir. Acts on the caller's namespace.
 #[derive(Clone, Debug)]
@@ -450,9 +285,11 @@ pub fn check_privileges() -> Result<(), NetworkError> {
 
 /// Parses a `--subnet`: IPv4 CIDR, network address, room for a gateway and an endpoint.
 pub fn parse_subnet(input: &str) -> Result<ipnetwork::Ipv4Network, NetworkError> {
-    let invalid = |reason: &str| NetworkError::InvalidSubnet {
-        input: input.into(),
-        reason: reason.into(),
+    let invalid = |reason: &str| {
+        NetworkError::from(InputError::InvalidSubnet {
+            input: input.into(),
+            reason: reason.into(),
+        })
     };
     if !input.contains('/') {
         return Err(invalid(
@@ -464,10 +301,9 @@ pub fn parse_subnet(input: &str) -> Result<ipnetwork::Ipv4Network, NetworkError>
             // Ipam::new checks the prefix size and that this is the network address.
             crate::ipam::Ipam::new(
                 net,
-                crate::ipam::Ipam::default_gateway(net)
-                    .map_err(|e| NetworkError::Subnet(Box::new(e)))?,
+                crate::ipam::Ipam::default_gateway(net).map_err(InputError::Subnet)?,
             )
-            .map_err(|e| NetworkError::Subnet(Box::new(e)))?;
+            .map_err(InputError::Subnet)?;
             Ok(net)
         }
         Ok(ipnetwork::IpNetwork::V6(_)) => Err(invalid("only IPv4 subnets are supported")),

@@ -1,0 +1,156 @@
+//! The glue between the manager and the eBPF data plane: installing it under `up`, a port
+//! per endpoint under `attach`, forgetting one under `detach` and reconcile.
+
+use super::{AttachError, NetworkError, UpError, model::*};
+use crate::{
+    datapath::{DataPlane, PlaneSettings, PortSpec},
+    net::{Netlink, addr, link},
+};
+
+impl super::Network {
+    /// Sets up the eBPF data plane if the network asks for it (repairing one that exists), and
+    /// records which data path is active and why. `auto` falls back to netfilter only.
+    pub(super) async fn ensure_datapath(
+        &self,
+        nl: &Netlink,
+        doc: &mut NetworkDoc,
+    ) -> Result<(), NetworkError> {
+        let plane = DataPlane::new(&self.bpf_dir);
+        if doc.config.datapath == DatapathMode::Netfilter {
+            doc.active_datapath = ActiveDatapath::Netfilter;
+            doc.datapath_note = None;
+            return Ok(());
+        }
+        match self.install_datapath(nl, doc, &plane).await {
+            Ok(note) => {
+                doc.active_datapath = ActiveDatapath::Ebpf;
+                doc.datapath_note = note;
+                Ok(())
+            }
+            Err(err) if doc.config.datapath == DatapathMode::Auto => {
+                let why = crate::error_chain(&err);
+                log::warn!("eBPF data path unavailable, using netfilter only: {why}");
+                for p in plane.remove() {
+                    log::warn!(
+                        "while removing the partial eBPF data path: {}",
+                        crate::error_chain(&p)
+                    );
+                }
+                doc.active_datapath = ActiveDatapath::Netfilter;
+                doc.datapath_note = Some(format!("eBPF unavailable: {why}"));
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Installs (or repairs) the programs and maps; returns a note if SNAT is off.
+    async fn install_datapath(
+        &self,
+        nl: &Netlink,
+        doc: &NetworkDoc,
+        plane: &DataPlane,
+    ) -> Result<Option<String>, NetworkError> {
+        let cfg = &doc.config;
+        let links = |e| NetworkError::Links(Box::new(e));
+        let bridge_ifindex = link::index(nl, &cfg.bridge).await.map_err(links)?;
+        let (uplink, note) = match &cfg.uplink {
+            None => (
+                None,
+                Some("no uplink: the SNAT fast path is off".to_owned()),
+            ),
+            Some(name) => {
+                let index = link::index(nl, name).await.map_err(links)?;
+                let addrs = addr::list_v4(nl)
+                    .await
+                    .map_err(|e| NetworkError::Addresses(Box::new(e)))?;
+                match addrs.iter().find(|a| a.index == index) {
+                    Some(a) => (Some((name.clone(), index, a.addr.ip())), None),
+                    None => (
+                        None,
+                        Some(format!(
+                            "uplink {name} has no IPv4 address: the SNAT fast path is off"
+                        )),
+                    ),
+                }
+            }
+        };
+        let settings = PlaneSettings {
+            subnet: cfg.subnet,
+            bridge_ifindex,
+            bridge_mac: Mac::for_ip(cfg.gateway).0,
+            uplink,
+            nat_entries: cfg.nat_entries,
+        };
+        let datapath = |e| UpError::Datapath(Box::new(e));
+        if plane.is_installed() {
+            plane.configure(&settings).map_err(datapath)?;
+            plane.attach_network_hooks(&settings).map_err(datapath)?;
+        } else {
+            plane.install(&settings).map_err(datapath)?;
+            // A repair (pins removed by hand, or eBPF newly working under `auto`): the
+            // endpoints' ports need their programs too.
+            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+            for ep in doc.endpoints.values() {
+                if let Some(ifindex) = probe.index(&ep.link).map_err(NetworkError::Probe)? {
+                    plane
+                        .attach_port(&port_spec(ep, ifindex))
+                        .map_err(|source| AttachError::DatapathPort {
+                            name: ep.name.clone(),
+                            source: Box::new(source),
+                        })?;
+                }
+            }
+        }
+        Ok(note)
+    }
+
+    /// Forgets an endpoint in the eBPF maps (a no-op on the netfilter data path); logs what
+    /// failed, since the records are what counts and a later attach overwrites the entries.
+    pub(super) fn forget_datapath(&self, doc: &NetworkDoc, ip: std::net::Ipv4Addr, port: &str) {
+        if doc.active_datapath != ActiveDatapath::Ebpf {
+            return;
+        }
+        for p in DataPlane::new(&self.bpf_dir).detach_port(ip, port) {
+            log::warn!("eBPF data path: {}", crate::error_chain(&p));
+        }
+    }
+
+    /// Registers a new endpoint with the eBPF data plane and attaches its port programs (a
+    /// no-op on the netfilter data path).
+    pub(super) fn attach_datapath(
+        &self,
+        doc: &NetworkDoc,
+        ep: &Endpoint,
+    ) -> Result<(), NetworkError> {
+        if doc.active_datapath != ActiveDatapath::Ebpf {
+            return Ok(());
+        }
+        let wrap = |source| {
+            NetworkError::from(AttachError::DatapathPort {
+                name: ep.name.clone(),
+                source: Box::new(source),
+            })
+        };
+        let ifindex = link::IndexProbe::new()
+            .and_then(|p| p.index(&ep.link))
+            .map_err(|e| wrap(crate::datapath::DatapathError::Probe(e)))?
+            .ok_or_else(|| {
+                wrap(crate::datapath::DatapathError::Probe(std::io::Error::from(
+                    std::io::ErrorKind::NotFound,
+                )))
+            })?;
+        DataPlane::new(&self.bpf_dir)
+            .attach_port(&port_spec(ep, ifindex))
+            .map_err(wrap)
+    }
+}
+
+fn port_spec(ep: &Endpoint, ifindex: u32) -> PortSpec<'_> {
+    PortSpec {
+        ip: ep.ip,
+        mac: ep.mac.0,
+        port: &ep.link,
+        ifindex,
+    }
+}

@@ -1,0 +1,288 @@
+//! `network attach` and `network detach`: an endpoint's links, address and namespace.
+
+use std::{os::fd::AsFd as _, path::Path};
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+
+use super::{
+    AttachError, AttachRequest, Attachment, InputError, NetnsStep, NetworkError, Released,
+    check_privileges, model::*,
+};
+use crate::{
+    failpoint,
+    net::{NetNs, Netlink, addr, link, route, tap, veth},
+};
+
+impl super::Network {
+    /// `network attach`: a TAP for a VMM, or a veth into a namespace, with an address.
+    pub async fn attach(&self, req: &AttachRequest) -> Result<Attachment, NetworkError> {
+        check_privileges()?;
+        if !valid_endpoint_name(&req.name) {
+            return Err(InputError::InvalidEndpointName {
+                name: req.name.clone(),
+            }
+            .into());
+        }
+        let target = match (req.kind, &req.netns) {
+            (EndpointKind::Netns, None) => return Err(InputError::NetnsRequired.into()),
+            (EndpointKind::Tap, Some(_)) => return Err(InputError::NetnsNotForTap.into()),
+            (EndpointKind::Tap, None) if req.ifname.is_some() => {
+                return Err(InputError::NetnsNotForTap.into());
+            }
+            (EndpointKind::Tap, None) => None,
+            (EndpointKind::Netns, Some(path)) => Some(open_endpoint_netns(path)?),
+        };
+        let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
+        link::validate_name(&ifname).map_err(|e| InputError::InvalidIfname(Box::new(e)))?;
+
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let mut doc = self.load_ready(&lock)?;
+        let seen = self.reconcile(&nl, &lock, &mut doc, false).await?;
+        failpoint::hit("attach:locked");
+        if let Some(ep) = doc.endpoints.get(&req.name) {
+            return Err(AttachError::DuplicateEndpoint {
+                name: req.name.clone(),
+                ip: ep.ip,
+            }
+            .into());
+        }
+        if doc.endpoints.len() >= BR_MAX_PORTS {
+            return Err(AttachError::BridgeFull.into());
+        }
+        let bridge_index = seen
+            .bridge_index
+            .ok_or_else(|| AttachError::BridgeMissing {
+                name: doc.config.bridge.clone(),
+            })?;
+        let ip = doc
+            .ipam
+            .allocate(&req.name, req.ip)
+            .map_err(|source| AttachError::Allocate {
+                name: req.name.clone(),
+                source: Box::new(source),
+            })?;
+        let ep = Endpoint {
+            name: req.name.clone(),
+            kind: req.kind,
+            ip,
+            mac: Mac::for_ip(ip),
+            link: link_name(req.kind, ip),
+            netns: target.as_ref().map(|(ns, id)| NetnsRef {
+                path: ns.path().to_path_buf(),
+                id: *id,
+                ifname: ifname.clone(),
+            }),
+        };
+        // The intent, recorded before the first kernel object exists; see the module docs.
+        self.state.write_json_unsynced(&lock, ATTACH_INTENT, &ep)?;
+        failpoint::hit("attach:intent-recorded");
+        let plumbed = self
+            .plumb(
+                &nl,
+                &doc,
+                &ep,
+                bridge_index,
+                target.as_ref().map(|(ns, _)| ns),
+            )
+            .await;
+        if let Err(err) = plumbed {
+            self.forget_datapath(&doc, ep.ip, &ep.link);
+            // Removing the link undoes everything (a veth's peer and its addresses and routes
+            // go with it); if that fails, the intent stays for reconcile.
+            match link::delete_if_exists(&nl, &ep.link).await {
+                Ok(_) => {
+                    self.state.remove_unsynced(&lock, ATTACH_INTENT)?;
+                }
+                Err(e) => log::warn!(
+                    "while undoing a failed attach: {}; `micropod gc` will retry",
+                    crate::error_chain(&e)
+                ),
+            }
+            return Err(err);
+        }
+        doc.endpoints.insert(ep.name.clone(), ep.clone());
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        failpoint::hit("attach:recorded");
+        self.state.remove_unsynced(&lock, ATTACH_INTENT)?;
+
+        let subnet = doc.config.subnet;
+        Ok(Attachment {
+            name: ep.name,
+            kind: ep.kind,
+            link: ep.link,
+            bridge: doc.config.bridge.clone(),
+            ip,
+            prefix: subnet.prefix(),
+            cidr: format!("{ip}/{}", subnet.prefix()),
+            gateway: doc.config.gateway,
+            mac: ep.mac,
+            kernel_arg: kernel_ip_arg(ip, subnet, doc.config.gateway),
+            netns: ep.netns.as_ref().map(|n| n.path.clone()),
+            ifname: ep.netns.map(|n| n.ifname),
+        })
+    }
+
+    /// Creates and wires the kernel objects of an endpoint, in as few requests as the kernel
+    /// allows: a veth is created with its peer inside the namespace (MAC set) and its host end
+    /// on the bridge and up in one request; inside, link up, address and default route.
+    async fn plumb(
+        &self,
+        nl: &Netlink,
+        doc: &NetworkDoc,
+        ep: &Endpoint,
+        bridge_index: u32,
+        target: Option<&NetNs>,
+    ) -> Result<(), NetworkError> {
+        match (ep.kind, target, &ep.netns) {
+            (EndpointKind::Tap, _, _) => {
+                // The TAP keeps the kernel's random MAC: the guest's MAC (ep.mac) is the VM's
+                // NIC, and a port sharing it would make the bridge deliver the VM's frames
+                // to itself.
+                tap::create_persistent(&ep.link, None).map_err(|source| {
+                    AttachError::CreateTap {
+                        name: ep.link.clone(),
+                        source,
+                    }
+                })?;
+                failpoint::hit("attach:link-created");
+                // Programs first, link up second: the counters see the port's first frame.
+                self.attach_datapath(doc, ep)?;
+                link::set_controller_up(nl, &ep.link, bridge_index)
+                    .await
+                    .map_err(|source| {
+                        AttachError::Enslave {
+                            name: ep.link.clone(),
+                            source: Box::new(source),
+                        }
+                        .into()
+                    })
+            }
+            (EndpointKind::Netns, Some(ns), Some(ns_ref)) => {
+                // With eBPF the host end comes up only once its programs are attached, so that
+                // the counters see its first frame; otherwise in the creating request.
+                let ebpf = doc.active_datapath == ActiveDatapath::Ebpf;
+                let spec = veth::PairSpec {
+                    peer_ns: Some(ns.as_fd()),
+                    peer_mac: Some(ep.mac.0),
+                    controller: Some(bridge_index),
+                    up: !ebpf,
+                };
+                if let Err(source) = veth::create_pair(nl, &ep.link, &ns_ref.ifname, &spec).await {
+                    // EEXIST names neither end; the host end's name is ours and was free (we
+                    // hold the lock and reconciled), so it is the name inside the namespace.
+                    if source.is_exists() {
+                        return Err(AttachError::IfnameTaken {
+                            ifname: ns_ref.ifname.clone(),
+                            netns: ns_ref.path.clone(),
+                        }
+                        .into());
+                    }
+                    return Err(AttachError::CreateVeth {
+                        name: ep.link.clone(),
+                        source: Box::new(source),
+                    }
+                    .into());
+                }
+                failpoint::hit("attach:link-created");
+                if ebpf {
+                    self.attach_datapath(doc, ep)?;
+                    link::set_up(nl, &ep.link)
+                        .await
+                        .map_err(|source| AttachError::Enslave {
+                            name: ep.link.clone(),
+                            source: Box::new(source),
+                        })?;
+                }
+                configure_inside(ns, ns_ref, ep, doc).await?;
+                failpoint::hit("attach:configured");
+                Ok(())
+            }
+            (EndpointKind::Netns, _, _) => unreachable!("netns endpoints carry their namespace"),
+        }
+    }
+
+    /// `network detach`: deletes the endpoint's link and releases its address. Returns the
+    /// reconcile note if the endpoint had already gone away on its own.
+    pub async fn detach(&self, name: &str) -> Result<Option<Released>, NetworkError> {
+        check_privileges()?;
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let mut doc = self.load_ready(&lock)?;
+        let released = self.reconcile(&nl, &lock, &mut doc, false).await?.released;
+        if let Some(gone) = released.into_iter().find(|r| r.name == name) {
+            return Ok(Some(gone));
+        }
+        let Some(ep) = doc.endpoints.get(name).cloned() else {
+            return Err(NetworkError::UnknownEndpoint { name: name.into() });
+        };
+        link::delete_if_exists(&nl, &ep.link)
+            .await
+            .map_err(|source| NetworkError::DeleteLink {
+                name: ep.link.clone(),
+                source: Box::new(source),
+            })?;
+        failpoint::hit("detach:link-deleted");
+        self.forget_datapath(&doc, ep.ip, &ep.link);
+        if let Some((_, Err(source))) = doc.release_endpoint(name) {
+            return Err(NetworkError::Release { ip: ep.ip, source });
+        }
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        Ok(None)
+    }
+}
+
+/// Opens `--netns` and refuses micropod's own namespace.
+fn open_endpoint_netns(path: &Path) -> Result<(NetNs, crate::net::NetnsId), NetworkError> {
+    let wrap = |source| InputError::EndpointNetns {
+        path: path.to_path_buf(),
+        source,
+    };
+    let ns = NetNs::open(path).map_err(wrap)?;
+    let id = ns.id().map_err(wrap)?;
+    let own = NetNs::current().and_then(|n| n.id()).map_err(wrap)?;
+    if id == own {
+        return Err(InputError::HostNetns {
+            path: path.to_path_buf(),
+        }
+        .into());
+    }
+    Ok((ns, id))
+}
+
+/// Whether the namespace recorded for an endpoint is still the one at its path.
+pub(super) fn netns_alive(ns: &NetnsRef) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(&ns.path).is_ok_and(|m| m.dev() == ns.id.dev && m.ino() == ns.id.ino)
+}
+
+/// Inside the endpoint's namespace: link up, address, default route via the gateway.
+async fn configure_inside(
+    ns: &NetNs,
+    ns_ref: &NetnsRef,
+    ep: &Endpoint,
+    doc: &NetworkDoc,
+) -> Result<(), NetworkError> {
+    let fail = |step| AttachError::ConfigureNetns {
+        netns: ns_ref.path.clone(),
+        ifname: ns_ref.ifname.clone(),
+        step,
+    };
+    let inner = Netlink::connect_in(ns).map_err(|e| fail(NetnsStep::Netlink(Box::new(e))))?;
+    let index = link::index(&inner, &ns_ref.ifname)
+        .await
+        .map_err(|e| fail(NetnsStep::FindInterface(Box::new(e))))?;
+    // Up first: IPv4 adds the subnet route (which the gateway route needs) only on a live link.
+    link::set_up(&inner, &ns_ref.ifname)
+        .await
+        .map_err(|e| fail(NetnsStep::BringUp(Box::new(e))))?;
+    let cidr = Ipv4Network::new(ep.ip, doc.config.subnet.prefix())
+        .expect("the prefix comes from a valid subnet");
+    addr::ensure(&inner, index, IpNetwork::V4(cidr))
+        .await
+        .map_err(|e| fail(NetnsStep::AddAddress(Box::new(e))))?;
+    route::add_default(&inner, doc.config.gateway, index)
+        .await
+        .map_err(|e| fail(NetnsStep::AddDefaultRoute(Box::new(e))))?;
+    Ok(())
+}

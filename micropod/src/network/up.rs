@@ -1,0 +1,338 @@
+//! `network up` and `network down`: the network-level kernel objects, made (`ensure`) and
+//! removed (`teardown`).
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use micropod_common::NAT_DEFAULT_ENTRIES;
+
+use super::{
+    InputError, NetworkError, TeardownError, UpError, UpOutcome, UpRequest, check_privileges,
+    model::*, parse_subnet,
+};
+use crate::{
+    datapath::DataPlane,
+    failpoint,
+    ipam::Ipam,
+    net::{Netlink, addr, bridge, link, nftables, route, sysctl},
+};
+
+impl super::Network {
+    /// `network up`: the bridge with the gateway address, forwarding, the MASQUERADE fallback.
+    /// Idempotent; refuses to change the settings of a network that has endpoints.
+    pub async fn up(&self, req: &UpRequest) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
+        check_privileges()?;
+        link::validate_name(&req.bridge).map_err(|e| InputError::BridgeName(Box::new(e)))?;
+        let subnet = parse_subnet(&req.subnet)?;
+        let gateway = Ipam::default_gateway(subnet).map_err(InputError::Subnet)?;
+        let nat_entries = req.nat_entries.unwrap_or(NAT_DEFAULT_ENTRIES);
+        if !NAT_ENTRIES_RANGE.contains(&nat_entries) {
+            return Err(InputError::NatEntries {
+                value: nat_entries,
+                min: *NAT_ENTRIES_RANGE.start(),
+                max: *NAT_ENTRIES_RANGE.end(),
+            }
+            .into());
+        }
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let mut existing: Option<NetworkDoc> = self.state.read_json(&lock, STATE_DOC)?;
+        if let Some(doc) = existing.as_mut() {
+            self.reconcile(&nl, &lock, doc, false).await?;
+        }
+        let uplink = resolve_uplink(&nl, &req.uplink).await?;
+        let config = NetworkConfig {
+            bridge: req.bridge.clone(),
+            subnet,
+            gateway,
+            uplink,
+            datapath: req.datapath,
+            nat_entries,
+        };
+
+        if let Some(doc) = &existing {
+            // `--uplink auto` follows the default route, so it is not a change of settings.
+            let same = NetworkConfig {
+                uplink: config.uplink.clone(),
+                ..doc.config.clone()
+            } == config
+                && (req.uplink == UplinkChoice::Auto || doc.config.uplink == config.uplink);
+            if same {
+                // Same settings: put back whatever is missing (a crashed `up`, a deleted bridge).
+                let mut doc = doc.clone();
+                self.ensure(&nl, &doc).await?;
+                let before = (doc.active_datapath, doc.datapath_note.clone());
+                doc.config = config.clone();
+                self.ensure_datapath(&nl, &mut doc).await?;
+                if doc.phase != Phase::Ready
+                    || existing.as_ref().is_some_and(|old| old.config != config)
+                    || before != (doc.active_datapath, doc.datapath_note.clone())
+                {
+                    doc.phase = Phase::Ready;
+                    self.state.write_json(&lock, STATE_DOC, &doc)?;
+                }
+                return Ok((UpOutcome::Unchanged, config));
+            }
+            if !doc.endpoints.is_empty() {
+                return Err(UpError::Reconfigure {
+                    current: doc.config.to_string(),
+                    requested: config.to_string(),
+                    endpoints: doc.endpoints.len(),
+                }
+                .into());
+            }
+        }
+
+        // Everything that can refuse runs before the first change (the network being replaced,
+        // if any, is not in the way of its successor).
+        let old_bridge = existing.as_ref().map(|d| d.config.bridge.as_str());
+        check_overlap(&nl, subnet, old_bridge).await?;
+        if old_bridge != Some(config.bridge.as_str())
+            && link::find(&nl, &config.bridge)
+                .await
+                .map_err(|e| NetworkError::Links(Box::new(e)))?
+                .is_some()
+        {
+            return Err(UpError::BridgeExists {
+                name: config.bridge,
+            }
+            .into());
+        }
+        let mut outcome = UpOutcome::Created;
+        if let Some(doc) = existing {
+            let problems = self.teardown(&nl, &doc).await;
+            if !problems.is_empty() {
+                return Err(NetworkError::Teardown(problems));
+            }
+            self.state.remove(&lock, STATE_DOC)?;
+            outcome = UpOutcome::Replaced;
+        }
+        let ip_forward_was_off = !sysctl::ip_forward().map_err(UpError::Forwarding)?;
+        let mut doc = NetworkDoc {
+            version: STATE_VERSION,
+            phase: Phase::Creating,
+            nft_table: nft_table_name(&config.bridge),
+            active_datapath: ActiveDatapath::Netfilter,
+            datapath_note: None,
+            ip_forward_was_off,
+            ipam: Ipam::new(subnet, gateway).map_err(InputError::Subnet)?,
+            endpoints: Default::default(),
+            config: config.clone(),
+        };
+        // Recorded first: if we die half-way, the next `up` or `down` knows what is ours.
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        failpoint::hit("up:recorded");
+        let made = match self.ensure(&nl, &doc).await {
+            Ok(()) => self.ensure_datapath(&nl, &mut doc).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = made {
+            let problems = self.teardown(&nl, &doc).await;
+            for p in &problems {
+                log::warn!("while undoing a failed `up`: {}", crate::error_chain(p));
+            }
+            if problems.is_empty() {
+                self.state.remove(&lock, STATE_DOC)?;
+            }
+            return Err(err);
+        }
+        failpoint::hit("up:made");
+        doc.phase = Phase::Ready;
+        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        Ok((outcome, config))
+    }
+
+    /// Makes the kernel match `doc` (network level); creates only what is missing.
+    async fn ensure(&self, nl: &Netlink, doc: &NetworkDoc) -> Result<(), NetworkError> {
+        let cfg = &doc.config;
+        let index = match link::find(nl, &cfg.bridge)
+            .await
+            .map_err(|e| NetworkError::Links(Box::new(e)))?
+        {
+            Some(found) => {
+                link::set_up(nl, &cfg.bridge)
+                    .await
+                    .map_err(|source| UpError::BridgeUp {
+                        name: cfg.bridge.clone(),
+                        source: Box::new(source),
+                    })?;
+                found.header.index
+            }
+            None => bridge::create(nl, &cfg.bridge, Mac::for_ip(cfg.gateway).0)
+                .await
+                .map_err(|source| UpError::CreateBridge {
+                    name: cfg.bridge.clone(),
+                    source: Box::new(source),
+                })?,
+        };
+        let gateway = Ipv4Network::new(cfg.gateway, cfg.subnet.prefix())
+            .expect("the prefix comes from a valid subnet");
+        addr::ensure(nl, index, IpNetwork::V4(gateway))
+            .await
+            .map_err(|source| UpError::GatewayAddress {
+                bridge: cfg.bridge.clone(),
+                gateway: cfg.gateway,
+                source: Box::new(source),
+            })?;
+        sysctl::set_ip_forward(true).map_err(UpError::Forwarding)?;
+        nftables::apply(&nftables::Masquerade {
+            table: &doc.nft_table,
+            subnet: cfg.subnet,
+            bridge: &cfg.bridge,
+        })
+        .map_err(|e| UpError::Masquerade(Box::new(e)))?;
+        Ok(())
+    }
+
+    /// `network down`: removes everything micropod made and nothing else. Returns false when
+    /// no network was up.
+    pub async fn down(&self, force: bool) -> Result<bool, NetworkError> {
+        check_privileges()?;
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let lock = self.state.lock()?;
+        let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
+            return Ok(false);
+        };
+        self.reconcile(&nl, &lock, &mut doc, false).await?;
+        if !doc.endpoints.is_empty() && !force {
+            return Err(NetworkError::EndpointsExist {
+                count: doc.endpoints.len(),
+                names: doc.endpoints.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        }
+        let problems = self.teardown(&nl, &doc).await;
+        if !problems.is_empty() {
+            // The record stays, so running `down` again finishes the job.
+            return Err(NetworkError::Teardown(problems));
+        }
+        self.state.remove(&lock, STATE_DOC)?;
+        Ok(true)
+    }
+
+    /// Removes every kernel object and pin of `doc`; runs every step and returns all failures.
+    async fn teardown(&self, nl: &Netlink, doc: &NetworkDoc) -> Vec<TeardownError> {
+        let mut problems = Vec::new();
+        for ep in doc.endpoints.values() {
+            if let Err(source) = link::delete_if_exists(nl, &ep.link).await {
+                problems.push(TeardownError::EndpointLink {
+                    name: ep.name.clone(),
+                    source,
+                });
+            }
+        }
+        if let Err(source) = link::delete_if_exists(nl, &doc.config.bridge).await {
+            problems.push(TeardownError::Bridge {
+                name: doc.config.bridge.clone(),
+                source,
+            });
+        }
+        if let Err(source) = nftables::delete(&doc.nft_table) {
+            problems.push(TeardownError::NftTable {
+                table: doc.nft_table.clone(),
+                source,
+            });
+        }
+        if doc.ip_forward_was_off
+            && let Err(source) = sysctl::set_ip_forward(false)
+        {
+            problems.push(TeardownError::IpForward(source));
+        }
+        problems.extend(
+            DataPlane::new(&self.bpf_dir)
+                .remove()
+                .into_iter()
+                .map(TeardownError::BpfPins),
+        );
+        problems
+    }
+}
+
+/// Valid `--nat-table-size` values: enough for a few flows, at most what a hash map of
+/// 16-byte keys and values can sensibly hold (≈ 200 MiB at the top).
+pub const NAT_ENTRIES_RANGE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
+
+/// Resolves `--uplink`.
+async fn resolve_uplink(
+    nl: &Netlink,
+    choice: &UplinkChoice,
+) -> Result<Option<String>, NetworkError> {
+    match choice {
+        UplinkChoice::Named(name) => {
+            let found = match link::validate_name(name) {
+                Ok(()) => link::find(nl, name)
+                    .await
+                    .map_err(|e| NetworkError::Links(Box::new(e)))?,
+                Err(_) => None,
+            };
+            match found {
+                Some(_) => Ok(Some(name.clone())),
+                None => Err(InputError::UnknownUplink { name: name.clone() }.into()),
+            }
+        }
+        UplinkChoice::Auto => {
+            let routes = route::list(nl)
+                .await
+                .map_err(|e| NetworkError::Routes(Box::new(e)))?;
+            let Some(oif) = routes.iter().find(|r| r.is_default()).and_then(|r| r.oif) else {
+                return Ok(None);
+            };
+            let links = link::list(nl)
+                .await
+                .map_err(|e| NetworkError::Links(Box::new(e)))?;
+            Ok(links.into_iter().find(|l| l.index == oif).map(|l| l.name))
+        }
+    }
+}
+
+/// Refuses a subnet that overlaps an address or a (non-default) route of this namespace,
+/// other than those of `replacing` (the bridge of the network about to be replaced).
+async fn check_overlap(
+    nl: &Netlink,
+    subnet: Ipv4Network,
+    replacing: Option<&str>,
+) -> Result<(), NetworkError> {
+    let overlaps = |other: Ipv4Network| {
+        let other = Ipv4Network::new(other.network(), other.prefix()).unwrap_or(other);
+        subnet.contains(other.network()) || other.contains(subnet.network())
+    };
+    let links = link::list(nl)
+        .await
+        .map_err(|e| NetworkError::Links(Box::new(e)))?;
+    let name_of = |index: u32| {
+        links
+            .iter()
+            .find(|l| l.index == index)
+            .map_or_else(|| format!("#{index}"), |l| l.name.clone())
+    };
+    let ignored = replacing.and_then(|name| links.iter().find(|l| l.name == name).map(|l| l.index));
+    for a in addr::list_v4(nl)
+        .await
+        .map_err(|e| NetworkError::Addresses(Box::new(e)))?
+    {
+        if a.addr.ip().is_loopback() || Some(a.index) == ignored {
+            continue;
+        }
+        if overlaps(a.addr) {
+            return Err(UpError::SubnetOverlap {
+                subnet: subnet.to_string(),
+                what: format!("address {} on {}", a.addr, name_of(a.index)),
+            }
+            .into());
+        }
+    }
+    for r in route::list(nl)
+        .await
+        .map_err(|e| NetworkError::Routes(Box::new(e)))?
+    {
+        if r.is_default() || (r.oif.is_some() && r.oif == ignored) {
+            continue;
+        }
+        if overlaps(r.destination) {
+            let dev = r.oif.map(name_of).unwrap_or_default();
+            return Err(UpError::SubnetOverlap {
+                subnet: subnet.to_string(),
+                what: format!("route {} dev {dev}", r.destination),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
