@@ -131,6 +131,30 @@ pub fn valid_endpoint_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
+/// A name that breaks [`valid_endpoint_name`]'s rule. A VM's endpoint takes the VM's name, so
+/// the one rule (and its wording) serves both; `kind` says whose name it was.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid {kind} name {name:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit"
+)]
+pub struct InvalidName {
+    /// "endpoint" or "VM".
+    pub kind: &'static str,
+    pub name: String,
+}
+
+/// [`valid_endpoint_name`] as a `Result`, for callers that refuse the name.
+pub fn check_endpoint_name(kind: &'static str, name: &str) -> Result<(), InvalidName> {
+    if valid_endpoint_name(name) {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            kind,
+            name: name.to_owned(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +200,21 @@ mod tests {
         for bad in ["", "-x", "a/b", "a b", &"x".repeat(65), "é"] {
             assert!(!valid_endpoint_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn one_rule_names_whose_name_it_was() {
+        assert_eq!(check_endpoint_name("VM", "web-1"), Ok(()));
+        let err = check_endpoint_name("VM", "bad/name").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid VM name \"bad/name\": use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit"
+        );
+        assert!(
+            check_endpoint_name("endpoint", "")
+                .unwrap_err()
+                .to_string()
+                .starts_with("invalid endpoint name \"\"")
+        );
     }
 }

@@ -10,19 +10,14 @@ use super::{
 };
 use crate::{
     failpoint,
-    net::{NetNs, Netlink, addr, link, route, tap, veth},
+    net::{NetNs, Netlink, addr, link, naming::check_endpoint_name, route, tap, veth},
 };
 
 impl super::Network {
     /// `network attach`: a TAP for a VMM, or a veth into a namespace, with an address.
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attachment, NetworkError> {
         check_privileges()?;
-        if !valid_endpoint_name(&req.name) {
-            return Err(InputError::InvalidEndpointName {
-                name: req.name.clone(),
-            }
-            .into());
-        }
+        check_endpoint_name("endpoint", &req.name).map_err(InputError::from)?;
         let target = match (req.kind, &req.netns) {
             (EndpointKind::Netns, None) => return Err(InputError::NetnsRequired.into()),
             (EndpointKind::Tap, Some(_)) => return Err(InputError::NetnsNotForTap.into()),

@@ -10,7 +10,8 @@ use crate::{
     ipam::IpamError,
     net::{
         NetlinkError, NetnsError, addr::AddrError, bridge::BridgeError, link::LinkError,
-        nftables::NftError, route::RouteError, sysctl::SysctlError, tap::TapError, veth::VethError,
+        naming::InvalidName, nftables::NftError, route::RouteError, sysctl::SysctlError,
+        tap::TapError, veth::VethError,
     },
     state::StateError,
 };
@@ -91,10 +92,8 @@ pub enum InputError {
     UnknownUplink { name: String },
     #[error("--nat-table-size {value} is out of range; use {min}..={max} entries (two per flow)")]
     NatEntries { value: u32, min: u32, max: u32 },
-    #[error(
-        "invalid endpoint name {name:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit"
-    )]
-    InvalidEndpointName { name: String },
+    #[error(transparent)]
+    InvalidEndpointName(#[from] InvalidName),
     #[error("invalid interface name for inside the namespace")]
     InvalidIfname(#[source] Box<LinkError>),
     #[error("a netns endpoint needs --netns PATH (e.g. /run/netns/NAME)")]

@@ -4,6 +4,7 @@ use std::{io, path::PathBuf, process::ExitStatus, time::Duration};
 
 use super::{MAX_CMDLINE, MAX_CPUS, MIN_MEMORY_MIB, VmState, supervisor::describe};
 use crate::{
+    net::naming::InvalidName,
     network::NetworkError,
     state::StateError,
     vmm::{SUN_PATH_MAX, VmmError},
@@ -11,10 +12,8 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error(
-        "invalid VM name {name:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit"
-    )]
-    InvalidName { name: String },
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
     #[error(
         "a VM named {name:?} already exists ({state}); remove it with `micropod rm {name}` or pick another --name"
     )]

@@ -17,7 +17,8 @@ use super::{
     vmm_name,
 };
 use crate::{
-    network::{AttachRequest, EndpointKind, valid_endpoint_name},
+    net::naming::check_endpoint_name,
+    network::{AttachRequest, EndpointKind},
     vmm::{self, Boot, SUN_PATH_MAX, VmSpec, VmmKind},
 };
 
@@ -317,10 +318,8 @@ struct Checked {
 /// Everything `run` can refuse without allocating: name syntax, files, sizes, the VMM, the
 /// command line's length.
 fn check_request(req: &RunRequest) -> Result<Checked, VmError> {
-    if let Some(name) = &req.name
-        && !valid_endpoint_name(name)
-    {
-        return Err(VmError::InvalidName { name: name.clone() });
+    if let Some(name) = &req.name {
+        check_endpoint_name("VM", name)?;
     }
     let kernel = check_file("kernel", &req.kernel, false)?;
     let boot = match &req.boot {
