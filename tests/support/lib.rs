@@ -117,9 +117,7 @@ impl Drop for TestDirs {
 
 /// Runs a future to completion on a fresh current-thread runtime.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    micropod::runtime::current_thread()
         .expect("tokio runtime")
         .block_on(f)
 }
