@@ -114,14 +114,14 @@ fn http_server(ns: &NsGuard) -> Arc<Mutex<Vec<SocketAddr>>> {
         .run(|| TcpListener::bind(SocketAddrV4::new(SERVER_ADDR, HTTP_PORT)))
         .expect("binding the HTTP server");
     let peers = Arc::new(Mutex::new(Vec::new()));
-    let seen = peers.clone();
+    let seen = Arc::clone(&peers);
     thread::spawn(move || {
         let body: Vec<u8> = (0..DOWNLOAD).map(pattern).collect();
         let body = Arc::new(body);
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
             seen.lock().unwrap().push(stream.peer_addr().unwrap());
-            let body = body.clone();
+            let body = Arc::clone(&body);
             thread::spawn(move || {
                 let mut req = [0u8; 512];
                 let _ = stream.read(&mut req);
@@ -164,7 +164,7 @@ fn download(ns: &NsGuard) -> Vec<u8> {
 fn udp_echo(ns: &NsGuard) -> Arc<Mutex<Vec<SocketAddr>>> {
     let sock = ns.udp(SocketAddr::from((SERVER_ADDR, UDP_PORT)));
     let peers = Arc::new(Mutex::new(Vec::new()));
-    let seen = peers.clone();
+    let seen = Arc::clone(&peers);
     thread::spawn(move || {
         let mut buf = [0u8; 2048];
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
@@ -463,7 +463,7 @@ fn send_frames(ns: &NsGuard, frames: &[Vec<u8>]) {
                 ll.sll_addr[..6].copy_from_slice(&frame[..6]);
                 SockAddr::new(
                     storage,
-                    std::mem::size_of::<nix::libc::sockaddr_ll>() as nix::libc::socklen_t,
+                    size_of::<nix::libc::sockaddr_ll>() as nix::libc::socklen_t,
                 )
             };
             sock.send_to(frame, &addr).expect("sending a raw frame");
@@ -714,7 +714,7 @@ fn tcp_echo(ns: &NsGuard, port: u16) -> Arc<Mutex<Vec<SocketAddr>>> {
         .run(|| TcpListener::bind(SocketAddrV4::new(SERVER_ADDR, port)))
         .expect("binding the echo server");
     let peers = Arc::new(Mutex::new(Vec::new()));
-    let seen = peers.clone();
+    let seen = Arc::clone(&peers);
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { return };

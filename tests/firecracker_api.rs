@@ -275,7 +275,8 @@ impl FakeFirecracker {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::spawn({
-            let (socket, requests, stop) = (socket.clone(), requests.clone(), stop.clone());
+            let (socket, requests, stop) =
+                (socket.clone(), Arc::clone(&requests), Arc::clone(&stop));
             move || {
                 thread::sleep(delay);
                 let listener = UnixListener::bind(&socket).expect("binding the fake API socket");

@@ -522,7 +522,7 @@ fn assert_datapath_matches(lab: &NetLab, records: &[Value]) {
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("ENDPOINTS map");
     let mut in_map: Vec<String> = map
         .keys()
-        .map(|k| std::net::Ipv4Addr::from(k.unwrap().addr).to_string())
+        .map(|k| Ipv4Addr::from(k.unwrap().addr).to_string())
         .collect();
     in_map.sort();
     let mut recorded: Vec<String> = records

@@ -98,7 +98,7 @@ impl Stream {
         let received = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let receiver = {
-            let (received, stop) = (received.clone(), stop.clone());
+            let (received, stop) = (Arc::clone(&received), Arc::clone(&stop));
             to.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
             thread::spawn(move || {

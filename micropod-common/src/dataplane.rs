@@ -3,8 +3,6 @@
 //! Addresses and ports are kept in network byte order (as on the wire) so the per-packet path
 //! never swaps bytes; userspace converts.
 
-use core::mem::size_of;
-
 /// TC program on each endpoint port's ingress (frames the endpoint sends): counts,
 /// anti-spoofing, SNAT of flows to the outside.
 pub const PORT_INGRESS_PROGRAM: &str = "port_ingress";

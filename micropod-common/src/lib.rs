@@ -7,8 +7,6 @@
 
 mod dataplane;
 
-use core::mem::size_of;
-
 pub use dataplane::*;
 
 /// Name of the TC classifier that counts packets and bytes per IPv4 source address.

@@ -254,7 +254,7 @@ fn snat(ctx: &TcContext, flow: &Flow, cfg: &DatapathConfig) -> i32 {
         bpf_redirect_neigh(
             cfg.uplink_ifindex,
             &mut nh,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            size_of::<bpf_redir_neigh>() as i32,
             0,
         ) as i32
     }
@@ -429,7 +429,7 @@ fn route(ctx: &TcContext, flow: &Flow, ifindex: u32, uplink: u32) -> Option<[u8;
         fib_lookup(
             ctx.as_ptr(),
             &mut fib,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };

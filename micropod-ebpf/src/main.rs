@@ -100,7 +100,7 @@ fn bump(key: &Ipv4Key, bytes: u64) -> bool {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     // SAFETY: the verifier rejects any program with a reachable panic path.
     unsafe { core::hint::unreachable_unchecked() }
 }

@@ -105,7 +105,7 @@ pub enum IpamError {
     InvalidAllocation {
         ip: Ipv4Addr,
         owner: String,
-        reason: Box<IpamError>,
+        reason: Box<Self>,
     },
 }
 

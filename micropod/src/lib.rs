@@ -15,6 +15,10 @@
 //! that netlink calls run on), and `sys`: the raw system calls (ioctls, pidfds, `bpf()`,
 //! `pre_exec` hooks) behind safe functions, where the crate's `unsafe` lives.
 
+// The library reports through its return values and `log`; only the binary's CLI (and tests)
+// print.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+
 pub mod datapath;
 pub mod failpoint;
 pub mod ipam;

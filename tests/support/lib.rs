@@ -116,7 +116,7 @@ impl Drop for TestDirs {
 }
 
 /// Runs a future to completion on a fresh current-thread runtime.
-pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub fn block_on<F: Future>(f: F) -> F::Output {
     micropod::runtime::current_thread()
         .expect("tokio runtime")
         .block_on(f)

@@ -168,7 +168,7 @@ impl Drop for VmLab {
         // micropod; ProcessRef only signals the very process recorded (pid and start time).
         for rec in self.records() {
             for process in [rec.supervisor, rec.vmm_process].into_iter().flatten() {
-                if let Ok(true) = process.signal(nix::libc::SIGKILL) {
+                if matches!(process.signal(nix::libc::SIGKILL), Ok(true)) {
                     eprintln!("killed {} of VM {} left running", process.pid, rec.name);
                 }
             }
@@ -208,8 +208,8 @@ impl HttpServer {
             body.len()
         );
         let thread = {
-            let stop = stop.clone();
-            let peers = peers.clone();
+            let stop = Arc::clone(&stop);
+            let peers = Arc::clone(&peers);
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {

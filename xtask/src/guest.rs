@@ -39,12 +39,12 @@ const NET_MODULES: &[&str] = &[
 const OPTIONAL_MODULES: &[&str] = &["evdev", "button"];
 
 /// The built guest.
-pub struct Guest {
+pub(crate) struct Guest {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
 }
 
-pub fn build(root: &Path) -> anyhow::Result<Guest> {
+pub(crate) fn build(root: &Path) -> anyhow::Result<Guest> {
     let started = Instant::now();
     let out = root.join("target/guest");
     let guest = Guest {
@@ -72,7 +72,7 @@ pub fn build(root: &Path) -> anyhow::Result<Guest> {
     let old_inputs = old.split("apt-lists=").next().unwrap_or_default();
     if built && old_inputs == inputs {
         // Same packages; only the apt lists changed.
-        write_stamp(&stamp_path, &(inputs + &lists))?;
+        write_stamp(&stamp_path, &format!("{inputs}{lists}"))?;
         return done(guest, "cached", started);
     }
 
@@ -136,7 +136,7 @@ pub fn build(root: &Path) -> anyhow::Result<Guest> {
     cpio.file("lib/modules/load", 0o644, load.into_bytes());
     gzip(&cpio.finish(), &guest.initrd)?;
 
-    write_stamp(&stamp_path, &(inputs + &lists))?;
+    write_stamp(&stamp_path, &format!("{inputs}{lists}"))?;
     done(guest, "built", started)
 }
 

@@ -13,7 +13,7 @@ use micropod::{
 };
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// Interface to attach to.
     #[arg(long)]
     iface: String,
@@ -46,7 +46,7 @@ impl From<DirectionArg> for Direction {
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub(super) fn run(args: Args) -> anyhow::Result<()> {
     if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 86_400.0) {
         anyhow::bail!(
             "--duration must be between 0 and 86400 seconds, got {}",

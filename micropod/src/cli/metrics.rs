@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use micropod::metrics::{DEFAULT_LISTEN, Exporter, Server};
 
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(super) enum Command {
     /// Serve Prometheus metrics at http://ADDR/metrics until SIGINT/SIGTERM.
     ///
     /// Per-endpoint counters, the NAT table, IPAM and the data path, in OpenMetrics text, read
@@ -26,7 +26,7 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-pub fn run(exporter: Exporter, command: Command) -> anyhow::Result<()> {
+pub(super) fn run(exporter: Exporter, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { listen } => {
             let server = Server::bind(listen, exporter)?;

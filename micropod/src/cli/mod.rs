@@ -69,7 +69,7 @@ fn gc(network: &micropod::network::Network, json: bool) -> anyhow::Result<()> {
     }
 }
 
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
         .parse_filters(&cli.log)

@@ -11,7 +11,7 @@ use micropod::{
 };
 
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(super) enum Command {
     /// Create the bridge, gateway address, forwarding and the NAT fallback (idempotent).
     Up(UpArgs),
     /// Remove everything micropod made in this namespace, and nothing else.
@@ -37,7 +37,7 @@ pub enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct UpArgs {
+pub(super) struct UpArgs {
     /// Bridge name (at most 15 bytes).
     #[arg(long, default_value = DEFAULT_BRIDGE)]
     bridge: String,
@@ -66,7 +66,7 @@ enum DatapathArg {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct AttachArgs {
+pub(super) struct AttachArgs {
     /// Endpoint name (a VM or container name).
     name: String,
     #[arg(long, value_enum)]
@@ -94,7 +94,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(micropod::runtime::current_thread()?)
 }
 
-pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
+pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
     let rt = runtime()?;
     match command {
         Command::Up(args) => {
@@ -221,7 +221,7 @@ pub fn run(network: &Network, command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn gc(network: &Network, json: bool) -> anyhow::Result<()> {
+pub(super) fn gc(network: &Network, json: bool) -> anyhow::Result<()> {
     let released: Vec<Released> = runtime()?.block_on(network.gc())?;
     if json {
         println!("{}", serde_json::to_string(&released)?);
@@ -282,7 +282,7 @@ fn print_endpoints(endpoints: &[EndpointView]) {
 }
 
 /// `micropod stats [ENDPOINT] [--json]`.
-pub fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> anyhow::Result<()> {
+pub(super) fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> anyhow::Result<()> {
     let stats = micropod::stats::read(network, endpoint)?;
     if json {
         println!("{}", serde_json::to_string(&stats)?);

@@ -10,7 +10,7 @@ use micropod::{
 use serde::Serialize;
 
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(super) enum Command {
     /// Boot a MicroVM on the bridge network; returns once the VMM runs.
     Run(RunArgs),
     /// List VMs (running and starting ones; --all adds exited ones).
@@ -50,7 +50,7 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("root").required(true).args(["initrd", "rootfs"])))]
-pub struct RunArgs {
+pub(super) struct RunArgs {
     /// The guest kernel (bzImage or vmlinuz).
     #[arg(long)]
     kernel: PathBuf,
@@ -127,7 +127,7 @@ impl<'a> Summary<'a> {
     }
 }
 
-pub fn run(vms: &Vms, command: Command) -> anyhow::Result<()> {
+pub(super) fn run(vms: &Vms, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => {
             let boot = match (args.initrd, args.rootfs) {
@@ -201,7 +201,7 @@ pub fn run(vms: &Vms, command: Command) -> anyhow::Result<()> {
 
 /// `micropod gc`'s VM part: records the end of VMs whose supervisor and VMM are gone and
 /// releases their endpoints (logged; the network gc that follows prints its own report).
-pub fn gc(vms: &Vms) -> anyhow::Result<()> {
+pub(super) fn gc(vms: &Vms) -> anyhow::Result<()> {
     for r in vms.reconcile()? {
         log::info!("VM {} ({}): {}", r.name, r.ip, r.reason);
     }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 /// The `--watch` flags of `micropod stats`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// Print per-second rates every --interval until interrupted. On a terminal the table is
     /// redrawn in place. Otherwise one line per endpoint per interval:
     /// `TIME endpoint NAME IP RX_PKT/S RX_BYTES/S TX_PKT/S TX_BYTES/S DROPS/S`, then
@@ -60,7 +60,7 @@ enum Style {
 }
 
 /// `micropod stats [ENDPOINT] --watch [--interval SECS] [--count N] [--json]`.
-pub fn run(
+pub(super) fn run(
     network: &Network,
     endpoint: Option<&str>,
     json: bool,

@@ -7,7 +7,7 @@
 //! seen at most once; the per-key walk restarts from the first key when its cursor key is
 //! deleted under it.
 
-use std::{io, mem::size_of, os::fd::BorrowedFd};
+use std::{io, os::fd::BorrowedFd};
 
 use aya::Pod;
 

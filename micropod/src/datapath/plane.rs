@@ -10,7 +10,6 @@
 
 use std::{
     collections::BTreeMap,
-    mem::size_of,
     net::Ipv4Addr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},

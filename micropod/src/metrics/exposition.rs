@@ -60,7 +60,7 @@ fn counter(
 }
 
 impl Collector for SampleCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let sample = &self.0;
         gauge(
             &mut encoder,
@@ -332,7 +332,7 @@ mod tests {
                         free: 251,
                     },
                     endpoints: vec![
-                        endpoint("web", [10, 10, 0, 2], Some(counters.clone())),
+                        endpoint("web", [10, 10, 0, 2], Some(counters)),
                         endpoint("ns1", [10, 10, 0, 3], Some(EndpointStats::default())),
                     ],
                     nat: Some(NatTableStats {

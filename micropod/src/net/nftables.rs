@@ -63,12 +63,12 @@ pub enum Step {
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Step::Batch => "run the transaction",
-            Step::AddTable => "create the table",
-            Step::DeleteTable => "delete the table",
-            Step::AddChain => "create the nat chain postrouting",
-            Step::AddRule => "add the masquerade rule",
-            Step::ListTables => "list the tables",
+            Self::Batch => "run the transaction",
+            Self::AddTable => "create the table",
+            Self::DeleteTable => "delete the table",
+            Self::AddChain => "create the nat chain postrouting",
+            Self::AddRule => "add the masquerade rule",
+            Self::ListTables => "list the tables",
         })
     }
 }

@@ -77,7 +77,7 @@ pub enum NetworkError {
     Teardown(Vec<TeardownError>),
 }
 
-const _: () = assert!(std::mem::size_of::<NetworkError>() <= 80);
+const _: () = assert!(size_of::<NetworkError>() <= 80);
 
 /// A request that cannot be carried out as given, found before anything changes.
 #[derive(Debug, thiserror::Error)]
@@ -280,7 +280,6 @@ fn chains(errors: &[TeardownError]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::RemoveError;
 
     fn not_found(name: &str) -> LinkError {
         LinkError::NotFound { name: name.into() }

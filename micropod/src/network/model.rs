@@ -23,7 +23,7 @@ pub const ATTACH_INTENT: &str = "attach-intent.json";
 /// A Linux bridge holds at most this many ports (`BR_MAX_PORTS` in net/bridge/br_private.h).
 pub const BR_MAX_PORTS: usize = 1023;
 /// Bumped when the document's meaning changes.
-pub const STATE_VERSION: u32 = 1;
+pub(super) const STATE_VERSION: u32 = 1;
 
 /// Which NAT data path the user asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

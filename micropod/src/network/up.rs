@@ -96,15 +96,16 @@ impl super::Network {
             }
             .into());
         }
-        let mut outcome = UpOutcome::Created;
-        if let Some(doc) = existing {
+        let outcome = if let Some(doc) = existing {
             let problems = self.teardown(&nl, &doc).await;
             if !problems.is_empty() {
                 return Err(NetworkError::Teardown(problems));
             }
             self.state.remove(&lock, STATE_DOC)?;
-            outcome = UpOutcome::Replaced;
-        }
+            UpOutcome::Replaced
+        } else {
+            UpOutcome::Created
+        };
         let ip_forward_was_off = !sysctl::ip_forward().map_err(UpError::Forwarding)?;
         let mut doc = NetworkDoc {
             version: STATE_VERSION,
@@ -247,7 +248,7 @@ impl super::Network {
 
 /// Valid `--nat-table-size` values: enough for a few flows, at most what a hash map of
 /// 16-byte keys and values can sensibly hold (≈ 200 MiB at the top).
-pub const NAT_ENTRIES_RANGE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
+pub(super) const NAT_ENTRIES_RANGE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
 
 /// Resolves `--uplink`.
 async fn resolve_uplink(

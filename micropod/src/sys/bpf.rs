@@ -3,7 +3,6 @@
 
 use std::{
     io,
-    mem::size_of,
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
@@ -38,7 +37,7 @@ struct BatchAttr {
 /// this map: its key size, and its value size (per-CPU maps: rounded up to 8 bytes, times the
 /// number of possible CPUs). The kernel does not know the buffers' lengths; only the caller
 /// knows the map.
-pub unsafe fn bpf_map_lookup_batch(
+pub(crate) unsafe fn bpf_map_lookup_batch(
     map: BorrowedFd<'_>,
     in_batch: Option<&u64>,
     out_batch: &mut u64,
@@ -73,7 +72,7 @@ pub unsafe fn bpf_map_lookup_batch(
 
 /// Reads a `T` from the start of `bytes` (which must hold at least `size_of::<T>()`).
 #[must_use]
-pub fn pod_from_bytes<T: Pod>(bytes: &[u8]) -> T {
+pub(crate) fn pod_from_bytes<T: Pod>(bytes: &[u8]) -> T {
     assert!(bytes.len() >= size_of::<T>(), "short map value");
     // SAFETY: `T: Pod` is valid for any bit pattern, `bytes` holds at least `size_of::<T>()`
     // bytes, and the read does not assume alignment.

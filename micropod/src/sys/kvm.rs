@@ -10,7 +10,7 @@ const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
 const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
 
 /// `KVM_GET_API_VERSION` on an open `/dev/kvm`.
-pub fn kvm_api_version(kvm: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+pub(crate) fn kvm_api_version(kvm: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int; `kvm` is open
     // while borrowed.
     let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
@@ -22,7 +22,7 @@ pub fn kvm_api_version(kvm: BorrowedFd<'_>) -> io::Result<libc::c_int> {
 }
 
 /// `KVM_CREATE_VM` (default machine type) on an open `/dev/kvm`: the new VM's descriptor.
-pub fn kvm_create_vm(kvm: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+pub(crate) fn kvm_create_vm(kvm: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: KVM_CREATE_VM takes the machine type by value (0: default) and returns a new fd
     // or -1; it touches no memory of ours.
     let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };

@@ -10,12 +10,12 @@
 //! - [`bpf`]: `BPF_MAP_LOOKUP_BATCH` (an `unsafe fn`: only the caller knows the map's element
 //!   sizes) and reading a [`Pod`](aya::Pod) from map bytes.
 
-pub mod bpf;
-pub mod kvm;
-pub mod net;
-pub mod process;
+pub(crate) mod bpf;
+pub(crate) mod kvm;
+pub(crate) mod net;
+pub(crate) mod process;
 
-pub use self::{
+pub(crate) use self::{
     bpf::{bpf_map_lookup_batch, pod_from_bytes},
     kvm::{kvm_api_version, kvm_create_vm},
     net::{

@@ -13,7 +13,7 @@ use nix::errno::Errno;
 /// (an `int`) for `SIOCGIFINDEX`. The kernel copies the whole struct in and out, so the union
 /// keeps its full size (and C's alignment).
 #[repr(C, align(8))]
-pub struct IfReq {
+pub(crate) struct IfReq {
     name: [u8; libc::IFNAMSIZ],
     ifru: [u8; IFRU_SIZE],
 }
@@ -30,7 +30,7 @@ impl IfReq {
     /// A zeroed request for the interface `name`; `None` unless `name` fits with its NUL
     /// terminator (at most `IFNAMSIZ - 1` bytes) and holds no NUL itself.
     #[must_use]
-    pub fn new(name: &str) -> Option<Self> {
+    pub(crate) fn new(name: &str) -> Option<Self> {
         if name.len() >= libc::IFNAMSIZ || name.contains('\0') {
             return None;
         }
@@ -44,17 +44,17 @@ impl IfReq {
 
     /// `ifr_name`, NUL-terminated.
     #[cfg(test)]
-    pub fn name(&self) -> &[u8; libc::IFNAMSIZ] {
+    pub(crate) fn name(&self) -> &[u8; libc::IFNAMSIZ] {
         &self.name
     }
 
     /// `ifr_flags`.
     #[must_use]
-    pub fn flags(&self) -> libc::c_short {
+    pub(crate) fn flags(&self) -> libc::c_short {
         libc::c_short::from_ne_bytes([self.ifru[0], self.ifru[1]])
     }
 
-    pub fn set_flags(&mut self, flags: libc::c_short) {
+    pub(crate) fn set_flags(&mut self, flags: libc::c_short) {
         self.ifru[..size_of::<libc::c_short>()].copy_from_slice(&flags.to_ne_bytes());
     }
 
@@ -65,7 +65,7 @@ impl IfReq {
 }
 
 /// `TUNSETIFF`: creates or attaches to the tun device named in `ifr`, with its flags.
-pub fn tun_set_iff(tun: BorrowedFd<'_>, ifr: &mut IfReq) -> Result<(), Errno> {
+pub(crate) fn tun_set_iff(tun: BorrowedFd<'_>, ifr: &mut IfReq) -> Result<(), Errno> {
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `ifr` is a live, exclusively
     // borrowed `IfReq` of exactly that size and layout, and `tun` is open while borrowed.
     let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &raw mut *ifr) };
@@ -73,14 +73,14 @@ pub fn tun_set_iff(tun: BorrowedFd<'_>, ifr: &mut IfReq) -> Result<(), Errno> {
 }
 
 /// `TUNGETIFF`: the name and flags of the device `tun` is attached to, into `ifr`.
-pub fn tun_get_iff(tun: BorrowedFd<'_>, ifr: &mut IfReq) -> Result<(), Errno> {
+pub(crate) fn tun_get_iff(tun: BorrowedFd<'_>, ifr: &mut IfReq) -> Result<(), Errno> {
     // SAFETY: as in `tun_set_iff`: TUNGETIFF writes one `struct ifreq` into `ifr`.
     let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNGETIFF, &raw mut *ifr) };
     Errno::result(ret).map(drop)
 }
 
 /// `TUNSETPERSIST`: whether the attached device outlives its last descriptor.
-pub fn tun_set_persist(tun: BorrowedFd<'_>, on: bool) -> Result<(), Errno> {
+pub(crate) fn tun_set_persist(tun: BorrowedFd<'_>, on: bool) -> Result<(), Errno> {
     // SAFETY: TUNSETPERSIST takes its argument by value and touches no memory of ours.
     let ret = unsafe {
         libc::ioctl(
@@ -93,14 +93,14 @@ pub fn tun_set_persist(tun: BorrowedFd<'_>, on: bool) -> Result<(), Errno> {
 }
 
 /// `TUNSETOWNER`: the uid that may attach to the device without `CAP_NET_ADMIN`.
-pub fn tun_set_owner(tun: BorrowedFd<'_>, uid: u32) -> Result<(), Errno> {
+pub(crate) fn tun_set_owner(tun: BorrowedFd<'_>, uid: u32) -> Result<(), Errno> {
     // SAFETY: TUNSETOWNER takes the uid by value and touches no memory of ours.
     let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETOWNER, libc::c_ulong::from(uid)) };
     Errno::result(ret).map(drop)
 }
 
 /// A UDP socket of the calling thread's network namespace, for interface ioctls.
-pub fn inet_dgram_socket() -> io::Result<OwnedFd> {
+pub(crate) fn inet_dgram_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket() takes no pointers; a non-negative result is a new descriptor that
     // nothing else owns.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -112,7 +112,7 @@ pub fn inet_dgram_socket() -> io::Result<OwnedFd> {
 }
 
 /// `SIOCGIFINDEX` on `sock`: the index of the interface named in `ifr` (`ENODEV` if none).
-pub fn if_index(sock: BorrowedFd<'_>, ifr: &mut IfReq) -> io::Result<libc::c_int> {
+pub(crate) fn if_index(sock: BorrowedFd<'_>, ifr: &mut IfReq) -> io::Result<libc::c_int> {
     // SAFETY: SIOCGIFINDEX reads the NUL-terminated name from and writes an int into a
     // struct ifreq; `ifr` has ifreq's size and layout, is exclusively borrowed and outlives
     // the call, and `sock` is open while borrowed.
@@ -125,7 +125,7 @@ pub fn if_index(sock: BorrowedFd<'_>, ifr: &mut IfReq) -> io::Result<libc::c_int
 }
 
 /// `SO_RCVTIMEO`: receives on `socket` fail with `EAGAIN` after `timeout`.
-pub fn set_receive_timeout(socket: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
+pub(crate) fn set_receive_timeout(socket: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
@@ -153,7 +153,7 @@ pub fn set_receive_timeout(socket: &impl AsRawFd, timeout: Duration) -> io::Resu
 const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 
 /// The `CLONE_NEW*` type of the namespace `ns` refers to (an nsfs file).
-pub fn ns_type(ns: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+pub(crate) fn ns_type(ns: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd, which `ns` keeps open.
     let ret = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_NSTYPE) };
     if ret < 0 {
@@ -165,7 +165,7 @@ pub fn ns_type(ns: BorrowedFd<'_>) -> io::Result<libc::c_int> {
 
 /// One `poll` for `POLLIN` on `fd`, waiting at most `timeout_ms` (negative: forever);
 /// `Ok(false)` on timeout. `POLLERR`/`POLLHUP` count as ready. `EINTR` is returned as is.
-pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: libc::c_int) -> Result<bool, Errno> {
+pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: libc::c_int) -> Result<bool, Errno> {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,

@@ -10,7 +10,7 @@ use std::{
 };
 
 /// `pidfd_open(pid, 0)`: a descriptor that keeps naming this very process (`ESRCH` if none).
-pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
@@ -23,7 +23,7 @@ pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
 
 /// `pidfd_send_signal(pidfd, signal, NULL, 0)`, as `kill(2)` would send it (`ESRCH` once
 /// the process is gone).
-pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: pidfd_send_signal takes the pidfd (open while borrowed), the signal number, a
     // null siginfo (the kernel fills one in as for kill(2)) and flags 0; it touches no
     // memory of ours.
@@ -45,7 +45,7 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Resu
 
 /// Makes `cmd`'s child call `setsid` before exec: a session (and process group) of its own,
 /// without a controlling terminal.
-pub fn setsid_on_exec(cmd: &mut Command) {
+pub(crate) fn setsid_on_exec(cmd: &mut Command) {
     // SAFETY: the hook runs in the forked child before exec; setsid is async-signal-safe and
     // touches no memory.
     unsafe {
@@ -61,7 +61,11 @@ pub fn setsid_on_exec(cmd: &mut Command) {
 /// Makes `cmd`'s child get `SIGKILL` when its parent dies (`PR_SET_PDEATHSIG`), and refuse to
 /// exec, failing the spawn with `parent_gone`, if its parent is no longer `parent` (the
 /// caller's pid, read before the fork: the parent died before the prctl took effect).
-pub fn kill_on_parent_death(cmd: &mut Command, parent: libc::pid_t, parent_gone: &'static str) {
+pub(crate) fn kill_on_parent_death(
+    cmd: &mut Command,
+    parent: libc::pid_t,
+    parent_gone: &'static str,
+) {
     // SAFETY: the hook runs in the forked child before exec; prctl and getppid are
     // async-signal-safe syscalls and touch no memory of the parent.
     unsafe {
@@ -78,7 +82,7 @@ pub fn kill_on_parent_death(cmd: &mut Command, parent: libc::pid_t, parent_gone:
 }
 
 /// `getrandom(buf, 0)`: how many bytes of `buf` it filled from the kernel's entropy pool.
-pub fn getrandom(buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn getrandom(buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`, which we borrow
     // exclusively.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };

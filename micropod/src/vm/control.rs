@@ -141,7 +141,7 @@ impl Vms {
     /// until the VM exits (or the caller is interrupted).
     pub fn logs(&self, name: &str, follow: bool, out: &mut dyn Write) -> Result<(), VmError> {
         let rec = self.get_unlocked(name)?;
-        let path = rec.spec.console_log.clone();
+        let path = rec.spec.console_log;
         let log_err = |source| VmError::Log {
             path: path.clone(),
             source,

@@ -168,7 +168,7 @@ pub fn vmm_name(kind: VmmKind) -> &'static str {
 struct LazyRuntime(Option<tokio::runtime::Runtime>);
 
 impl LazyRuntime {
-    fn block_on<F: std::future::Future>(&mut self, f: F) -> Result<F::Output, VmError> {
+    fn block_on<F: Future>(&mut self, f: F) -> Result<F::Output, VmError> {
         let rt = match self.0.take() {
             Some(rt) => rt,
             None => crate::runtime::current_thread().map_err(VmError::Runtime)?,

@@ -227,7 +227,7 @@ impl Vms {
                     let reason = now.exit.map(|e| e.reason).unwrap_or_default();
                     let reason = reason
                         .strip_prefix(supervisor::FAILED_TO_START)
-                        .map_or(reason.clone(), str::to_owned);
+                        .map_or_else(|| reason.clone(), str::to_owned);
                     break VmError::StartFailed {
                         name: name.clone(),
                         reason,

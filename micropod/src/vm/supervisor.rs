@@ -70,7 +70,7 @@ impl Vms {
         };
         // A VMM that died at once has no start time left to read; a zero one matches nothing,
         // so it counts as gone, which it is.
-        let vmm_ref = ProcessRef::of(child.id()).unwrap_or(ProcessRef {
+        let vmm_ref = ProcessRef::of(child.id()).unwrap_or_else(|_| ProcessRef {
             pid: child.id(),
             start_time: 0,
         });

@@ -198,7 +198,7 @@ impl Vmm for Qemu {
     }
 
     fn binary(&self) -> Result<PathBuf, VmmError> {
-        find_in_path(BINARY).ok_or(VmmError::NotInstalled {
+        find_in_path(BINARY).ok_or_else(|| VmmError::NotInstalled {
             vmm: "qemu",
             binary: BINARY.into(),
             install: INSTALL,

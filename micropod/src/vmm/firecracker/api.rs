@@ -34,7 +34,7 @@ impl Method {
 }
 
 /// One API call. Displays as `PUT /boot-source`, which is how errors name it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     pub method: Method,
     pub path: String,

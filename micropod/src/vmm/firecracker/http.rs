@@ -20,13 +20,13 @@ const MAX_BODY: usize = 1024 * 1024;
 const MAX_HEADERS: usize = 32;
 
 #[derive(Debug)]
-pub struct Response {
+pub(super) struct Response {
     pub status: u16,
     pub body: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum HttpError {
+pub(super) enum HttpError {
     #[error(transparent)]
     Io(#[from] io::Error),
     #[error("{0}")]
@@ -34,7 +34,11 @@ pub enum HttpError {
 }
 
 /// Sends `request` to the server on `socket` and reads its answer, all within `timeout`.
-pub fn send(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, HttpError> {
+pub(super) fn send(
+    socket: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
     let deadline = Instant::now() + timeout;
     let mut stream = UnixStream::connect(socket)?;
     stream.set_write_timeout(Some(remaining(deadline, timeout)?))?;

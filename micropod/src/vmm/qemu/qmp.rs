@@ -18,7 +18,7 @@ use crate::vmm::VmmError;
 const VMM: &str = "qemu";
 
 /// One negotiated QMP session.
-pub struct Qmp {
+pub(super) struct Qmp {
     socket: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -27,7 +27,7 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to `socket`, retrying until it accepts (QEMU creates it shortly after start)
     /// or `timeout` passes, then reads the greeting and enters command mode.
-    pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, VmmError> {
+    pub(super) fn connect(socket: &Path, timeout: Duration) -> Result<Self, VmmError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(socket) {
@@ -76,7 +76,11 @@ impl Qmp {
     }
 
     /// Runs `command` and returns its `return` value.
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
+    pub(super) fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
         let mut request = json!({ "execute": command });
         if let Some(arguments) = arguments {
             request["arguments"] = arguments;
