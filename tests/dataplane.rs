@@ -14,7 +14,7 @@ use std::{
 
 use micropod_tests::{
     NsGuard,
-    netlab::{NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, WAN, ip_json, ping, query},
+    netlab::{NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, WAN, ip_json, ping, query, tc_bpf_filters},
     packets,
 };
 use serde_json::Value;
@@ -667,20 +667,46 @@ fn detach_and_down_remove_exactly_what_they_added() {
         0,
         "the bridge needs no program"
     );
+    // The ports' programs are cls_bpf filters on clsact (no TCX link, no pin), in micropod's
+    // slot (priority 1, handle 0x6d70).
+    let filters = |port: &str| {
+        (
+            tc_bpf_filters(host.path(), port, "ingress"),
+            tc_bpf_filters(host.path(), port, "egress"),
+        )
+    };
+    let hooked = (
+        vec!["port_ingress@1/0x6d70".to_owned()],
+        vec!["port_egress@1/0x6d70".to_owned()],
+    );
     for ep in &lab.eps {
-        assert_eq!(tcx_programs(host, &ep.port, Ingress), 1);
-        assert_eq!(tcx_programs(host, &ep.port, Egress), 1);
+        assert_eq!(tcx_programs(host, &ep.port, Ingress), 0);
+        assert_eq!(tcx_programs(host, &ep.port, Egress), 0);
+        assert_eq!(filters(&ep.port), hooked, "{}", ep.port);
     }
     let links = lab.net.dirs.pins.join("micropod/links");
-    let pinned = |name: &str| links.join(name).exists();
+    let port_pins = || {
+        std::fs::read_dir(&links)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with(UPLINK))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(port_pins(), Vec::<String>::new(), "ports pin no links");
     let (a, b) = (&lab.eps[0], &lab.eps[1]);
-    assert!(pinned(&format!("{}-ingress", a.port)));
 
     lab.net.ok(["network", "detach", &a.name]);
-    assert!(!pinned(&format!("{}-ingress", a.port)));
-    assert!(!pinned(&format!("{}-egress", a.port)));
-    assert!(pinned(&format!("{}-ingress", b.port)));
-    assert_eq!(tcx_programs(host, &b.port, Ingress), 1);
+    let port_links = ip_json(host.path(), &["link", "show"]);
+    assert!(
+        !port_links
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["ifname"] == a.port.as_str()),
+        "{} is no longer a port: {port_links}",
+        a.port
+    );
+    assert_eq!(filters(&b.port), hooked, "{}", b.port);
     let stats = lab.stats();
     assert_eq!(stats["endpoints"].as_array().unwrap().len(), 1);
 

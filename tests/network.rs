@@ -12,7 +12,10 @@ use std::{
 use micropod::net::tap::Tap;
 use micropod_tests::{
     NsGuard,
-    netlab::{NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, as_nobody, ip_json, ping, query, snapshot},
+    netlab::{
+        NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, as_nobody, ip_json, ping, query, snapshot,
+        tc_bpf_filters,
+    },
     packets,
 };
 use serde_json::Value;
@@ -497,25 +500,31 @@ fn kill_9_during_attach_then_gc_leaves_no_orphans() {
 /// is held) and nothing exists without a record (no micropod-named link, no address in an
 /// endpoint namespace). Returns the records.
 #[track_caller]
-/// The eBPF data plane knows exactly the recorded endpoints: one ingress and one egress link
-/// pin per port, and one ENDPOINTS entry per address.
+/// The eBPF data plane knows exactly the recorded endpoints: micropod's ingress and egress
+/// filter on every recorded port (and no link pins for ports), and one ENDPOINTS entry per
+/// address.
 fn assert_datapath_matches(lab: &NetLab, records: &[Value]) {
     let pins = lab.dirs.pins.join("micropod");
-    let mut pinned: Vec<String> = std::fs::read_dir(pins.join("links"))
+    let port_pins: Vec<String> = std::fs::read_dir(pins.join("links"))
         .expect("link pins")
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.starts_with("mpt-") || n.starts_with("mpv-"))
         .collect();
-    pinned.sort();
-    let mut expected: Vec<String> = records
-        .iter()
-        .flat_map(|r| {
-            let link = r["link"].as_str().unwrap();
-            [format!("{link}-egress"), format!("{link}-ingress")]
-        })
-        .collect();
-    expected.sort();
-    assert_eq!(pinned, expected, "link pins match the records");
+    assert_eq!(port_pins, Vec::<String>::new(), "ports pin no links");
+    for r in records {
+        let link = r["link"].as_str().unwrap();
+        assert_eq!(
+            (
+                tc_bpf_filters(lab.host.path(), link, "ingress"),
+                tc_bpf_filters(lab.host.path(), link, "egress")
+            ),
+            (
+                vec!["port_ingress@1/0x6d70".to_owned()],
+                vec!["port_egress@1/0x6d70".to_owned()]
+            ),
+            "the programs on {link}"
+        );
+    }
     let map = aya::maps::MapData::from_pin(pins.join("maps").join(micropod_common::ENDPOINTS_MAP))
         .expect("ENDPOINTS pin");
     let map: aya::maps::HashMap<_, micropod_common::Ipv4Key, micropod_common::Endpoint> =

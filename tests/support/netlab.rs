@@ -267,6 +267,32 @@ pub fn ip_json(ns: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip {args:?}: bad JSON {out:?}: {e}"))
 }
 
+/// The names of the `cls_bpf` programs on `iface`'s `ingress` or `egress` hook in namespace
+/// `ns`, each as `name@pref/handle` (read with `tc -j filter show`, independently of
+/// micropod's own netlink code); empty without a `clsact` qdisc.
+pub fn tc_bpf_filters(ns: &Path, iface: &str, hook: &str) -> Vec<String> {
+    let out = query(ns, "tc", &["-j", "filter", "show", "dev", iface, hook]);
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
+    let filters: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("tc filter show dev {iface} {hook}: bad JSON {out:?}: {e}"));
+    filters
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["kind"] == "bpf" && f.get("options").is_some())
+        .map(|f| {
+            format!(
+                "{}@{}/{}",
+                f["options"]["bpf_name"].as_str().unwrap_or("?"),
+                f["pref"],
+                f["options"]["handle"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
 /// Everything micropod might change in a namespace, in a comparable form: links (name, kind,
 /// controller, flags, MAC), addresses, IPv4 and IPv6 routes, the nf_tables ruleset and
 /// ip_forward; taken once the namespace has settled (IPv6 link-local addresses and their

@@ -6,7 +6,8 @@ mod plane;
 
 pub use counter::{Direction, SourceCounter, read_pinned_counters};
 pub use plane::{
-    DataPlane, EndpointStats, NatTableStats, OBJECT_ENV, PlaneSettings, PortSpec, RemoveError,
+    DataPlane, EndpointStats, NatTableStats, OBJECT_ENV, PORT_FILTER, PlaneSettings, PortSpec,
+    RemoveError,
 };
 
 use aya::{Ebpf, EbpfLoader};
@@ -107,6 +108,8 @@ pub enum DatapathError {
     },
     #[error("cannot set up forwarding of the eBPF programs' log")]
     Logger(#[source] aya_log::Error),
+    #[error("cannot hook the port programs")]
+    PortHook(#[from] crate::net::tc::TcError),
     #[error(transparent)]
     Interface(#[from] crate::net::link::LinkError),
     #[error(transparent)]

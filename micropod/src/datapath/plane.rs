@@ -5,8 +5,11 @@
 //! Layout of the pin dir:
 //! - `maps/<NAME>`: PORTS, ENDPOINTS, EP_COUNTERS, NAT, CONFIG, NAT_STATS;
 //! - `progs/<program>`: the three loaded programs, so later commands attach them to new ports;
-//! - `links/<ifname>-<ingress|egress>`: one TCX link per hook (bpffs refuses dots in names). Removing the pin releases the
-//!   link, which detaches the program.
+//! - `links/<ifname>-<ingress|egress>`: the uplink's TCX link (bpffs refuses dots in names).
+//!   Removing the pin releases the link, which detaches the program.
+//!
+//! Endpoint ports carry no link: their programs are `cls_bpf` filters in [`PORT_FILTER`] on
+//! the port's `clsact` qdisc, which live as long as the port (see [`DataPlane::attach_port`]).
 
 use std::{
     collections::BTreeMap,
@@ -31,6 +34,17 @@ use micropod_common::{
 use serde::Serialize;
 
 use super::{DatapathError, Direction, batch};
+use crate::net::{
+    Netlink,
+    tc::{self, FilterSlot, Hook},
+};
+
+/// Where the port programs sit on each port's `clsact` hooks: priority 1, so they run before
+/// any other `cls_bpf` or classic filter there, with a handle that names micropod (`mp`).
+pub const PORT_FILTER: FilterSlot = FilterSlot {
+    priority: 1,
+    handle: 0x6d70,
+};
 
 const MAPS: [&str; 6] = [
     PORTS_MAP,
@@ -273,8 +287,15 @@ impl DataPlane {
     }
 
     /// Registers an endpoint (map entries first, so its first frame is already counted) and
-    /// attaches the port programs to its port.
-    pub fn attach_port(&self, spec: &PortSpec<'_>) -> Result<(), DatapathError> {
+    /// hooks the port programs on its port: the `clsact` qdisc and a direct-action `cls_bpf`
+    /// filter on each side, in [`PORT_FILTER`] (replacing what is there, so a repair can run it
+    /// again). Not TCX: a TCX attach waits for an RCU grace period with rtnl held (see
+    /// `net::tc`). The port must still be down, for the counters to see its first frame.
+    pub async fn attach_port(
+        &self,
+        nl: &Netlink,
+        spec: &PortSpec<'_>,
+    ) -> Result<(), DatapathError> {
         let ep = Endpoint {
             ip: spec.ip.octets(),
             ifindex: spec.ifindex,
@@ -299,18 +320,42 @@ impl DataPlane {
         ports
             .insert(&spec.ifindex, &ep, 0)
             .map_err(map_err(PORTS_MAP))?;
-        self.attach(
-            PORT_INGRESS_PROGRAM,
-            spec.port,
-            spec.ifindex,
-            Direction::Ingress,
-        )?;
-        self.attach(
-            PORT_EGRESS_PROGRAM,
-            spec.port,
-            spec.ifindex,
-            Direction::Egress,
-        )
+        // A port hooked by an older micropod with TCX links would run both programs.
+        for direction in [Direction::Ingress, Direction::Egress] {
+            if let Err(e) = remove_file(&self.link_path(spec.port, direction)) {
+                log::warn!("removing a TCX link pin of {}: {e}", spec.port);
+            }
+        }
+        tc::add_clsact(nl, spec.ifindex).await?;
+        for (name, hook) in [
+            (PORT_INGRESS_PROGRAM, Hook::Ingress),
+            (PORT_EGRESS_PROGRAM, Hook::Egress),
+        ] {
+            let program = self.program(name)?;
+            let fd = program.fd().map_err(|source| DatapathError::OpenProgram {
+                path: self.prog_path(name),
+                source,
+            })?;
+            tc::replace_bpf(nl, spec.ifindex, hook, PORT_FILTER, fd.as_fd(), name).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the port carries both port programs in [`PORT_FILTER`] (an independent check
+    /// of what [`DataPlane::attach_port`] made; `network up` repairs ports that do not).
+    pub async fn port_hooked(&self, nl: &Netlink, ifindex: u32) -> Result<bool, DatapathError> {
+        for (name, hook) in [
+            (PORT_INGRESS_PROGRAM, Hook::Ingress),
+            (PORT_EGRESS_PROGRAM, Hook::Egress),
+        ] {
+            let filters = tc::bpf_filters(nl, ifindex, hook).await?;
+            if !filters.iter().any(|f| {
+                f.slot == PORT_FILTER && f.direct_action && f.name.as_deref() == Some(name)
+            }) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Forgets an endpoint: its port's links, map entries, counters and NAT flows. Runs every
@@ -525,12 +570,7 @@ impl DataPlane {
         if let Err(e) = remove_file(&link_path) {
             log::warn!("replacing link pin: {e}");
         }
-        let prog_path = self.prog_path(name);
-        let mut program =
-            SchedClassifier::from_pin(&prog_path).map_err(|source| DatapathError::OpenProgram {
-                path: prog_path.clone(),
-                source,
-            })?;
+        let mut program = self.program(name)?;
         let attach_err = |source| DatapathError::Attach {
             name,
             iface: iface.into(),
@@ -551,6 +591,12 @@ impl DataPlane {
                 source,
             })
             .map(drop)
+    }
+
+    fn program(&self, name: &'static str) -> Result<SchedClassifier, DatapathError> {
+        let path = self.prog_path(name);
+        SchedClassifier::from_pin(&path)
+            .map_err(|source| DatapathError::OpenProgram { path, source })
     }
 
     fn open_data(&self, name: &'static str) -> Result<MapData, DatapathError> {

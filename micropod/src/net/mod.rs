@@ -11,6 +11,7 @@ pub mod nftables;
 pub mod route;
 pub mod sysctl;
 pub mod tap;
+pub mod tc;
 pub mod veth;
 
 pub use naming::Mac;

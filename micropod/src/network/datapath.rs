@@ -94,7 +94,8 @@ impl super::Network {
             for ep in doc.endpoints.values() {
                 if let Some(ifindex) = probe.index(&ep.link).map_err(NetworkError::Probe)? {
                     plane
-                        .attach_port(&port_spec(ep, ifindex))
+                        .attach_port(nl, &port_spec(ep, ifindex))
+                        .await
                         .map_err(|source| AttachError::DatapathPort {
                             name: ep.name.clone(),
                             source: Box::new(source),
@@ -118,8 +119,9 @@ impl super::Network {
 
     /// Registers a new endpoint with the eBPF data plane and attaches its port programs (a
     /// no-op on the netfilter data path).
-    pub(super) fn attach_datapath(
+    pub(super) async fn attach_datapath(
         &self,
+        nl: &Netlink,
         doc: &NetworkDoc,
         ep: &Endpoint,
     ) -> Result<(), NetworkError> {
@@ -141,7 +143,8 @@ impl super::Network {
                 )))
             })?;
         DataPlane::new(&self.bpf_dir)
-            .attach_port(&port_spec(ep, ifindex))
+            .attach_port(nl, &port_spec(ep, ifindex))
+            .await
             .map_err(wrap)
     }
 }

@@ -142,7 +142,7 @@ impl super::Network {
                 })?;
                 failpoint::hit("attach:link-created");
                 // Programs first, link up second: the counters see the port's first frame.
-                self.attach_datapath(doc, ep)?;
+                self.attach_datapath(nl, doc, ep).await?;
                 link::set_controller_up(nl, &ep.link, bridge_index)
                     .await
                     .map_err(|source| {
@@ -181,7 +181,7 @@ impl super::Network {
                 }
                 failpoint::hit("attach:link-created");
                 if ebpf {
-                    self.attach_datapath(doc, ep)?;
+                    self.attach_datapath(nl, doc, ep).await?;
                     link::set_up(nl, &ep.link)
                         .await
                         .map_err(|source| AttachError::Enslave {
