@@ -465,7 +465,9 @@ fn all_at_once(cmds: &mut [Command]) -> anyhow::Result<(Duration, Vec<Output>)> 
         match child.wait_with_output() {
             Ok(out) => outputs.push(out),
             Err(e) => {
-                failed.get_or_insert(anyhow::Error::new(e).context("waiting for a burst child"));
+                failed.get_or_insert_with(|| {
+                    anyhow::Error::new(e).context("waiting for a burst child")
+                });
             }
         }
     }
