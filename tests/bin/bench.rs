@@ -1108,6 +1108,8 @@ struct Figures {
 }
 
 struct Goal {
+    /// A stable name for the JSON output.
+    key: String,
     text: String,
     value: f64,
     /// `value` must be at least (true) or at most (false) `target`.
@@ -1129,9 +1131,11 @@ impl Goal {
 
     fn json(&self) -> Value {
         json!({
+            "key": self.key,
             "goal": self.text,
             "value": round_to(self.value, 3),
             "target": self.target,
+            "unit": self.unit,
             "at_least": self.at_least,
             "met": self.met(),
             "caveat": self.caveat,
@@ -1190,6 +1194,7 @@ fn report(
         .then(|| format!("bursts of {burst}; the goal is stated for {BURST_GOAL_AT}"));
     let mut goals = vec![
         Goal {
+            key: "ebpf_tap_attach_speedup".into(),
             text: format!("eBPF TAP attach >= {TAP_ATTACH_GOAL}x faster than CNI ADD (p50)"),
             value: of(ebpf_tap).attach_ratio,
             at_least: true,
@@ -1198,6 +1203,7 @@ fn report(
             caveat: None,
         },
         Goal {
+            key: "ebpf_tap_detach_speedup".into(),
             text: format!("eBPF TAP detach >= {TAP_DETACH_GOAL}x faster than CNI DEL (p50)"),
             value: of(ebpf_tap).detach_ratio,
             at_least: true,
@@ -1206,6 +1212,7 @@ fn report(
             caveat: None,
         },
         Goal {
+            key: "ebpf_netns_attach_speedup".into(),
             text: format!("eBPF netns attach >= {NETNS_ATTACH_GOAL}x faster than CNI ADD (p50)"),
             value: of(ebpf_netns).attach_ratio,
             at_least: true,
@@ -1216,6 +1223,7 @@ fn report(
     ];
     for who in [ebpf_tap, ebpf_netns] {
         goals.push(Goal {
+            key: format!("{}_growth", who.key()),
             text: format!(
                 "{} last attaches <= {GROWTH_GOAL}x the first (median of last {window} / first {window})",
                 who.label()
@@ -1232,6 +1240,7 @@ fn report(
         .filter(|b| matches!(b.who, Who::Micropod(Datapath::Ebpf, _)))
     {
         goals.push(Goal {
+            key: format!("{}_burst_attach_rate", b.who.key()),
             text: format!(
                 "{} burst: {burst} attaches at once >= {BURST_ATTACH_GOAL}/s",
                 b.who.label()
@@ -1243,6 +1252,7 @@ fn report(
             caveat: burst_caveat.clone(),
         });
         goals.push(Goal {
+            key: format!("{}_burst_detach_rate", b.who.key()),
             text: format!(
                 "{} burst: {burst} detaches at once >= {BURST_DETACH_GOAL}/s",
                 b.who.label()
