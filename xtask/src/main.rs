@@ -48,7 +48,8 @@ enum Task {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BenchWhat {
-    /// One endpoint attach+detach: `micropod` against the CNI bridge plugin with host-local.
+    /// One endpoint attach+detach, eBPF and netfilter, TAP and netns, against the CNI bridge
+    /// plugin with host-local, and bursts of 64 at once (`--count 500`: the 1000th attach).
     Attach,
     /// Connection rate and throughput through the NAT: routed, MASQUERADE and eBPF SNAT.
     Datapath,
@@ -171,7 +172,9 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
 
     if filter.is_empty() {
         // Keeps the benchmark working; its figures come from `cargo xtask bench attach`.
-        step("benchmark smoke run (debug build, 20 endpoints per side; figures not meaningful)");
+        step(
+            "benchmark smoke run (debug build, 10 endpoints per side, bursts of 8; figures not meaningful)",
+        );
         run(Command::new("target/debug/micropod-bench").arg("--quick"))?;
         step(
             "data path benchmark smoke run (debug build, one second per mode; figures not meaningful)",
@@ -222,7 +225,9 @@ fn bench(what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
     ]))?;
     match what {
         BenchWhat::Attach => {
-            step("benchmark: endpoint attach/detach, micropod against the CNI bridge plugin");
+            step(
+                "benchmark: endpoint attach/detach, micropod (eBPF, netfilter) against the CNI bridge plugin",
+            );
             run(Command::new("target/release/micropod-bench").args(args))
         }
         BenchWhat::Datapath => {
