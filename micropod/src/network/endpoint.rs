@@ -267,7 +267,7 @@ impl super::Network {
         };
         let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
         let mut intent = DetachIntent {
-            retired: Self::next_retired_name(&mut doc, ep.ip, &probe)?,
+            retired: Self::next_retired_name(&doc, ep.ip, &probe, None)?,
             endpoint: ep.clone(),
         };
         // The intent, recorded before the first kernel change; see the module docs.
@@ -275,7 +275,7 @@ impl super::Network {
             .write_json_unsynced(&lock, DETACH_INTENT, &intent)?;
         failpoint::hit("detach:intent-recorded");
         let kept = self
-            .retire_link(&nl, &lock, &probe, &mut doc, &mut intent)
+            .retire_link(&nl, &lock, &probe, &doc, &mut intent)
             .await?;
         failpoint::hit("detach:retired");
         self.forget_datapath(&doc, ep.ip, &ep.link);

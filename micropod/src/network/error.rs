@@ -58,6 +58,8 @@ pub enum NetworkError {
         #[source]
         source: Box<LinkError>,
     },
+    #[error("every retired-link name for {ip} is taken; run `micropod gc` to delete retired links")]
+    RetiredNamesExhausted { ip: Ipv4Addr },
     #[error("cannot delete link {name}")]
     DeleteLink {
         name: String,

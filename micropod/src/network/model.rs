@@ -157,9 +157,6 @@ pub struct NetworkDoc {
     /// to delete (the reaper does it, off the detach's critical path).
     #[serde(default)]
     pub retired: Vec<RetiredLink>,
-    /// The generation the next retired link name starts looking from.
-    #[serde(default)]
-    pub retired_generation: u16,
 }
 
 impl NetworkDoc {
@@ -242,7 +239,6 @@ mod tests {
         });
         let doc: NetworkDoc = serde_json::from_value(doc).unwrap();
         assert!(doc.retired.is_empty());
-        assert_eq!(doc.retired_generation, 0);
     }
 
     #[test]

@@ -42,15 +42,20 @@ impl super::Network {
         self
     }
 
-    /// A name for the next retired link of `ip` that neither the record nor the kernel uses.
+    /// A name for a retired link of `ip` that neither the record nor the kernel uses: the
+    /// lowest free generation (a link of `ip` retired a moment ago may still be waiting), past
+    /// `after` if given (a name the kernel just refused).
     pub(super) fn next_retired_name(
-        doc: &mut NetworkDoc,
+        doc: &NetworkDoc,
         ip: std::net::Ipv4Addr,
         probe: &IndexProbe,
+        after: Option<&str>,
     ) -> Result<String, NetworkError> {
-        loop {
-            let generation = doc.retired_generation;
-            doc.retired_generation = generation.wrapping_add(1);
+        let first = after
+            .and_then(retired_link)
+            .map_or(0, |(_, generation)| u32::from(generation) + 1);
+        for generation in first..=u32::from(u16::MAX) {
+            let generation = u16::try_from(generation).expect("in range");
             let name = retired_link_name(ip, generation);
             if !doc.retired.iter().any(|r| r.name == name)
                 && probe.index(&name).map_err(NetworkError::Probe)?.is_none()
@@ -58,6 +63,7 @@ impl super::Network {
                 return Ok(name);
             }
         }
+        Err(NetworkError::RetiredNamesExhausted { ip })
     }
 
     /// Detach's kernel step: the link goes down, off the bridge and into the retired group in
@@ -69,7 +75,7 @@ impl super::Network {
         nl: &Netlink,
         lock: &StateLock,
         probe: &IndexProbe,
-        doc: &mut NetworkDoc,
+        doc: &NetworkDoc,
         intent: &mut DetachIntent,
     ) -> Result<bool, NetworkError> {
         let ep = &intent.endpoint;
@@ -92,7 +98,8 @@ impl super::Network {
                 Err(e) if e.is_gone() => return Ok(false),
                 Err(e) if e.is_exists() && attempts < RENAME_ATTEMPTS => {
                     attempts += 1;
-                    intent.retired = Self::next_retired_name(doc, ep.ip, probe)?;
+                    intent.retired =
+                        Self::next_retired_name(doc, ep.ip, probe, Some(&intent.retired))?;
                     self.state
                         .write_json_unsynced(lock, DETACH_INTENT, intent)?;
                 }
@@ -327,4 +334,48 @@ pub(super) async fn delete_retired(
         results.push((name.clone(), result));
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::network::Network;
+
+    #[test]
+    fn retired_names_skip_those_on_record_and_those_refused() {
+        let mut doc: NetworkDoc = serde_json::from_value(serde_json::json!({
+            "version": 1,
+            "phase": "ready",
+            "config": {
+                "bridge": "micropod0",
+                "subnet": "10.10.0.0/24",
+                "gateway": "10.10.0.1",
+                "uplink": null,
+                "datapath": "netfilter",
+            },
+            "active_datapath": "netfilter",
+            "nft_table": "micropod_micropod0",
+            "ip_forward_was_off": false,
+            "ipam": {"subnet": "10.10.0.0/24", "gateway": "10.10.0.1", "allocations": {}},
+            "endpoints": {},
+        }))
+        .unwrap();
+        let ip = Ipv4Addr::new(10, 10, 0, 2);
+        let probe = IndexProbe::new().unwrap();
+        let name = |after| Network::next_retired_name(&doc, ip, &probe, after).unwrap();
+        assert_eq!(name(None), "mpr0a0a00020000");
+        assert_eq!(name(Some("mpr0a0a00020003")), "mpr0a0a00020004");
+        doc.retired.push(RetiredLink {
+            name: "mpr0a0a00020000".into(),
+            ip,
+        });
+        let name = |after| Network::next_retired_name(&doc, ip, &probe, after).unwrap();
+        assert_eq!(name(None), "mpr0a0a00020001");
+        assert!(matches!(
+            Network::next_retired_name(&doc, ip, &probe, Some("mpr0a0a0002ffff")),
+            Err(NetworkError::RetiredNamesExhausted { .. })
+        ));
+    }
 }

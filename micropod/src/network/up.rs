@@ -135,7 +135,6 @@ impl super::Network {
             ipam: Ipam::new(subnet, gateway).map_err(InputError::Subnet)?,
             endpoints: Default::default(),
             retired: Vec::new(),
-            retired_generation: 0,
             config: config.clone(),
         };
         // Recorded first: if we die half-way, the next `up` or `down` knows what is ours.
