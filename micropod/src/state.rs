@@ -5,6 +5,8 @@
 //!   read-modify-write of state happens while holding it. The kernel drops the lock when the
 //!   [`StateLock`] is dropped or the process dies, even by `kill -9`, so no stale lock survives
 //!   a crash. The descriptor is close-on-exec, so spawned VMMs do not inherit the lock.
+//! - other lock files, for jobs that want one runner at a time without holding the state lock
+//!   ([`StateDir::try_lock_file`]).
 //! - `<name>`: JSON documents, each replaced atomically (temp file, fdatasync, rename; see
 //!   [`StateDir::write_json`] for why the dir itself is not synced). A reader sees the old or the new document, never a torn one, and a crash leaves at
 //!   worst a stale `.<name>.tmp-<pid>` behind, which readers never look at and the next write

@@ -15,8 +15,9 @@ pub const NETNS_LINK_PREFIX: &str = "mpv-";
 /// the kernel to delete it (`mpr<address in hex><generation in hex>`).
 pub const RETIRED_LINK_PREFIX: &str = "mpr";
 /// The device group retired links join (`ip link show group 1836085760`), so that the reaper
-/// deletes them all in one request, which the kernel unregisters as one batch. "mpr\0" in
-/// ASCII: far from the small numbers of `/etc/iproute2/group`.
+/// deletes them all in one request, which the kernel unregisters as one batch (those of every
+/// micropod network in the namespace: all are waiting to be deleted). "mpr\0" in ASCII: far
+/// from the small numbers of `/etc/iproute2/group`.
 pub const RETIRED_LINK_GROUP: u32 = 0x6d70_7200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
