@@ -22,6 +22,59 @@ use serde_json::Value;
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 
+/// Waits (up to ~2 s) until the background reaper has deleted every retired link on record,
+/// then checks that the kernel agrees: no `mpr…` link is left.
+#[track_caller]
+fn wait_reaped(lab: &NetLab) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let status = lab.json(["network", "status", "--json"]);
+        let pending = status["network"]["retired_links"]
+            .as_u64()
+            .expect("retired_links");
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pending} retired link(s) still on record after 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        retired_links(lab),
+        Vec::<String>::new(),
+        "retired links left"
+    );
+}
+
+/// The `mpr…` links of the lab's host namespace.
+fn retired_links(lab: &NetLab) -> Vec<String> {
+    ip_json(lab.host.path(), &["link", "show"])
+        .as_array()
+        .expect("link list")
+        .iter()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|n| micropod::network::retired_link(n).is_some())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Holds the reaper's lock of the lab's state dir (waiting for a running reaper to finish), so
+/// that no reaper runs and retired links stay on record until it is dropped.
+fn hold_reaper_lock(lab: &NetLab) -> nix::fcntl::Flock<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lab.dirs.state.join(micropod::network::REAPER_LOCK))
+        .expect("opening the reaper lock");
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("taking the reaper lock")
+}
+
 fn link<'a>(links: &'a Value, name: &str) -> Option<&'a Value> {
     links
         .as_array()
@@ -173,10 +226,12 @@ fn netns_endpoint_is_wired_and_reaches_gateway_and_internet_through_masquerade()
     stream.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"pong");
 
-    // Detach removes both ends and releases the address for the next endpoint.
+    // Detach takes the host end off the bridge at once, releases the address for the next
+    // endpoint, and the reaper deletes both ends soon after.
     lab.ok(["network", "detach", "web"]);
     let links = ip_json(lab.host.path(), &["link", "show"]);
     assert!(link(&links, &host_end).is_none(), "host end still there");
+    wait_reaped(&lab);
     assert!(link(&ip_json(ep.path(), &["link", "show"]), "eth0").is_none());
     let ep2 = NsGuard::new("ep2");
     assert_eq!(lab.attach_netns("web2", &ep2, &[])["ip"], "10.10.0.2");
@@ -562,6 +617,11 @@ fn assert_consistent(lab: &NetLab, namespaces: &[NsGuard]) -> Vec<Value> {
         ports, recorded,
         "links without records, or records without links"
     );
+    assert_eq!(
+        retired_links(lab),
+        Vec::<String>::new(),
+        "retired links left after gc"
+    );
     for l in links.as_array().unwrap() {
         if recorded.contains(l["ifname"].as_str().unwrap()) {
             assert_eq!(l["master"], "micropod0", "{l}");
@@ -634,8 +694,12 @@ fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
         ("attach:configured", "netns", false),
         ("attach:recorded", "tap", true),
         ("attach:recorded", "netns", true),
-        ("detach:link-deleted", "tap", false),
-        ("detach:link-deleted", "netns", false),
+        ("detach:intent-recorded", "tap", false),
+        ("detach:intent-recorded", "netns", false),
+        ("detach:retired", "tap", false),
+        ("detach:retired", "netns", false),
+        ("detach:recorded", "tap", false),
+        ("detach:recorded", "netns", false),
     ];
     for (i, (point, kind, survives)) in cases.into_iter().enumerate() {
         let name = format!("f{i}");
@@ -673,6 +737,162 @@ fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
     // The addresses of everything that did not survive are free again.
     let status = lab.json(["network", "status", "--json"]);
     assert_eq!(status["network"]["ipam"]["used"], 2);
+}
+
+#[test]
+fn kill_9_of_the_reaper_then_gc_leaves_no_orphans() {
+    use std::ffi::OsStr;
+    let lab = NetLab::new("reapkill");
+    lab.up(&[]);
+    let mut namespaces = Vec::new();
+    for (i, point) in ["reap:read", "reap:deleted"].into_iter().enumerate() {
+        // Retired links that no background reaper deletes while the test holds its lock.
+        let held = hold_reaper_lock(&lab);
+        let ns = NsGuard::new(&format!("r{i}"));
+        lab.attach_netns(&format!("r{i}"), &ns, &[]);
+        lab.ok(["network", "attach", &format!("t{i}"), "--kind", "tap"]);
+        lab.ok(["network", "detach", &format!("r{i}")]);
+        lab.ok(["network", "detach", &format!("t{i}")]);
+        namespaces.push(ns);
+        let status = lab.json(["network", "status", "--json"]);
+        assert_eq!(status["network"]["retired_links"], 2, "{point}");
+        assert_eq!(retired_links(&lab).len(), 2, "{point}");
+        drop(held);
+        kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("reap")]);
+        lab.ok(["gc"]);
+        let records = assert_consistent(&lab, &namespaces);
+        assert!(records.is_empty(), "{point}: {records:?}");
+        let status = lab.json(["network", "status", "--json"]);
+        assert_eq!(status["network"]["retired_links"], 0, "{point}");
+    }
+}
+
+#[test]
+fn detach_then_attach_again_with_the_same_ip_at_once() {
+    let lab = NetLab::new("reuse");
+    lab.up(&[]);
+    let ep = NsGuard::new("reuse");
+    for round in 0..3 {
+        // The same name, address and namespace (so the same interface name inside, which
+        // the retired veth's peer may still hold).
+        let att = lab.attach_netns("c", &ep, &["--ip", "10.10.0.7"]);
+        assert_eq!(att["ip"], "10.10.0.7", "round {round}");
+        assert_eq!(
+            addrs_of(ep.path(), "eth0"),
+            ["10.10.0.7/24"],
+            "round {round}"
+        );
+        let tap = lab.json([
+            "network",
+            "attach",
+            "v",
+            "--kind",
+            "tap",
+            "--ip",
+            "10.10.0.9",
+            "--json",
+        ]);
+        assert_eq!(tap["link"], "mpt-0a0a0009", "round {round}");
+        lab.ok(["network", "detach", "c"]);
+        lab.ok(["network", "detach", "v"]);
+    }
+    // With the reaper held off, the retired veth's peer keeps eth0 in the namespace: the
+    // attach deletes it and goes on.
+    let held = hold_reaper_lock(&lab);
+    lab.attach_netns("c", &ep, &["--ip", "10.10.0.7"]);
+    lab.ok(["network", "detach", "c"]);
+    assert!(link(&ip_json(ep.path(), &["link", "show"]), "eth0").is_some());
+    let att = lab.attach_netns("c", &ep, &["--ip", "10.10.0.7"]);
+    assert_eq!(att["ip"], "10.10.0.7");
+    assert!(
+        ping(&ep, GATEWAY),
+        "the re-attached endpoint reaches the gateway"
+    );
+    drop(held);
+    lab.ok(["network", "detach", "c"]);
+    wait_reaped(&lab);
+    let records = assert_consistent(&lab, std::slice::from_ref(&ep));
+    assert!(records.is_empty(), "{records:?}");
+}
+
+#[test]
+fn the_reaper_deletes_retired_links_and_down_deletes_those_still_pending() {
+    let lab = NetLab::new("reap");
+    lab.up(&[]);
+    let namespaces: Vec<NsGuard> = (0..2).map(|i| NsGuard::new(&format!("q{i}"))).collect();
+    for round in 0..2 {
+        let held = (round == 1).then(|| hold_reaper_lock(&lab));
+        for (i, ns) in namespaces.iter().enumerate() {
+            lab.attach_netns(&format!("n{i}"), ns, &[]);
+            lab.ok(["network", "attach", &format!("t{i}"), "--kind", "tap"]);
+        }
+        for i in 0..namespaces.len() {
+            lab.ok(["network", "detach", &format!("n{i}")]);
+            lab.ok(["network", "detach", &format!("t{i}")]);
+        }
+        let status = lab.json(["network", "status", "--json"]);
+        assert_eq!(
+            status["network"]["ipam"]["used"], 0,
+            "addresses freed at once"
+        );
+        assert!(
+            lab.json(["network", "ls", "--json"])
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        if held.is_none() {
+            wait_reaped(&lab);
+            continue;
+        }
+        assert_eq!(status["network"]["retired_links"], 4);
+        let text = lab.ok(["network", "status"]);
+        assert!(
+            text.contains("4 detached link(s) waiting to be deleted"),
+            "{text}"
+        );
+        // `down` deletes them as part of its teardown, with no reaper running.
+        lab.ok(["network", "down"]);
+        assert_eq!(retired_links(&lab), Vec::<String>::new());
+        for ns in &namespaces {
+            assert!(link(&ip_json(ns.path(), &["link", "show"]), "eth0").is_none());
+        }
+    }
+}
+
+#[test]
+fn parallel_detaches_leave_nothing_behind() {
+    const N: usize = 16;
+    let lab = NetLab::new("pardet");
+    lab.up(&[]);
+    let namespaces: Vec<NsGuard> = (0..N / 2).map(|i| NsGuard::new(&format!("d{i}"))).collect();
+    for (i, ns) in namespaces.iter().enumerate() {
+        lab.attach_netns(&format!("n{i}"), ns, &[]);
+        lab.ok(["network", "attach", &format!("t{i}"), "--kind", "tap"]);
+    }
+    let children: Vec<_> = (0..N / 2)
+        .flat_map(|i| [format!("n{i}"), format!("t{i}")])
+        .map(|name| {
+            let mut cmd = lab.micropod(["network", "detach", &name]);
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            cmd.spawn().expect("spawning micropod")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_reaped(&lab);
+    let records = assert_consistent(&lab, &namespaces);
+    assert!(records.is_empty(), "{records:?}");
+    for ns in &namespaces {
+        assert!(link(&ip_json(ns.path(), &["link", "show"]), "eth0").is_none());
+    }
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //!   read-modify-write of state happens while holding it. The kernel drops the lock when the
 //!   [`StateLock`] is dropped or the process dies, even by `kill -9`, so no stale lock survives
 //!   a crash. The descriptor is close-on-exec, so spawned VMMs do not inherit the lock.
+//! - other lock files, for jobs that want one runner at a time without holding the state lock
+//!   ([`StateDir::try_lock_file`]).
 //! - `<name>`: JSON documents, each replaced atomically (temp file, fdatasync, rename; see
 //!   [`StateDir::write_json`] for why the dir itself is not synced). A reader sees the old or the new document, never a torn one, and a crash leaves at
 //!   worst a stale `.<name>.tmp-<pid>` behind, which readers never look at and the next write
@@ -148,6 +150,14 @@ pub struct StateLock {
     _file: Flock<File>,
 }
 
+/// An exclusive lock on a file of its own in the state dir ([`StateDir::try_lock_file`]).
+/// Unlocks when dropped.
+#[derive(Debug)]
+#[must_use = "the lock is released as soon as this is dropped"]
+pub struct FileLock {
+    _file: Flock<File>,
+}
+
 impl StateDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
@@ -158,7 +168,7 @@ impl StateDir {
     }
 
     /// Creates the dir (0700, parents too) if needed and takes the exclusive lock on
-    /// `<root>/lock`, waiting as long as another holder keeps it.
+    /// `<root>/<lock>`, waiting as long as another holder keeps it.
     pub fn lock(&self) -> Result<StateLock, StateError> {
         DirBuilder::new()
             .recursive(true)
@@ -168,19 +178,19 @@ impl StateDir {
                 path: self.root.clone(),
                 source,
             })?;
+        self.lock_existing()?.ok_or_else(|| StateError::OpenLock {
+            path: self.root.join(LOCK_FILE),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })
+    }
+
+    /// [`Self::lock`] for a dir that should exist already: `Ok(None)`, and nothing created,
+    /// when it does not (for background work that must not bring back a removed state dir).
+    pub fn lock_existing(&self) -> Result<Option<StateLock>, StateError> {
         let path = self.root.join(LOCK_FILE);
-        // std opens with O_CLOEXEC: a child exec'd while we hold the lock must not keep it.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| StateError::OpenLock {
-                path: path.clone(),
-                source,
-            })?;
+        let Some(file) = open_lock_file(&path)? else {
+            return Ok(None);
+        };
         let lock_err = |errno: Errno| StateError::Lock {
             path: path.clone(),
             source: io::Error::from(errno),
@@ -188,10 +198,10 @@ impl StateDir {
         // Try first, so that a wait is announced instead of looking like a hang.
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => {
-                return Ok(StateLock {
+                return Ok(Some(StateLock {
                     root: self.root.clone(),
                     _file: locked,
-                });
+                }));
             }
             Err((file, Errno::EWOULDBLOCK)) => {
                 log::info!(
@@ -205,15 +215,33 @@ impl StateDir {
         loop {
             match Flock::lock(file, FlockArg::LockExclusive) {
                 Ok(locked) => {
-                    return Ok(StateLock {
+                    return Ok(Some(StateLock {
                         root: self.root.clone(),
                         _file: locked,
-                    });
+                    }));
                 }
                 // A signal interrupted the wait; keep waiting.
                 Err((again, Errno::EINTR)) => file = again,
                 Err((_, errno)) => return Err(lock_err(errno)),
             }
+        }
+    }
+
+    /// Takes an exclusive lock of its own on `<root>/<name>` (an empty file, not a document)
+    /// without waiting: `Ok(None)` if someone else holds it or the dir does not exist. For a
+    /// job that needs one runner at a time, independent of the state lock.
+    pub fn try_lock_file(&self, name: &str) -> Result<Option<FileLock>, StateError> {
+        let path = self.doc_path(name)?;
+        let Some(file) = open_lock_file(&path)? else {
+            return Ok(None);
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => Ok(Some(FileLock { _file: locked })),
+            Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(StateError::Lock {
+                path,
+                source: io::Error::from(errno),
+            }),
         }
     }
 
@@ -395,6 +423,26 @@ impl StateDir {
                 path: self.root.clone(),
                 source,
             })
+    }
+}
+
+/// Opens (creating) the lock file `path`; `Ok(None)` if its dir does not exist.
+fn open_lock_file(path: &Path) -> Result<Option<File>, StateError> {
+    // std opens with O_CLOEXEC: a child exec'd while we hold the lock must not keep it.
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::OpenLock {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -684,6 +732,26 @@ mod tests {
             drop(held);
         });
         assert!(acquired.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn file_lock_is_exclusive_and_never_creates_the_dir() {
+        let tmp = TempDir::new("filelock");
+        let dir = StateDir::new(tmp.0.join("state"));
+        assert!(dir.try_lock_file("job.lock").unwrap().is_none());
+        assert!(dir.lock_existing().unwrap().is_none());
+        assert!(!dir.root().exists(), "a lock brought back a missing dir");
+        drop(dir.lock().unwrap());
+        let held = dir.try_lock_file("job.lock").unwrap().expect("free");
+        assert!(
+            dir.try_lock_file("job.lock").unwrap().is_none(),
+            "taken twice"
+        );
+        // Independent of the state lock.
+        drop(dir.lock_existing().unwrap().expect("the dir exists"));
+        drop(held);
+        assert!(dir.try_lock_file("job.lock").unwrap().is_some());
+        assert!(dir.try_lock_file(LOCK_FILE).is_err(), "the state lock file");
     }
 
     #[test]

@@ -75,7 +75,15 @@ pub(crate) fn main() -> ExitCode {
         .parse_filters(&cli.log)
         .format_target(false)
         .init();
-    let net = |state: &PathBuf, bpf: &PathBuf| micropod::network::Network::new(state, bpf);
+    // Retired links are deleted by a `network reap` of this binary, off the detach's path.
+    let exe = std::env::current_exe().ok();
+    let net = |state: &PathBuf, bpf: &PathBuf| {
+        let network = micropod::network::Network::new(state, bpf);
+        match &exe {
+            Some(exe) => network.reap_in_background(exe),
+            None => network,
+        }
+    };
     let vms = micropod::vm::Vms::new;
     let result = match cli.command {
         Command::CountSources(args) => count_sources::run(args),

@@ -27,13 +27,17 @@ pub(super) enum Command {
     },
     /// Give a VMM a TAP, or a network namespace a veth, with an address on the bridge.
     Attach(AttachArgs),
-    /// Delete an endpoint's link and release its address.
+    /// Release an endpoint's address and take its link off the bridge; the kernel deletes
+    /// the link in the background (`network status` counts those still waiting).
     Detach { name: String },
     /// List endpoints.
     Ls {
         #[arg(long)]
         json: bool,
     },
+    /// Internal: deletes retired links in the background, started by `detach`.
+    #[command(name = micropod::network::REAP_COMMAND, hide = true)]
+    Reap,
 }
 
 #[derive(Debug, clap::Args)]
@@ -182,6 +186,12 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                     n.ipam.used, n.ipam.free, n.ipam.capacity
                 );
                 println!("endpoints  {}", n.endpoints.len());
+                if n.retired_links > 0 {
+                    println!(
+                        "retired    {} detached link(s) waiting to be deleted",
+                        n.retired_links
+                    );
+                }
                 print_endpoints(&n.endpoints);
             } else {
                 println!("network is down (state dir {})", status.state_dir.display());
@@ -209,6 +219,10 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
             None => println!("detached {name}"),
             Some(gone) => println!("{name} was already gone ({}); released", gone.reason),
         },
+        Command::Reap => {
+            let deleted = rt.block_on(network.reap())?;
+            log::debug!("reaper deleted {deleted} retired link(s)");
+        }
         Command::Ls { json } => {
             let endpoints = network.list()?;
             if json {

@@ -1,4 +1,5 @@
-//! Generic link operations: look up, list, bring up, enslave, delete.
+//! Generic link operations: look up, list, bring up, enslave, retire (down, off the bridge,
+//! renamed), delete one or a whole group.
 
 use std::{
     io,
@@ -48,6 +49,25 @@ pub enum LinkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("cannot take interface {name} down and off its bridge")]
+    SetDownNomaster {
+        name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot rename interface {name} to {to}")]
+    Rename {
+        name: String,
+        to: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot delete the interfaces of group {group}")]
+    DeleteGroup {
+        group: u32,
+        #[source]
+        source: rtnetlink::Error,
+    },
     #[error("cannot attach interface {name} to bridge index {controller} and bring it up")]
     SetController {
         name: String,
@@ -55,6 +75,24 @@ pub enum LinkError {
         #[source]
         source: rtnetlink::Error,
     },
+}
+
+impl LinkError {
+    /// Whether the kernel refused because the name asked for is taken.
+    pub fn is_exists(&self) -> bool {
+        matches!(self, Self::Rename { source: rtnetlink::Error::NetlinkError(e), .. }
+            if e.raw_code() == -libc::EEXIST)
+    }
+
+    /// Whether the kernel refused because the link is gone.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, Self::NotFound { .. })
+            || matches!(self,
+                Self::SetDownNomaster { source: rtnetlink::Error::NetlinkError(e), .. }
+                | Self::Rename { source: rtnetlink::Error::NetlinkError(e), .. }
+                | Self::Delete { source: rtnetlink::Error::NetlinkError(e), .. }
+                if e.raw_code() == -libc::ENODEV)
+    }
 }
 
 /// What micropod needs to know about a link from a dump.
@@ -129,6 +167,59 @@ pub async fn set_controller_up(nl: &Netlink, name: &str, controller: u32) -> Res
             controller,
             source,
         })
+}
+
+/// Takes the link `name` (at `index`) out of service in one request: admin down (it stops
+/// passing frames), no controller (it leaves its bridge) and into device group `group`.
+/// Cheap, unlike a delete, whose unregister waits for RCU grace periods.
+pub async fn set_down_nomaster(
+    nl: &Netlink,
+    name: &str,
+    index: u32,
+    group: u32,
+) -> Result<(), LinkError> {
+    nl.handle()
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .down()
+                .nocontroller()
+                .link_group(group)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|source| LinkError::SetDownNomaster {
+            name: name.into(),
+            source,
+        })
+}
+
+/// Renames the link `name` (at `index`) to `to`. The kernel renames only links that are down.
+pub async fn rename(nl: &Netlink, name: &str, index: u32, to: &str) -> Result<(), LinkError> {
+    validate_name(to)?;
+    nl.handle()
+        .link()
+        .set(LinkUnspec::new_with_index(index).name(to).build())
+        .execute()
+        .await
+        .map_err(|source| LinkError::Rename {
+            name: name.into(),
+            to: to.into(),
+            source,
+        })
+}
+
+/// Deletes every link of device group `group` in one request, which the kernel unregisters
+/// as one batch (one set of RCU grace periods for all); `Ok(false)` when the group is empty.
+pub async fn delete_group(nl: &Netlink, group: u32) -> Result<bool, LinkError> {
+    let mut message = LinkMessage::default();
+    message.attributes.push(LinkAttribute::Group(group));
+    match nl.handle().link().del_with_message(message).execute().await {
+        Ok(()) => Ok(true),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(false),
+        Err(source) => Err(LinkError::DeleteGroup { group, source }),
+    }
 }
 
 /// Deletes the link called `name` if it exists; `Ok(false)` when there was none.

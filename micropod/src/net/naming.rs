@@ -11,6 +11,14 @@ use serde::{Deserialize, Serialize};
 pub const TAP_LINK_PREFIX: &str = "mpt-";
 /// Link name prefix of a [`EndpointKind::Netns`] endpoint (`mpv-<address in hex>`).
 pub const NETNS_LINK_PREFIX: &str = "mpv-";
+/// Link name prefix of a retired endpoint link: detached, down, off the bridge and waiting for
+/// the kernel to delete it (`mpr<address in hex><generation in hex>`).
+pub const RETIRED_LINK_PREFIX: &str = "mpr";
+/// The device group retired links join (`ip link show group 1836085760`), so that the reaper
+/// deletes them all in one request, which the kernel unregisters as one batch (those of every
+/// micropod network in the namespace: all are waiting to be deleted). "mpr\0" in ASCII: far
+/// from the small numbers of `/etc/iproute2/group`.
+pub const RETIRED_LINK_GROUP: u32 = 0x6d70_7200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -121,6 +129,29 @@ pub fn endpoint_link_ip(name: &str) -> Option<Ipv4Addr> {
     endpoint_link(name).map(|(_, ip)| ip)
 }
 
+/// The name a detached endpoint's link takes while it waits to be deleted: `mpr`, the address
+/// in 8 hex digits and a generation in 4 (15 bytes, IFNAMSIZ - 1). It never collides with an
+/// endpoint's name, so the address can be attached again at once; the generation tells apart
+/// links of one address retired one after the other.
+#[must_use]
+pub fn retired_link_name(ip: Ipv4Addr, generation: u16) -> String {
+    format!("{RETIRED_LINK_PREFIX}{:08x}{generation:04x}", u32::from(ip))
+}
+
+/// The address and generation a retired link name was made for, if it is one.
+#[must_use]
+pub fn retired_link(name: &str) -> Option<(Ipv4Addr, u16)> {
+    let hex = name.strip_prefix(RETIRED_LINK_PREFIX)?;
+    if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let (ip, generation) = hex.split_at(8);
+    Some((
+        Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?),
+        u16::from_str_radix(generation, 16).ok()?,
+    ))
+}
+
 /// Endpoint names: what a user would call a VM or container.
 #[must_use]
 pub fn valid_endpoint_name(name: &str) -> bool {
@@ -189,6 +220,33 @@ mod tests {
         assert_eq!(link_name(EndpointKind::Netns, ip), "mpv-0a0afffe");
         for other in ["micropod0", "mpv-", "mpv-0a0a00zz", "eth0", "mpx-0a0a0002"] {
             assert_eq!(endpoint_link_ip(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn retired_names_fit_ifnamsiz_round_trip_and_are_not_endpoint_names() {
+        let ip = Ipv4Addr::new(10, 10, 255, 254);
+        for generation in [0, 1, 0xabcd, u16::MAX] {
+            let name = retired_link_name(ip, generation);
+            assert_eq!(name.len(), crate::net::link::IFNAME_MAX, "{name}");
+            assert!(crate::net::link::validate_name(&name).is_ok(), "{name}");
+            assert_eq!(retired_link(&name), Some((ip, generation)), "{name}");
+            assert_eq!(endpoint_link_ip(&name), None, "{name}");
+        }
+        assert_eq!(retired_link_name(ip, 0x12), "mpr0a0afffe0012");
+        for kind in EndpointKind::ALL {
+            assert_eq!(retired_link(&link_name(kind, ip)), None);
+        }
+        for other in [
+            "mpr",
+            "mpr0a0afffe",
+            "mpr0a0afffe001",
+            "mpr0a0afffe00123",
+            "mpr0a0afffe00zz",
+            "mpq0a0afffe0012",
+            "micropod0",
+        ] {
+            assert_eq!(retired_link(other), None, "{other}");
         }
     }
 

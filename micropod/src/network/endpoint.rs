@@ -16,6 +16,20 @@ use crate::{
 impl super::Network {
     /// `network attach`: a TAP for a VMM, or a veth into a namespace, with an address.
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attachment, NetworkError> {
+        let mut reap = false;
+        let attached = self.attach_locked(req, &mut reap).await;
+        if reap {
+            self.reap_later().await;
+        }
+        attached
+    }
+
+    /// [`Self::attach`] under the state lock; sets `reap` if retired links wait on record.
+    async fn attach_locked(
+        &self,
+        req: &AttachRequest,
+        reap: &mut bool,
+    ) -> Result<Attachment, NetworkError> {
         check_privileges()?;
         check_endpoint_name("endpoint", &req.name).map_err(InputError::from)?;
         let target = match (req.kind, &req.netns) {
@@ -34,6 +48,7 @@ impl super::Network {
         let lock = self.state.lock()?;
         let mut doc = self.load_ready(&lock)?;
         let seen = self.reconcile(&nl, &lock, &mut doc, false).await?;
+        *reap = seen.retired_pending;
         failpoint::hit("attach:locked");
         if let Some(ep) = doc.endpoints.get(&req.name) {
             return Err(AttachError::DuplicateEndpoint {
@@ -72,7 +87,7 @@ impl super::Network {
         // The intent, recorded before the first kernel object exists; see the module docs.
         self.state.write_json_unsynced(&lock, ATTACH_INTENT, &ep)?;
         failpoint::hit("attach:intent-recorded");
-        let plumbed = self
+        let mut plumbed = self
             .plumb(
                 &nl,
                 &doc,
@@ -81,6 +96,29 @@ impl super::Network {
                 target.as_ref().map(|(ns, _)| ns),
             )
             .await;
+        if matches!(
+            plumbed,
+            Err(NetworkError::Attach(AttachError::IfnameTaken { .. }))
+        ) && !doc.retired.is_empty()
+        {
+            // The name inside the namespace may be held by the peer of a veth detached a
+            // moment ago and not yet deleted: delete the retired links now and try again.
+            let failures = self.reap_now(&nl, &mut doc).await;
+            for (name, e) in failures {
+                log::warn!("cannot delete retired {name}: {}", crate::error_chain(&e));
+            }
+            self.state.write_json(&lock, STATE_DOC, &doc)?;
+            *reap = !doc.retired.is_empty();
+            plumbed = self
+                .plumb(
+                    &nl,
+                    &doc,
+                    &ep,
+                    bridge_index,
+                    target.as_ref().map(|(ns, _)| ns),
+                )
+                .await;
+        }
         if let Err(err) = plumbed {
             self.forget_datapath(&doc, ep.ip, &ep.link);
             // Removing the link undoes everything (a veth's peer and its addresses and routes
@@ -197,32 +235,63 @@ impl super::Network {
         }
     }
 
-    /// `network detach`: deletes the endpoint's link and releases its address. Returns the
+    /// `network detach`: takes the endpoint's link out of service and releases its address;
+    /// the link itself is deleted after the lock is released (see `retire.rs`). Returns the
     /// reconcile note if the endpoint had already gone away on its own.
     pub async fn detach(&self, name: &str) -> Result<Option<Released>, NetworkError> {
+        let mut reap = false;
+        let detached = self.detach_locked(name, &mut reap).await;
+        if reap {
+            self.reap_later().await;
+        }
+        detached
+    }
+
+    /// [`Self::detach`] under the state lock; sets `reap` if retired links wait on record.
+    async fn detach_locked(
+        &self,
+        name: &str,
+        reap: &mut bool,
+    ) -> Result<Option<Released>, NetworkError> {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
         let mut doc = self.load_ready(&lock)?;
-        let released = self.reconcile(&nl, &lock, &mut doc, false).await?.released;
-        if let Some(gone) = released.into_iter().find(|r| r.name == name) {
+        let seen = self.reconcile(&nl, &lock, &mut doc, false).await?;
+        *reap = seen.retired_pending;
+        if let Some(gone) = seen.released.into_iter().find(|r| r.name == name) {
             return Ok(Some(gone));
         }
         let Some(ep) = doc.endpoints.get(name).cloned() else {
             return Err(NetworkError::UnknownEndpoint { name: name.into() });
         };
-        link::delete_if_exists(&nl, &ep.link)
-            .await
-            .map_err(|source| NetworkError::DeleteLink {
-                name: ep.link.clone(),
-                source: Box::new(source),
-            })?;
-        failpoint::hit("detach:link-deleted");
+        let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+        let mut intent = DetachIntent {
+            retired: Self::next_retired_name(&doc, ep.ip, &probe, None)?,
+            endpoint: ep.clone(),
+        };
+        // The intent, recorded before the first kernel change; see the module docs.
+        self.state
+            .write_json_unsynced(&lock, DETACH_INTENT, &intent)?;
+        failpoint::hit("detach:intent-recorded");
+        let kept = self
+            .retire_link(&nl, &lock, &probe, &doc, &mut intent)
+            .await?;
+        failpoint::hit("detach:retired");
         self.forget_datapath(&doc, ep.ip, &ep.link);
         if let Some((_, Err(source))) = doc.release_endpoint(name) {
             return Err(NetworkError::Release { ip: ep.ip, source });
         }
+        if kept {
+            doc.retired.push(RetiredLink {
+                name: intent.retired,
+                ip: ep.ip,
+            });
+        }
         self.state.write_json(&lock, STATE_DOC, &doc)?;
+        failpoint::hit("detach:recorded");
+        self.state.remove_unsynced(&lock, DETACH_INTENT)?;
+        *reap = !doc.retired.is_empty();
         Ok(None)
     }
 }

@@ -50,6 +50,16 @@ pub enum NetworkError {
         #[source]
         source: IpamError,
     },
+    #[error(
+        "cannot take link {name} out of service for deletion; the next micropod command finishes the detach"
+    )]
+    RetireLink {
+        name: String,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("every retired-link name for {ip} is taken; run `micropod gc` to delete retired links")]
+    RetiredNamesExhausted { ip: Ipv4Addr },
     #[error("cannot delete link {name}")]
     DeleteLink {
         name: String,
@@ -246,6 +256,12 @@ impl NetnsStep {
 pub enum TeardownError {
     #[error("endpoint {name}")]
     EndpointLink {
+        name: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("retired link {name}")]
+    RetiredLink {
         name: String,
         #[source]
         source: LinkError,

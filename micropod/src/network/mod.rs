@@ -8,13 +8,18 @@
 //! lock otherwise) and undoes it:
 //! - attach writes the endpoint it is about to make to a small intent document, makes the
 //!   links, adds the endpoint to the state document, then removes the intent;
-//! - detach deletes the link first and the record last, so a record whose link is gone is
-//!   released by the same reconcile;
+//! - detach writes the endpoint and the name its link will take to a detach intent, takes
+//!   the link down and off the bridge and renames it (`mpr…`, see `retire.rs`), forgets it in
+//!   the data path, then releases the endpoint and records the retired link in one write,
+//!   and removes the intent; the deletion itself (16-20 ms of kernel time) is the reaper's,
+//!   after the lock is released. A reconcile that finds the intent finishes the detach from
+//!   wherever it stopped;
 //! - `up` records the network first (phase `creating`) and marks it `ready` when done.
 //!
-//! This reconcile starts every mutating command; [`Network::gc`] also sweeps for links named
-//! like micropod's endpoints (`mpv-`/`mpt-` + the address in hex) for an address of our subnet
-//! that no record owns.
+//! This reconcile starts every mutating command; [`Network::gc`] also deletes the retired links
+//! on record at once and sweeps for links named like micropod's endpoints (`mpv-`/`mpt-` + the
+//! address in hex) or retired links (`mpr` + the address and a generation in hex) for an
+//! address of our subnet that no record owns.
 //!
 //! The intent is written and removed without a disk sync: it only has to survive the death of
 //! the process (the page cache is shared), since after a power cut the links it describes are
@@ -25,16 +30,20 @@ mod endpoint;
 mod error;
 mod model;
 mod reconcile;
+mod retire;
 mod up;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
 pub use error::{AttachError, InputError, NetnsStep, NetworkError, TeardownError, UpError};
 pub use model::{
-    ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode,
-    Endpoint, EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc, Phase, STATE_DOC,
-    UplinkChoice, endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, valid_endpoint_name,
+    ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DETACH_INTENT,
+    DatapathMode, DetachIntent, Endpoint, EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc,
+    Phase, REAPER_LOCK, REAPER_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC, UplinkChoice,
+    endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, retired_link, retired_link_name,
+    valid_endpoint_name,
 };
+pub use retire::REAP_COMMAND;
 use serde::Serialize;
 
 use crate::{ipam::IpamUsage, state::StateDir};
@@ -49,6 +58,9 @@ pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/micropod";
 pub struct Network {
     state: StateDir,
     bpf_dir: PathBuf,
+    /// Set by [`Network::reap_in_background`]: the executable whose `network reap` deletes
+    /// retired links; `None` deletes them inline.
+    reaper_exe: Option<PathBuf>,
 }
 
 /// What `network up` was asked for, as typed.
@@ -152,6 +164,8 @@ pub struct NetworkStatus {
     pub nft_table: String,
     pub ipam: IpamUsage,
     pub endpoints: Vec<EndpointView>,
+    /// Links of detached endpoints that are still waiting to be deleted.
+    pub retired_links: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -191,6 +205,7 @@ impl Network {
         Self {
             state: StateDir::new(state_dir),
             bpf_dir: bpf_dir.into(),
+            reaper_exe: None,
         }
     }
 
@@ -232,6 +247,7 @@ impl Network {
                         .values()
                         .map(|ep| EndpointView::new(ep, &doc))
                         .collect(),
+                    retired_links: doc.retired.len(),
                 })
             }
         };

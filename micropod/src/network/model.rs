@@ -7,7 +7,10 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf, str::FromStr
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
-pub use crate::net::naming::{EndpointKind, Mac, endpoint_link_ip, link_name, valid_endpoint_name};
+pub use crate::net::naming::{
+    EndpointKind, Mac, RETIRED_LINK_GROUP, endpoint_link_ip, link_name, retired_link,
+    retired_link_name, valid_endpoint_name,
+};
 use crate::{
     ipam::{Ipam, IpamError},
     net::NetnsId,
@@ -20,6 +23,14 @@ pub const STATE_DOC: &str = "network.json";
 /// The endpoint an attach is making, recorded before its first kernel object exists and
 /// removed once the endpoint is in [`STATE_DOC`].
 pub const ATTACH_INTENT: &str = "attach-intent.json";
+/// The endpoint a detach is retiring and the name its link takes, recorded before the first
+/// kernel change and removed once the endpoint is released and its link is in
+/// [`NetworkDoc::retired`].
+pub const DETACH_INTENT: &str = "detach-intent.json";
+/// The reaper's own lock file (not a document): whoever holds it deletes the retired links.
+pub const REAPER_LOCK: &str = "reaper.lock";
+/// Where background reapers write their log, under the state dir.
+pub const REAPER_LOG: &str = "reaper.log";
 /// A Linux bridge holds at most this many ports (`BR_MAX_PORTS` in net/bridge/br_private.h).
 pub const BR_MAX_PORTS: usize = 1023;
 /// Bumped when the document's meaning changes.
@@ -142,6 +153,10 @@ pub struct NetworkDoc {
     pub ip_forward_was_off: bool,
     pub ipam: Ipam,
     pub endpoints: BTreeMap<String, Endpoint>,
+    /// Links of detached endpoints, down, off the bridge and renamed, that the kernel has yet
+    /// to delete (the reaper does it, off the detach's critical path).
+    #[serde(default)]
+    pub retired: Vec<RetiredLink>,
 }
 
 impl NetworkDoc {
@@ -151,6 +166,22 @@ impl NetworkDoc {
         let freed = self.ipam.release(ep.ip).map(drop);
         Some((ep, freed))
     }
+}
+
+/// A retired link waiting to be deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredLink {
+    pub name: String,
+    /// The address its endpoint had (already free for another endpoint).
+    pub ip: Ipv4Addr,
+}
+
+/// What a detach is doing: [`DETACH_INTENT`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachIntent {
+    pub endpoint: Endpoint,
+    /// The name its link takes.
+    pub retired: String,
 }
 
 /// The namespace a `netns` endpoint lives in: its path and identity when attached.
@@ -187,6 +218,28 @@ pub fn kernel_ip_arg(ip: Ipv4Addr, subnet: Ipv4Network, gateway: Ipv4Addr) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn documents_without_retired_links_load() {
+        let doc = serde_json::json!({
+            "version": 1,
+            "phase": "ready",
+            "config": {
+                "bridge": "micropod0",
+                "subnet": "10.10.0.0/24",
+                "gateway": "10.10.0.1",
+                "uplink": null,
+                "datapath": "netfilter",
+            },
+            "active_datapath": "netfilter",
+            "nft_table": "micropod_micropod0",
+            "ip_forward_was_off": false,
+            "ipam": {"subnet": "10.10.0.0/24", "gateway": "10.10.0.1", "allocations": {}},
+            "endpoints": {},
+        });
+        let doc: NetworkDoc = serde_json::from_value(doc).unwrap();
+        assert!(doc.retired.is_empty());
+    }
 
     #[test]
     fn kernel_argument() {

@@ -9,8 +9,8 @@ use crate::{
 
 impl super::Network {
     /// `micropod gc`: releases endpoints whose command died, whose link vanished or whose
-    /// namespace is gone, and deletes links named like endpoints of our subnet that no record
-    /// owns.
+    /// namespace is gone, deletes the retired links on record, and deletes links named like
+    /// endpoints or retired links of our subnet that no record owns.
     pub async fn gc(&self) -> Result<Vec<Released>, NetworkError> {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
@@ -40,7 +40,8 @@ impl super::Network {
 
     /// Brings the record in line with the kernel; writes it back if anything changed. Cheap
     /// enough for every command: one `SIOCGIFINDEX` and one `stat` per endpoint. `sweep` (for
-    /// `micropod gc`) also dumps every link to find micropod-named links without a record.
+    /// `micropod gc`) also deletes the retired links on record and dumps every link to find
+    /// micropod-named links without a record.
     pub(super) async fn reconcile(
         &self,
         nl: &Netlink,
@@ -51,6 +52,24 @@ impl super::Network {
         let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
         let exists = |name: &str| probe.index(name).map_err(NetworkError::Probe);
         let mut released = Vec::new();
+        let mut changed = false;
+        // A detach that died: finish it, before the checks below take its renamed link for a
+        // vanished one.
+        if let Some(intent) = self.state.read_json::<DetachIntent>(lock, DETACH_INTENT)? {
+            let (name, ip, link) = (
+                intent.endpoint.name.clone(),
+                intent.endpoint.ip,
+                intent.endpoint.link.clone(),
+            );
+            if self.finish_detach(nl, lock, &probe, doc, intent).await? {
+                released.push(Released {
+                    name,
+                    ip: Some(ip),
+                    link: Some(link),
+                    reason: "its detach was interrupted".into(),
+                });
+            }
+        }
         // An attach that died: undo what it made, unless it got as far as recording it.
         if let Some(intent) = self.state.read_json::<Endpoint>(lock, ATTACH_INTENT)? {
             let recorded = doc.endpoints.get(&intent.name) == Some(&intent);
@@ -72,7 +91,6 @@ impl super::Network {
             }
             self.state.remove_unsynced(lock, ATTACH_INTENT)?;
         }
-        let undone_intents = released.len();
         let mut stale = Vec::new();
         for ep in doc.endpoints.values() {
             let reason = if exists(&ep.link)?.is_none() {
@@ -101,6 +119,7 @@ impl super::Network {
             if let Some((_, Err(e))) = doc.release_endpoint(&ep.name) {
                 log::warn!("stale endpoint {}: {e}", ep.name);
             }
+            changed = true;
             log::info!("released endpoint {} ({}): {reason}", ep.name, ep.ip);
             released.push(Released {
                 name: ep.name,
@@ -118,6 +137,7 @@ impl super::Network {
             .collect();
         for (ip, owner) in leaked {
             let _ = doc.ipam.release(ip);
+            changed = true;
             released.push(Released {
                 name: owner,
                 ip: Some(ip),
@@ -125,8 +145,16 @@ impl super::Network {
                 reason: "its address had no endpoint record".into(),
             });
         }
-        // The intent never touched the document; anything else did.
-        if released.len() > undone_intents {
+        if sweep {
+            let before = doc.retired.len();
+            for (name, e) in self.reap_now(nl, doc).await {
+                log::warn!("cannot delete retired {name}: {}", crate::error_chain(&e));
+            }
+            changed |= doc.retired.len() != before;
+        }
+        // The intents never touched the document (the detach intent's finish wrote its own
+        // change); anything else did.
+        if changed {
             self.state.write_json(lock, STATE_DOC, doc)?;
         }
         if sweep {
@@ -137,12 +165,16 @@ impl super::Network {
                 .await
                 .map_err(|e| NetworkError::Links(Box::new(e)))?;
             for l in links {
-                let ours = endpoint_link_ip(&l.name).is_some_and(|ip| subnet.contains(ip));
-                if ours && !doc.endpoints.values().any(|ep| ep.link == l.name) {
+                let ip =
+                    endpoint_link_ip(&l.name).or_else(|| retired_link(&l.name).map(|(ip, _)| ip));
+                let ours = ip.is_some_and(|ip| subnet.contains(ip));
+                let recorded = doc.endpoints.values().any(|ep| ep.link == l.name)
+                    || doc.retired.iter().any(|r| r.name == l.name);
+                if ours && !recorded {
                     match link::delete_if_exists(nl, &l.name).await {
                         Ok(_) => released.push(Released {
                             name: l.name.clone(),
-                            ip: endpoint_link_ip(&l.name),
+                            ip,
                             link: Some(l.name.clone()),
                             reason: "a micropod-named link without a record".into(),
                         }),
@@ -158,6 +190,7 @@ impl super::Network {
         Ok(Reconciled {
             released,
             bridge_index: exists(&doc.config.bridge)?,
+            retired_pending: !doc.retired.is_empty(),
         })
     }
 }
@@ -166,4 +199,6 @@ impl super::Network {
 pub(super) struct Reconciled {
     pub(super) released: Vec<Released>,
     pub(super) bridge_index: Option<u32>,
+    /// Retired links wait on record: the command starts the reaper once it unlocks.
+    pub(super) retired_pending: bool,
 }

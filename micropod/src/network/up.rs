@@ -19,6 +19,20 @@ impl super::Network {
     /// `network up`: the bridge with the gateway address, forwarding, the MASQUERADE fallback.
     /// Idempotent; refuses to change the settings of a network that has endpoints.
     pub async fn up(&self, req: &UpRequest) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
+        let mut reap = false;
+        let made = self.up_locked(req, &mut reap).await;
+        if reap {
+            self.reap_later().await;
+        }
+        made
+    }
+
+    /// [`Self::up`] under the state lock; sets `reap` if retired links wait on record.
+    async fn up_locked(
+        &self,
+        req: &UpRequest,
+        reap: &mut bool,
+    ) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
         check_privileges()?;
         link::validate_name(&req.bridge).map_err(|e| InputError::BridgeName(Box::new(e)))?;
         let subnet = parse_subnet(&req.subnet)?;
@@ -36,7 +50,10 @@ impl super::Network {
         let lock = self.state.lock()?;
         let mut existing: Option<NetworkDoc> = self.state.read_json(&lock, STATE_DOC)?;
         if let Some(doc) = existing.as_mut() {
-            self.reconcile(&nl, &lock, doc, false).await?;
+            *reap = self
+                .reconcile(&nl, &lock, doc, false)
+                .await?
+                .retired_pending;
         }
         let uplink = resolve_uplink(&nl, &req.uplink).await?;
         let config = NetworkConfig {
@@ -102,6 +119,7 @@ impl super::Network {
                 return Err(NetworkError::Teardown(problems));
             }
             self.state.remove(&lock, STATE_DOC)?;
+            *reap = false;
             UpOutcome::Replaced
         } else {
             UpOutcome::Created
@@ -116,6 +134,7 @@ impl super::Network {
             ip_forward_was_off,
             ipam: Ipam::new(subnet, gateway).map_err(InputError::Subnet)?,
             endpoints: Default::default(),
+            retired: Vec::new(),
             config: config.clone(),
         };
         // Recorded first: if we die half-way, the next `up` or `down` knows what is ours.
@@ -211,6 +230,14 @@ impl super::Network {
     /// Removes every kernel object and pin of `doc`; runs every step and returns all failures.
     async fn teardown(&self, nl: &Netlink, doc: &NetworkDoc) -> Vec<TeardownError> {
         let mut problems = Vec::new();
+        if !doc.retired.is_empty() {
+            let names: Vec<String> = doc.retired.iter().map(|r| r.name.clone()).collect();
+            let results = super::retire::delete_retired(nl, &names).await;
+            problems.extend(results.into_iter().filter_map(|(name, r)| {
+                r.err()
+                    .map(|source| TeardownError::RetiredLink { name, source })
+            }));
+        }
         for ep in doc.endpoints.values() {
             if let Err(source) = link::delete_if_exists(nl, &ep.link).await {
                 problems.push(TeardownError::EndpointLink {

@@ -1,0 +1,381 @@
+//! Retired links: how `detach` takes an endpoint's link out of service at once and leaves its
+//! deletion to the reaper.
+//!
+//! Deleting a link costs 16-20 ms, most of it the RCU grace periods of the kernel's unregister
+//! path, and holds the RTNL lock throughout. Taking it down, off the bridge and renaming it
+//! costs well under a millisecond, and from then on it passes no frame and its name and
+//! address are free for the next endpoint. So detach retires the link and records it in
+//! [`NetworkDoc::retired`]; the reaper (`micropod network reap`, started in the background
+//! by the CLI, or run inline by library users) deletes every retired link in one request (a
+//! device group, which the kernel unregisters as one batch) and drops them from the record.
+
+use std::{
+    collections::BTreeSet,
+    fs::OpenOptions,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use super::{NetworkError, model::*};
+use crate::{
+    failpoint,
+    net::{
+        Netlink,
+        link::{self, IndexProbe, LinkError},
+    },
+    state::StateLock,
+};
+
+/// The hidden CLI subcommand that runs a reaper: `micropod network reap`.
+pub const REAP_COMMAND: &str = "reap";
+
+/// How many taken names a detach tries before giving up (names are free unless someone made
+/// `mpr…` links by hand).
+const RENAME_ATTEMPTS: u32 = 16;
+
+impl super::Network {
+    /// Deletes retired links in a background `exe network reap` (the micropod binary) rather
+    /// than inline at the end of the command that retired them.
+    #[must_use]
+    pub fn reap_in_background(mut self, exe: impl Into<PathBuf>) -> Self {
+        self.reaper_exe = Some(exe.into());
+        self
+    }
+
+    /// A name for a retired link of `ip` that neither the record nor the kernel uses: the
+    /// lowest free generation (a link of `ip` retired a moment ago may still be waiting), past
+    /// `after` if given (a name the kernel just refused).
+    pub(super) fn next_retired_name(
+        doc: &NetworkDoc,
+        ip: std::net::Ipv4Addr,
+        probe: &IndexProbe,
+        after: Option<&str>,
+    ) -> Result<String, NetworkError> {
+        let first = after
+            .and_then(retired_link)
+            .map_or(0, |(_, generation)| u32::from(generation) + 1);
+        for generation in first..=u32::from(u16::MAX) {
+            let generation = u16::try_from(generation).expect("in range");
+            let name = retired_link_name(ip, generation);
+            if !doc.retired.iter().any(|r| r.name == name)
+                && probe.index(&name).map_err(NetworkError::Probe)?.is_none()
+            {
+                return Ok(name);
+            }
+        }
+        Err(NetworkError::RetiredNamesExhausted { ip })
+    }
+
+    /// Detach's kernel step: the link goes down, off the bridge and into the retired group in
+    /// one request, then takes the retired name (the kernel renames only links that are down).
+    /// Returns whether the link is there under its retired name (false: it was gone already).
+    /// A taken name makes it try the next one, recorded in the intent first.
+    pub(super) async fn retire_link(
+        &self,
+        nl: &Netlink,
+        lock: &StateLock,
+        probe: &IndexProbe,
+        doc: &NetworkDoc,
+        intent: &mut DetachIntent,
+    ) -> Result<bool, NetworkError> {
+        let ep = &intent.endpoint;
+        let Some(index) = probe.index(&ep.link).map_err(NetworkError::Probe)? else {
+            return Ok(false);
+        };
+        let retire = |source: LinkError| NetworkError::RetireLink {
+            name: ep.link.clone(),
+            source: Box::new(source),
+        };
+        match link::set_down_nomaster(nl, &ep.link, index, RETIRED_LINK_GROUP).await {
+            Ok(()) => {}
+            Err(e) if e.is_gone() => return Ok(false),
+            Err(e) => return Err(retire(e)),
+        }
+        let mut attempts = 0;
+        loop {
+            match link::rename(nl, &ep.link, index, &intent.retired).await {
+                Ok(()) => return Ok(true),
+                Err(e) if e.is_gone() => return Ok(false),
+                Err(e) if e.is_exists() && attempts < RENAME_ATTEMPTS => {
+                    attempts += 1;
+                    intent.retired =
+                        Self::next_retired_name(doc, ep.ip, probe, Some(&intent.retired))?;
+                    self.state
+                        .write_json_unsynced(lock, DETACH_INTENT, intent)?;
+                }
+                Err(e) => return Err(retire(e)),
+            }
+        }
+    }
+
+    /// Finishes a detach that died (see [`DETACH_INTENT`]), whatever step it reached: the link
+    /// may have its old name, the retired one or be gone, the record may or may not be gone.
+    /// Returns whether the endpoint was still recorded (and is now released).
+    pub(super) async fn finish_detach(
+        &self,
+        nl: &Netlink,
+        lock: &StateLock,
+        probe: &IndexProbe,
+        doc: &mut NetworkDoc,
+        mut intent: DetachIntent,
+    ) -> Result<bool, NetworkError> {
+        let ep = intent.endpoint.clone();
+        let recorded = doc.endpoints.get(&ep.name) == Some(&ep);
+        let kept = if recorded {
+            let kept = match self.retire_link(nl, lock, probe, doc, &mut intent).await {
+                Ok(kept) => {
+                    kept || probe
+                        .index(&intent.retired)
+                        .map_err(NetworkError::Probe)?
+                        .is_some()
+                }
+                Err(e) => {
+                    // Whatever stopped the retire, deleting it outright still works.
+                    log::warn!(
+                        "cannot retire {}: {}; deleting it now",
+                        ep.link,
+                        crate::error_chain(&e)
+                    );
+                    link::delete_if_exists(nl, &ep.link)
+                        .await
+                        .map_err(|source| NetworkError::DeleteLink {
+                            name: ep.link.clone(),
+                            source: Box::new(source),
+                        })?;
+                    false
+                }
+            };
+            self.forget_datapath(doc, ep.ip, &ep.link);
+            if let Some((_, Err(e))) = doc.release_endpoint(&ep.name) {
+                log::warn!("endpoint {} of an interrupted detach: {e}", ep.name);
+            }
+            kept
+        } else {
+            probe
+                .index(&intent.retired)
+                .map_err(NetworkError::Probe)?
+                .is_some()
+        };
+        if kept && !doc.retired.iter().any(|r| r.name == intent.retired) {
+            doc.retired.push(RetiredLink {
+                name: intent.retired.clone(),
+                ip: ep.ip,
+            });
+        }
+        if recorded || kept {
+            self.state.write_json(lock, STATE_DOC, doc)?;
+        }
+        self.state.remove_unsynced(lock, DETACH_INTENT)?;
+        log::info!("finished the interrupted detach of {}", ep.name);
+        Ok(recorded)
+    }
+
+    /// After a command that found or made retired links, with the state lock released: starts
+    /// the background reaper, or reaps inline. Failures are logged: the detach itself is done,
+    /// and `micropod gc` deletes what is left.
+    pub(super) async fn reap_later(&self) {
+        match &self.reaper_exe {
+            Some(exe) => {
+                if let Err(e) = self.spawn_reaper(exe) {
+                    log::warn!(
+                        "cannot start the reaper {}: {e}; `micropod gc` deletes the retired links",
+                        exe.display()
+                    );
+                }
+            }
+            None => {
+                if let Err(e) = self.reap().await {
+                    log::warn!(
+                        "cannot delete the retired links: {}; `micropod gc` retries",
+                        crate::error_chain(&e)
+                    );
+                }
+            }
+        }
+    }
+
+    /// `micropod --state-dir S --bpf-dir B network reap`, detached: a session of its own, stdio
+    /// on the reaper log (so it holds none of the caller's pipes). Not waited for by the
+    /// command, which returns at once; a thread collects it in a process that lives on.
+    fn spawn_reaper(&self, exe: &std::path::Path) -> std::io::Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.root().join(REAPER_LOG))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null());
+        let mut cmd = Command::new(exe);
+        cmd.arg("--state-dir")
+            .arg(self.state.root())
+            .arg("--bpf-dir")
+            .arg(&self.bpf_dir)
+            .args(["network", REAP_COMMAND])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        crate::sys::setsid_on_exec(&mut cmd);
+        let mut child = cmd.spawn()?;
+        std::thread::spawn(move || child.wait());
+        Ok(())
+    }
+
+    /// `micropod network reap`: deletes the retired links on record until there are none.
+    /// One reaper at a time (its own lock, not the state lock, which it takes only to read and
+    /// update the record); returns at once if another runs. Returns how many it deleted.
+    pub async fn reap(&self) -> Result<usize, NetworkError> {
+        let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        let mut deleted = 0;
+        // Links that would not go: left on record for `gc`, not retried in a loop.
+        let mut failed = BTreeSet::new();
+        loop {
+            let Some(reaper) = self.state.try_lock_file(REAPER_LOCK)? else {
+                return Ok(deleted);
+            };
+            loop {
+                let names = self.retired_on_record(&failed)?;
+                if names.is_empty() {
+                    break;
+                }
+                failpoint::hit("reap:read");
+                let mut gone = BTreeSet::new();
+                for (name, result) in delete_retired(&nl, &names).await {
+                    match result {
+                        Ok(()) => {
+                            gone.insert(name);
+                        }
+                        Err(e) => {
+                            log::warn!("cannot delete {name}: {}", crate::error_chain(&e));
+                            failed.insert(name);
+                        }
+                    }
+                }
+                failpoint::hit("reap:deleted");
+                let Some(lock) = self.state.lock_existing()? else {
+                    return Ok(deleted);
+                };
+                let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
+                    return Ok(deleted);
+                };
+                let before = doc.retired.len();
+                doc.retired.retain(|r| !gone.contains(&r.name));
+                if doc.retired.len() != before {
+                    self.state.write_json(&lock, STATE_DOC, &doc)?;
+                }
+                deleted += gone.len();
+            }
+            drop(reaper);
+            // A detach that retired a link after the last read may have started a reaper that
+            // found the lock taken: look once more, now that the lock is free.
+            if self.retired_on_record(&failed)?.is_empty() {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// The retired links on record, but for `skip`.
+    fn retired_on_record(&self, skip: &BTreeSet<String>) -> Result<Vec<String>, NetworkError> {
+        let doc: Option<NetworkDoc> = self.state.read_json_unlocked(STATE_DOC)?;
+        Ok(doc
+            .map(|d| d.retired)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.name)
+            .filter(|n| !skip.contains(n))
+            .collect())
+    }
+
+    /// Deletes the retired links on record now, under the lock (`gc`, and an attach whose
+    /// interface name inside a namespace is still held by a retired veth's peer). Returns the
+    /// failures; the links that went are dropped from `doc` (the caller writes it).
+    pub(super) async fn reap_now(
+        &self,
+        nl: &Netlink,
+        doc: &mut NetworkDoc,
+    ) -> Vec<(String, LinkError)> {
+        if doc.retired.is_empty() {
+            return Vec::new();
+        }
+        let names: Vec<String> = doc.retired.iter().map(|r| r.name.clone()).collect();
+        let mut failures = Vec::new();
+        let mut gone = BTreeSet::new();
+        for (name, result) in delete_retired(nl, &names).await {
+            match result {
+                Ok(()) => {
+                    gone.insert(name);
+                }
+                Err(e) => failures.push((name, e)),
+            }
+        }
+        doc.retired.retain(|r| !gone.contains(&r.name));
+        failures
+    }
+}
+
+/// Deletes the links `names` (retired ones): first the whole retired group in one request,
+/// then one by one whatever is still there. A link already gone counts as deleted.
+pub(super) async fn delete_retired(
+    nl: &Netlink,
+    names: &[String],
+) -> Vec<(String, Result<(), LinkError>)> {
+    if let Err(e) = link::delete_group(nl, RETIRED_LINK_GROUP).await {
+        log::debug!(
+            "cannot delete the retired group at once: {}; one by one",
+            crate::error_chain(&e)
+        );
+    }
+    // Without the probe, a netlink lookup per name does the same.
+    let probe = IndexProbe::new().ok();
+    let mut results = Vec::with_capacity(names.len());
+    for name in names {
+        let result = match probe.as_ref().map(|p| p.index(name)) {
+            Some(Ok(None)) => Ok(()),
+            _ => link::delete_if_exists(nl, name).await.map(drop),
+        };
+        results.push((name.clone(), result));
+    }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::network::Network;
+
+    #[test]
+    fn retired_names_skip_those_on_record_and_those_refused() {
+        let mut doc: NetworkDoc = serde_json::from_value(serde_json::json!({
+            "version": 1,
+            "phase": "ready",
+            "config": {
+                "bridge": "micropod0",
+                "subnet": "10.10.0.0/24",
+                "gateway": "10.10.0.1",
+                "uplink": null,
+                "datapath": "netfilter",
+            },
+            "active_datapath": "netfilter",
+            "nft_table": "micropod_micropod0",
+            "ip_forward_was_off": false,
+            "ipam": {"subnet": "10.10.0.0/24", "gateway": "10.10.0.1", "allocations": {}},
+            "endpoints": {},
+        }))
+        .unwrap();
+        let ip = Ipv4Addr::new(10, 10, 0, 2);
+        let probe = IndexProbe::new().unwrap();
+        let name = |after| Network::next_retired_name(&doc, ip, &probe, after).unwrap();
+        assert_eq!(name(None), "mpr0a0a00020000");
+        assert_eq!(name(Some("mpr0a0a00020003")), "mpr0a0a00020004");
+        doc.retired.push(RetiredLink {
+            name: "mpr0a0a00020000".into(),
+            ip,
+        });
+        let name = |after| Network::next_retired_name(&doc, ip, &probe, after).unwrap();
+        assert_eq!(name(None), "mpr0a0a00020001");
+        assert!(matches!(
+            Network::next_retired_name(&doc, ip, &probe, Some("mpr0a0a0002ffff")),
+            Err(NetworkError::RetiredNamesExhausted { .. })
+        ));
+    }
+}
