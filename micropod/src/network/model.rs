@@ -216,12 +216,13 @@ pub fn kernel_ip_arg(ip: Ipv4Addr, subnet: Ipv4Network, gateway: Ipv4Addr) -> St
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    #[test]
-    fn documents_without_retired_links_load() {
-        let doc = serde_json::json!({
+    /// A ready netfilter network on 10.10.0.0/24 with nothing attached, as a document written
+    /// before retired links existed (no `retired` field).
+    pub(in crate::network) fn empty_doc() -> NetworkDoc {
+        serde_json::from_value(serde_json::json!({
             "version": 1,
             "phase": "ready",
             "config": {
@@ -236,9 +237,13 @@ mod tests {
             "ip_forward_was_off": false,
             "ipam": {"subnet": "10.10.0.0/24", "gateway": "10.10.0.1", "allocations": {}},
             "endpoints": {},
-        });
-        let doc: NetworkDoc = serde_json::from_value(doc).unwrap();
-        assert!(doc.retired.is_empty());
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn documents_without_retired_links_load() {
+        assert!(empty_doc().retired.is_empty());
     }
 
     #[test]

@@ -345,23 +345,7 @@ mod tests {
 
     #[test]
     fn retired_names_skip_those_on_record_and_those_refused() {
-        let mut doc: NetworkDoc = serde_json::from_value(serde_json::json!({
-            "version": 1,
-            "phase": "ready",
-            "config": {
-                "bridge": "micropod0",
-                "subnet": "10.10.0.0/24",
-                "gateway": "10.10.0.1",
-                "uplink": null,
-                "datapath": "netfilter",
-            },
-            "active_datapath": "netfilter",
-            "nft_table": "micropod_micropod0",
-            "ip_forward_was_off": false,
-            "ipam": {"subnet": "10.10.0.0/24", "gateway": "10.10.0.1", "allocations": {}},
-            "endpoints": {},
-        }))
-        .unwrap();
+        let mut doc = crate::network::model::tests::empty_doc();
         let ip = Ipv4Addr::new(10, 10, 0, 2);
         let probe = IndexProbe::new().unwrap();
         let name = |after| Network::next_retired_name(&doc, ip, &probe, after).unwrap();
