@@ -377,8 +377,9 @@ struct IpamRepr {
 impl TryFrom<IpamRepr> for Ipam {
     type Error = IpamError;
 
-    /// Rebuilds through the public checks, so a document that `new` + `allocate` could not
-    /// have produced is refused.
+    /// Rebuilds through the same checks as `new` + `allocate`, in their order, so a document
+    /// that they could not have produced is refused. The map's keys are distinct already, so it
+    /// is taken as it is rather than rebuilt entry by entry: every command loads the document.
     fn try_from(repr: IpamRepr) -> Result<Self, IpamError> {
         let subnet =
             Ipv4Network::from_str(&repr.subnet).map_err(|reason| IpamError::InvalidSubnet {
@@ -386,15 +387,39 @@ impl TryFrom<IpamRepr> for Ipam {
                 reason,
             })?;
         let mut ipam = Self::new(subnet, repr.gateway)?;
-        for (ip, owner) in repr.allocations {
-            if let Err(reason) = ipam.allocate(&owner, Some(ip)) {
-                return Err(IpamError::InvalidAllocation {
-                    ip,
-                    owner,
-                    reason: Box::new(reason),
-                });
+        ipam.by_owner.reserve(repr.allocations.len());
+        for (&ip, owner) in &repr.allocations {
+            let invalid = |reason| IpamError::InvalidAllocation {
+                ip,
+                owner: owner.clone(),
+                reason: Box::new(reason),
+            };
+            if owner.is_empty() {
+                return Err(invalid(IpamError::EmptyOwner));
             }
+            if let Some(&held) = ipam.by_owner.get(owner) {
+                return Err(invalid(IpamError::DuplicateOwner {
+                    owner: owner.clone(),
+                    ip: held,
+                }));
+            }
+            ipam.check_assignable(ip).map_err(invalid)?;
+            ipam.by_owner.insert(owner.clone(), ip);
         }
+        ipam.allocations = repr.allocations;
+        // Past the run of taken addresses at the bottom, as sequential allocation left it.
+        let gateway = u32::from(ipam.gateway);
+        let mut next = first_host(subnet);
+        for ip in ipam.allocations.keys().map(|ip| u32::from(*ip)) {
+            if next == gateway {
+                next += 1;
+            }
+            if ip != next {
+                break;
+            }
+            next += 1;
+        }
+        ipam.next_free = next;
         Ok(ipam)
     }
 }
@@ -692,6 +717,40 @@ mod tests {
         // The caches are rebuilt too.
         assert_eq!(back.address_of("b"), Some(ip("10.10.0.77")));
         assert_eq!(back.allocate("c", None).unwrap(), ip("10.10.0.3"));
+    }
+
+    #[test]
+    fn a_loaded_pool_hands_out_the_lowest_gap() {
+        // A gateway that is not the first host, and gaps at the bottom, in the middle and none.
+        for (allocations, gateway, expected) in [
+            (
+                r#""10.10.0.1":"a","10.10.0.2":"b","10.10.0.4":"c""#,
+                "10.10.0.3",
+                "10.10.0.5",
+            ),
+            (
+                r#""10.10.0.2":"a","10.10.0.3":"b","10.10.0.5":"c""#,
+                "10.10.0.1",
+                "10.10.0.4",
+            ),
+            (r#""10.10.0.5":"a""#, "10.10.0.1", "10.10.0.2"),
+            (
+                r#""10.10.0.1":"a","10.10.0.2":"b","10.10.0.3":"c""#,
+                "10.10.0.4",
+                "10.10.0.5",
+            ),
+            (
+                r#""10.10.0.2":"a","10.10.0.3":"b""#,
+                "10.10.0.4",
+                "10.10.0.1",
+            ),
+        ] {
+            let json = format!(
+                r#"{{"subnet":"10.10.0.0/24","gateway":"{gateway}","allocations":{{{allocations}}}}}"#
+            );
+            let mut ipam: Ipam = serde_json::from_str(&json).unwrap();
+            assert_eq!(ipam.allocate("new", None).unwrap(), ip(expected), "{json}");
+        }
     }
 
     #[test]

@@ -65,10 +65,23 @@ impl Mac {
     }
 }
 
+impl Mac {
+    /// The text form in a buffer of its own: every attach writes the whole state document,
+    /// one MAC per endpoint, and `format_args!` costs several times this.
+    fn text(self) -> [u8; 17] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b':'; 17];
+        for (i, byte) in self.0.into_iter().enumerate() {
+            out[3 * i] = HEX[usize::from(byte >> 4)];
+            out[3 * i + 1] = HEX[usize::from(byte & 0x0f)];
+        }
+        out
+    }
+}
+
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+        f.write_str(std::str::from_utf8(&self.text()).expect("hex digits and colons are ASCII"))
     }
 }
 
@@ -90,14 +103,24 @@ impl FromStr for Mac {
 
 impl Serialize for Mac {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(std::str::from_utf8(&self.text()).expect("hex digits and colons are ASCII"))
     }
 }
 
 impl<'de> Deserialize<'de> for Mac {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        /// Parses the text where the deserializer has it, without a `String` of its own.
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Mac;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a MAC address such as 02:6d:0a:0a:00:02")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Mac, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 
