@@ -652,6 +652,50 @@ fn tcx_programs(ns: &NsGuard, iface: &str, direction: aya::programs::TcAttachTyp
 }
 
 #[test]
+fn up_hooks_again_a_port_that_lost_its_programs() {
+    let lab = Lab::new("rehook", "ebpf", 2, &[]);
+    let host = &lab.net.host;
+    let (lost, kept) = (&lab.eps[0], &lab.eps[1]);
+    for hook in ["ingress", "egress"] {
+        query(
+            host.path(),
+            "tc",
+            &[
+                "filter", "del", "dev", &lost.port, hook, "pref", "1", "handle", "0x6d70", "bpf",
+            ],
+        );
+        assert_eq!(
+            tc_bpf_filters(host.path(), &lost.port, hook),
+            Vec::<String>::new()
+        );
+    }
+    // Without its programs the port counts nothing.
+    let before = counter(&lab.counters(&lost.name), "tx_packets");
+    assert!(ping(&lost.ns, SERVER_ADDR));
+    assert_eq!(counter(&lab.counters(&lost.name), "tx_packets"), before);
+
+    // The same `up` again puts them back, and leaves the other port's filters as they were.
+    lab.net.up(&["--datapath", "ebpf"]);
+    let hooked = |port: &str| {
+        (
+            tc_bpf_filters(host.path(), port, "ingress"),
+            tc_bpf_filters(host.path(), port, "egress"),
+        )
+    };
+    let expected = (
+        vec!["port_ingress@1/0x6d70".to_owned()],
+        vec!["port_egress@1/0x6d70".to_owned()],
+    );
+    assert_eq!(hooked(&lost.port), expected);
+    assert_eq!(hooked(&kept.port), expected);
+    assert!(ping(&lost.ns, SERVER_ADDR));
+    assert!(
+        counter(&lab.counters(&lost.name), "tx_packets") > before,
+        "the port counts again"
+    );
+}
+
+#[test]
 fn detach_and_down_remove_exactly_what_they_added() {
     use aya::programs::TcAttachType::{Egress, Ingress};
     let lab = Lab::new("remove", "ebpf", 2, &[]);

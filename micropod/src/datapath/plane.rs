@@ -320,6 +320,13 @@ impl DataPlane {
         ports
             .insert(&spec.ifindex, &ep, 0)
             .map_err(map_err(PORTS_MAP))?;
+        self.hook_port(nl, spec).await
+    }
+
+    /// Hooks the port programs on an endpoint's port (the second half of
+    /// [`DataPlane::attach_port`]), replacing what is in [`PORT_FILTER`]; `network up` runs it
+    /// again on a port that lost them.
+    pub async fn hook_port(&self, nl: &Netlink, spec: &PortSpec<'_>) -> Result<(), DatapathError> {
         // A port hooked by an older micropod with TCX links would run both programs.
         for direction in [Direction::Ingress, Direction::Egress] {
             if let Err(e) = remove_file(&self.link_path(spec.port, direction)) {

@@ -86,6 +86,25 @@ impl super::Network {
         if plane.is_installed() {
             plane.configure(&settings).map_err(datapath)?;
             plane.attach_network_hooks(&settings).map_err(datapath)?;
+            // A port whose filters were removed (by hand, or by another tool replacing the
+            // qdisc) passes unaccounted and unchecked frames: hook it again.
+            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+            for ep in doc.endpoints.values() {
+                let Some(ifindex) = probe.index(&ep.link).map_err(NetworkError::Probe)? else {
+                    continue;
+                };
+                let port_err = |source| AttachError::DatapathPort {
+                    name: ep.name.clone(),
+                    source: Box::new(source),
+                };
+                if !plane.port_hooked(nl, ifindex).await.map_err(port_err)? {
+                    log::info!("{} had lost its port programs; hooked them again", ep.link);
+                    plane
+                        .hook_port(nl, &port_spec(ep, ifindex))
+                        .await
+                        .map_err(port_err)?;
+                }
+            }
         } else {
             plane.install(&settings).map_err(datapath)?;
             // A repair (pins removed by hand, or eBPF newly working under `auto`): the
