@@ -451,13 +451,42 @@ fn gc_releases_endpoints_whose_netns_or_link_is_gone() {
     assert_eq!(lab.json(["gc", "--json"]), serde_json::json!([]));
 }
 
+/// Starts every command before waiting for any; each must succeed. Returns their outputs.
+#[track_caller]
+fn all_at_once(commands: Vec<std::process::Command>) -> Vec<std::process::Output> {
+    #[expect(
+        clippy::needless_collect,
+        reason = "every command starts before the first wait"
+    )]
+    let children: Vec<_> = commands
+        .into_iter()
+        .map(|mut cmd| {
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            cmd.spawn().expect("spawning micropod")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out
+        })
+        .collect()
+}
+
 #[test]
 fn parallel_attaches_get_distinct_addresses() {
     const N: usize = 64;
     let lab = NetLab::new("par");
     lab.up(&[]);
     let namespaces: Vec<NsGuard> = (0..N).map(|i| NsGuard::new(&format!("p{i}"))).collect();
-    let children: Vec<_> = namespaces
+    let commands: Vec<_> = namespaces
         .iter()
         .enumerate()
         .map(|(i, ns)| {
@@ -469,21 +498,12 @@ fn parallel_attaches_get_distinct_addresses() {
                 "netns",
                 "--json",
             ]);
-            cmd.arg("--netns")
-                .arg(ns.path())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
-            cmd.spawn().expect("spawning micropod")
+            cmd.arg("--netns").arg(ns.path());
+            cmd
         })
         .collect();
     let mut ips = HashSet::new();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for out in all_at_once(commands) {
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(
             ips.insert(v["ip"].as_str().unwrap().to_owned()),
@@ -870,23 +890,11 @@ fn parallel_detaches_leave_nothing_behind() {
         lab.attach_netns(&format!("n{i}"), ns, &[]);
         lab.ok(["network", "attach", &format!("t{i}"), "--kind", "tap"]);
     }
-    let children: Vec<_> = (0..N / 2)
+    let commands: Vec<_> = (0..N / 2)
         .flat_map(|i| [format!("n{i}"), format!("t{i}")])
-        .map(|name| {
-            let mut cmd = lab.micropod(["network", "detach", &name]);
-            cmd.stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
-            cmd.spawn().expect("spawning micropod")
-        })
+        .map(|name| lab.micropod(["network", "detach", &name]))
         .collect();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    all_at_once(commands);
     wait_reaped(&lab);
     let records = assert_consistent(&lab, &namespaces);
     assert!(records.is_empty(), "{records:?}");

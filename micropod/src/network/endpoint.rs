@@ -16,12 +16,8 @@ use crate::{
 impl super::Network {
     /// `network attach`: a TAP for a VMM, or a veth into a namespace, with an address.
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attachment, NetworkError> {
-        let mut reap = false;
-        let attached = self.attach_locked(req, &mut reap).await;
-        if reap {
-            self.reap_later().await;
-        }
-        attached
+        self.reaping(async |reap| self.attach_locked(req, reap).await)
+            .await
     }
 
     /// [`Self::attach`] under the state lock; sets `reap` if retired links wait on record.
@@ -239,12 +235,8 @@ impl super::Network {
     /// the link itself is deleted after the lock is released (see `retire.rs`). Returns the
     /// reconcile note if the endpoint had already gone away on its own.
     pub async fn detach(&self, name: &str) -> Result<Option<Released>, NetworkError> {
-        let mut reap = false;
-        let detached = self.detach_locked(name, &mut reap).await;
-        if reap {
-            self.reap_later().await;
-        }
-        detached
+        self.reaping(async |reap| self.detach_locked(name, reap).await)
+            .await
     }
 
     /// [`Self::detach`] under the state lock; sets `reap` if retired links wait on record.

@@ -170,6 +170,17 @@ impl super::Network {
         Ok(recorded)
     }
 
+    /// Runs a command's work under the state lock (`locked` sets its flag when retired links
+    /// wait on record), then, with the lock released, starts their deletion.
+    pub(super) async fn reaping<T>(&self, locked: impl AsyncFnOnce(&mut bool) -> T) -> T {
+        let mut reap = false;
+        let out = locked(&mut reap).await;
+        if reap {
+            self.reap_later().await;
+        }
+        out
+    }
+
     /// After a command that found or made retired links, with the state lock released: starts
     /// the background reaper, or reaps inline. Failures are logged: the detach itself is done,
     /// and `micropod gc` deletes what is left.

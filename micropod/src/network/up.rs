@@ -19,12 +19,8 @@ impl super::Network {
     /// `network up`: the bridge with the gateway address, forwarding, the MASQUERADE fallback.
     /// Idempotent; refuses to change the settings of a network that has endpoints.
     pub async fn up(&self, req: &UpRequest) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
-        let mut reap = false;
-        let made = self.up_locked(req, &mut reap).await;
-        if reap {
-            self.reap_later().await;
-        }
-        made
+        self.reaping(async |reap| self.up_locked(req, reap).await)
+            .await
     }
 
     /// [`Self::up`] under the state lock; sets `reap` if retired links wait on record.
