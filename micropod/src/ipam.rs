@@ -277,6 +277,18 @@ impl Ipam {
     }
 
     fn check_assignable(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
+        self.check_reserved(ip)?;
+        if let Some(owner) = self.allocations.get(&ip) {
+            return Err(IpamError::Taken {
+                ip,
+                owner: owner.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Inside the subnet, and neither its network, broadcast nor gateway address.
+    fn check_reserved(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
         if !self.subnet.contains(ip) {
             return Err(IpamError::OutsideSubnet {
                 ip,
@@ -295,13 +307,45 @@ impl Ipam {
         if let Some(what) = what {
             return Err(IpamError::Reserved { ip, what });
         }
-        if let Some(owner) = self.allocations.get(&ip) {
-            return Err(IpamError::Taken {
-                ip,
-                owner: owner.clone(),
+        Ok(())
+    }
+
+    /// [`Self::allocate`]'s choice for allocations kept outside this value (one record per
+    /// address, see `network::store`): `requested` if it is assignable and not `taken`, else
+    /// the lowest host address from `lowest_free` up (a lower bound the caller keeps: every
+    /// host address below it is taken) that is not `taken`. Ignores this value's own map.
+    /// `taken` returns the owner of an address; its errors are passed through.
+    pub fn pick<E>(
+        &self,
+        requested: Option<Ipv4Addr>,
+        lowest_free: Option<Ipv4Addr>,
+        mut taken: impl FnMut(Ipv4Addr) -> Result<Option<String>, E>,
+    ) -> Result<Result<Ipv4Addr, IpamError>, E> {
+        if let Some(ip) = requested {
+            if let Err(e) = self.check_reserved(ip) {
+                return Ok(Err(e));
+            }
+            return Ok(match taken(ip)? {
+                Some(owner) => Err(IpamError::Taken { ip, owner }),
+                None => Ok(ip),
             });
         }
-        Ok(())
+        let (first, last) = (first_host(self.subnet), last_host(self.subnet));
+        let gateway = u32::from(self.gateway);
+        let start = lowest_free
+            .map(u32::from)
+            .filter(|ip| (first..=last).contains(ip))
+            .unwrap_or(first);
+        // From the bound up; then, in case the bound was wrong, below it.
+        for candidate in (start..=last).chain(first..start) {
+            if candidate != gateway && taken(Ipv4Addr::from(candidate))?.is_none() {
+                return Ok(Ok(Ipv4Addr::from(candidate)));
+            }
+        }
+        Ok(Err(IpamError::Exhausted {
+            subnet: self.subnet,
+            capacity: self.capacity(),
+        }))
     }
 
     /// Walks the allocations upwards from `next_free` to the first gap. Everything below

@@ -426,6 +426,229 @@ impl StateDir {
     }
 }
 
+/// A sub-directory of the state dir holding one small document per object (an endpoint, an
+/// address), so that changing one object reads and writes only its own file: the cost of a
+/// change does not grow with the number of objects.
+///
+/// Writes are atomic renames, like [`StateDir::write_json`], but never synced: a shelf's
+/// documents describe kernel objects (links, namespaces) that a power cut destroys as well, so
+/// losing a change that the cut also undid is harmless, and a killed process loses nothing
+/// (the page cache is shared). A document a power cut left empty or torn reads as
+/// [`ShelfEntry::Unreadable`], for the caller's reconcile to drop. Names starting with '.'
+/// are temp files and never listed.
+#[derive(Clone, Debug)]
+pub struct Shelf {
+    /// The state dir's root, which the lock belongs to.
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+/// One document of a [`Shelf`], as read.
+#[derive(Debug)]
+pub enum ShelfEntry<T> {
+    Ok(T),
+    /// Present but not parsable: written just before a power cut (see [`Shelf`]).
+    Unreadable(serde_json::Error),
+}
+
+impl StateDir {
+    /// The shelf `<root>/<dir>`; created on its first write.
+    pub fn shelf(&self, dir: &str) -> Result<Shelf, StateError> {
+        Ok(Shelf {
+            root: self.root.clone(),
+            dir: self.doc_path(dir)?,
+        })
+    }
+}
+
+impl Shelf {
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn entry_path(&self, name: &str) -> Result<PathBuf, StateError> {
+        StateDir::new(&self.dir).doc_path(name)
+    }
+
+    /// Whether `name` is on the shelf (one `stat`).
+    pub fn contains(&self, name: &str) -> Result<bool, StateError> {
+        let path = self.entry_path(name)?;
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StateError::Read { path, source }),
+        }
+    }
+
+    /// Reads `name`; `Ok(None)` if absent. No lock needed (writes are atomic renames).
+    pub fn read<T: DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<ShelfEntry<T>>, StateError> {
+        let path = self.entry_path(name)?;
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(match serde_json::from_slice(&bytes) {
+                Ok(value) => ShelfEntry::Ok(value),
+                Err(e) => ShelfEntry::Unreadable(e),
+            })),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Read { path, source }),
+        }
+    }
+
+    /// The names on the shelf, sorted (none if the shelf was never written).
+    pub fn names(&self) -> Result<Vec<String>, StateError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| StateError::Read {
+                path: self.dir.clone(),
+                source,
+            })?;
+            if let Some(name) = entry.file_name().to_str()
+                && !name.starts_with('.')
+            {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    /// Every document on the shelf with its name; one that vanished between the listing and
+    /// the read (an unlocked reader racing a writer) is left out.
+    pub fn read_all<T: DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<(String, ShelfEntry<T>)>, StateError> {
+        let mut out = Vec::new();
+        for name in self.names()? {
+            if let Some(entry) = self.read(&name)? {
+                out.push((name, entry));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Atomically replaces `name` with `value` (unsynced; see [`Shelf`]).
+    pub fn write<T: Serialize>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        debug_assert_eq!(
+            lock.root, self.root,
+            "the StateLock belongs to another state dir"
+        );
+        let path = self.entry_path(name)?;
+        let mut bytes = serde_json::to_vec(value).map_err(|source| StateError::Serialize {
+            path: path.clone(),
+            source,
+        })?;
+        bytes.push(b'\n');
+        let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let result = match write_new(&tmp, &bytes, false) {
+            // No shelf yet: make it (0700, like the state dir) and try once more.
+            Err(StateError::Write { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                DirBuilder::new()
+                    .mode(0o700)
+                    .create(&self.dir)
+                    .or_else(|e| {
+                        if e.kind() == io::ErrorKind::AlreadyExists {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(|source| StateError::CreateDir {
+                        path: self.dir.clone(),
+                        source,
+                    })?;
+                write_new(&tmp, &bytes, false)
+            }
+            // A temp of a dead writer that had our PID (we hold the lock, so no live writer
+            // has it): remove it and try once more.
+            Err(StateError::Write { source, .. })
+                if source.kind() == io::ErrorKind::AlreadyExists =>
+            {
+                let _ = fs::remove_file(&tmp);
+                write_new(&tmp, &bytes, false)
+            }
+            other => other,
+        };
+        let result = result.and_then(|()| {
+            fs::rename(&tmp, &path).map_err(|source| StateError::Rename {
+                from: tmp.clone(),
+                path: path.clone(),
+                source,
+            })
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Removes `name`; returns whether it was there.
+    pub fn remove(&self, lock: &StateLock, name: &str) -> Result<bool, StateError> {
+        debug_assert_eq!(
+            lock.root, self.root,
+            "the StateLock belongs to another state dir"
+        );
+        let path = self.entry_path(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StateError::Remove { path, source }),
+        }
+    }
+
+    /// Removes the temp files of writers that died (under the lock, any temp file is one).
+    pub fn remove_stale_temps(&self, lock: &StateLock) {
+        debug_assert_eq!(
+            lock.root, self.root,
+            "the StateLock belongs to another state dir"
+        );
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"))
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Removes the shelf and everything on it; Ok if it does not exist.
+    pub fn remove_all(&self, lock: &StateLock) -> Result<(), StateError> {
+        debug_assert_eq!(
+            lock.root, self.root,
+            "the StateLock belongs to another state dir"
+        );
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Remove {
+                path: self.dir.clone(),
+                source,
+            }),
+        }
+    }
+}
+
 /// Opens (creating) the lock file `path`; `Ok(None)` if its dir does not exist.
 fn open_lock_file(path: &Path) -> Result<Option<File>, StateError> {
     // std opens with O_CLOEXEC: a child exec'd while we hold the lock must not keep it.

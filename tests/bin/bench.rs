@@ -519,21 +519,25 @@ impl Micropod {
 
     /// Waits until the network's reaper has deleted every retired link (the detach returned
     /// before the kernel deleted it), so that this background work never lands inside another
-    /// side's timed command; returns how long that took. Reads the state document, which is
-    /// replaced atomically.
+    /// side's timed command; returns how long that took. Reads the retired links' records.
     fn wait_reaped(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let doc = self.dirs.state.join(micropod::network::STATE_DOC);
+        let shelf = self.dirs.state.join(micropod::network::RETIRED_SHELF);
         loop {
-            let text = fs::read(&doc).with_context(|| format!("reading {}", doc.display()))?;
-            let value: Value = serde_json::from_slice(&text)?;
-            if value["retired"].as_array().is_none_or(Vec::is_empty) {
+            let pending: Vec<String> = match fs::read_dir(&shelf) {
+                Ok(entries) => entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", shelf.display())),
+            };
+            if pending.is_empty() {
                 return Ok(started.elapsed());
             }
             ensure!(
                 started.elapsed() < Duration::from_secs(30),
-                "the reaper left {} after 30 s",
-                value["retired"]
+                "the reaper left {pending:?} after 30 s"
             );
             std::thread::sleep(Duration::from_micros(500));
         }

@@ -198,9 +198,31 @@ impl NetLab {
         ]
     }
 
-    /// The state document, raw (or `None` when absent).
+    /// The network's records, raw: the state document and every record file beside it, each
+    /// as `path: content` (or `None` when no network is recorded). Lock files, logs and temp
+    /// files are left out.
     pub fn state_doc(&self) -> Option<String> {
-        std::fs::read_to_string(self.dirs.state.join(micropod::network::STATE_DOC)).ok()
+        let root = &self.dirs.state;
+        let mut out = std::fs::read_to_string(root.join(micropod::network::STATE_DOC)).ok()?;
+        for shelf in [
+            micropod::network::ENDPOINTS_SHELF,
+            micropod::network::ADDRESSES_SHELF,
+            micropod::network::RETIRED_SHELF,
+        ] {
+            let Ok(entries) = std::fs::read_dir(root.join(shelf)) else {
+                continue;
+            };
+            let mut files: Vec<_> = entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+                .collect();
+            files.sort();
+            for f in files {
+                let content = std::fs::read_to_string(&f).unwrap_or_default();
+                out += &format!("{}: {content}", f.strip_prefix(root).unwrap().display());
+            }
+        }
+        Some(out)
     }
 }
 

@@ -71,6 +71,12 @@ fn gc(network: &micropod::network::Network, json: bool) -> anyhow::Result<()> {
 
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Metrics(metrics::Command::Serve { .. })
+    ) {
+        micropod::runtime::die_on_sigpipe();
+    }
     env_logger::Builder::new()
         .parse_filters(&cli.log)
         .format_target(false)

@@ -1,7 +1,7 @@
 //! Prometheus metrics read from the network's records and the pinned BPF maps.
 //!
-//! Every scrape reads afresh: `network.json` for the endpoints and IPAM, the VM records for the
-//! `vm` label, and (on the eBPF data path) the counter and NAT maps. Nothing is cached, so a
+//! Every scrape reads afresh: the network's records for the endpoints and addresses, the VM
+//! records for the `vm` label, and (on the eBPF data path) the counter and NAT maps. Nothing is cached, so a
 //! detached endpoint's series are gone from the next scrape and a re-attached address starts
 //! from the zeroed map entry its attach wrote.
 //!

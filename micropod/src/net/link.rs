@@ -84,6 +84,12 @@ impl LinkError {
             if e.raw_code() == -libc::EEXIST)
     }
 
+    /// Whether the bridge refused a port because all its port numbers are in use.
+    pub fn is_bridge_full(&self) -> bool {
+        matches!(self, Self::SetController { source: rtnetlink::Error::NetlinkError(e), .. }
+            if e.raw_code() == -libc::EXFULL)
+    }
+
     /// Whether the kernel refused because the link is gone.
     pub fn is_gone(&self) -> bool {
         matches!(self, Self::NotFound { .. })

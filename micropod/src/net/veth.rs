@@ -28,6 +28,12 @@ impl VethError {
         matches!(self, Self::Create { source: rtnetlink::Error::NetlinkError(e), .. }
             if e.raw_code() == -libc::EEXIST)
     }
+
+    /// Whether the bridge refused the host end because all its port numbers are in use.
+    pub fn is_bridge_full(&self) -> bool {
+        matches!(self, Self::Create { source: rtnetlink::Error::NetlinkError(e), .. }
+            if e.raw_code() == -libc::EXFULL)
+    }
 }
 
 /// Creates the veth pair `name` <-> `peer` in `nl`'s namespace; `peer_ns` moves the peer into

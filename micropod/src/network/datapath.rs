@@ -16,18 +16,18 @@ impl super::Network {
         doc: &mut NetworkDoc,
     ) -> Result<(), NetworkError> {
         let plane = DataPlane::new(&self.bpf_dir);
-        if doc.config.datapath == DatapathMode::Netfilter {
-            doc.active_datapath = ActiveDatapath::Netfilter;
-            doc.datapath_note = None;
+        if doc.head.config.datapath == DatapathMode::Netfilter {
+            doc.head.active_datapath = ActiveDatapath::Netfilter;
+            doc.head.datapath_note = None;
             return Ok(());
         }
         match self.install_datapath(nl, doc, &plane).await {
             Ok(note) => {
-                doc.active_datapath = ActiveDatapath::Ebpf;
-                doc.datapath_note = note;
+                doc.head.active_datapath = ActiveDatapath::Ebpf;
+                doc.head.datapath_note = note;
                 Ok(())
             }
-            Err(err) if doc.config.datapath == DatapathMode::Auto => {
+            Err(err) if doc.head.config.datapath == DatapathMode::Auto => {
                 let why = crate::error_chain(&err);
                 log::warn!("eBPF data path unavailable, using netfilter only: {why}");
                 for p in plane.remove() {
@@ -36,8 +36,8 @@ impl super::Network {
                         crate::error_chain(&p)
                     );
                 }
-                doc.active_datapath = ActiveDatapath::Netfilter;
-                doc.datapath_note = Some(format!("eBPF unavailable: {why}"));
+                doc.head.active_datapath = ActiveDatapath::Netfilter;
+                doc.head.datapath_note = Some(format!("eBPF unavailable: {why}"));
                 Ok(())
             }
             Err(err) => Err(err),
@@ -51,7 +51,7 @@ impl super::Network {
         doc: &NetworkDoc,
         plane: &DataPlane,
     ) -> Result<Option<String>, NetworkError> {
-        let cfg = &doc.config;
+        let cfg = &doc.head.config;
         let links = |e| NetworkError::Links(Box::new(e));
         let bridge_ifindex = link::index(nl, &cfg.bridge).await.map_err(links)?;
         let (uplink, note) = match &cfg.uplink {
@@ -127,8 +127,8 @@ impl super::Network {
 
     /// Forgets an endpoint in the eBPF maps (a no-op on the netfilter data path); logs what
     /// failed, since the records are what counts and a later attach overwrites the entries.
-    pub(super) fn forget_datapath(&self, doc: &NetworkDoc, ip: std::net::Ipv4Addr, port: &str) {
-        if doc.active_datapath != ActiveDatapath::Ebpf {
+    pub(super) fn forget_datapath(&self, head: &NetworkHead, ip: std::net::Ipv4Addr, port: &str) {
+        if head.active_datapath != ActiveDatapath::Ebpf {
             return;
         }
         for p in DataPlane::new(&self.bpf_dir).detach_port(ip, port) {
@@ -141,10 +141,10 @@ impl super::Network {
     pub(super) async fn attach_datapath(
         &self,
         nl: &Netlink,
-        doc: &NetworkDoc,
+        head: &NetworkHead,
         ep: &Endpoint,
     ) -> Result<(), NetworkError> {
-        if doc.active_datapath != ActiveDatapath::Ebpf {
+        if head.active_datapath != ActiveDatapath::Ebpf {
             return Ok(());
         }
         let wrap = |source| {

@@ -10,6 +10,7 @@ use super::{
 };
 use crate::{
     failpoint,
+    ipam::IpamError,
     net::{NetNs, Netlink, addr, link, naming::check_endpoint_name, route, tap, veth},
 };
 
@@ -42,32 +43,44 @@ impl super::Network {
 
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
-        let mut doc = self.load_ready(&lock)?;
-        let seen = self.reconcile(&nl, &lock, &mut doc, false).await?;
-        *reap = seen.retired_pending;
+        let head = self.records.ready_head(&lock)?;
+        self.recover(&nl, &lock, &head).await?;
         failpoint::hit("attach:locked");
-        if let Some(ep) = doc.endpoints.get(&req.name) {
-            return Err(AttachError::DuplicateEndpoint {
-                name: req.name.clone(),
-                ip: ep.ip,
+        let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+        if let Some(ep) = self.records.endpoint(&req.name)? {
+            // The name is free again if what it named is gone (a reconcile would say so).
+            match super::reconcile::gone_reason(&probe, &ep)? {
+                Some(reason) => self.release_gone(&nl, &lock, &head, &ep, reason).await?,
+                None => {
+                    return Err(AttachError::DuplicateEndpoint {
+                        name: req.name.clone(),
+                        ip: ep.ip,
+                    }
+                    .into());
+                }
             }
-            .into());
         }
-        if doc.endpoints.len() >= BR_MAX_PORTS {
-            return Err(AttachError::BridgeFull.into());
-        }
-        let bridge_index = seen
-            .bridge_index
+        let bridge_index = probe
+            .index(&head.config.bridge)
+            .map_err(NetworkError::Probe)?
             .ok_or_else(|| AttachError::BridgeMissing {
-                name: doc.config.bridge.clone(),
+                name: head.config.bridge.clone(),
             })?;
-        let ip = doc
-            .ipam
-            .allocate(&req.name, req.ip)
-            .map_err(|source| AttachError::Allocate {
-                name: req.name.clone(),
-                source: Box::new(source),
-            })?;
+        let allocate = |source| AttachError::Allocate {
+            name: req.name.clone(),
+            source: Box::new(source),
+        };
+        let ip = match self.records.pick_address(&lock, &head, req.ip)? {
+            Ok(ip) => ip,
+            // Endpoints that went away on their own may hold addresses: look at them all.
+            Err(IpamError::Exhausted { .. } | IpamError::Taken { .. }) => {
+                self.reconcile_all(&nl, &lock, false).await?;
+                self.records
+                    .pick_address(&lock, &head, req.ip)?
+                    .map_err(allocate)?
+            }
+            Err(e) => return Err(allocate(e).into()),
+        };
         let ep = Endpoint {
             name: req.name.clone(),
             kind: req.kind,
@@ -80,13 +93,16 @@ impl super::Network {
                 ifname: ifname.clone(),
             }),
         };
-        // The intent, recorded before the first kernel object exists; see the module docs.
+        // The intent, recorded before the address is claimed and the first kernel object
+        // exists; see the module docs.
         self.state.write_json_unsynced(&lock, ATTACH_INTENT, &ep)?;
         failpoint::hit("attach:intent-recorded");
+        self.records
+            .claim_address(&lock, ip, &ep.name, req.ip.is_none())?;
         let mut plumbed = self
             .plumb(
                 &nl,
-                &doc,
+                &head,
                 &ep,
                 bridge_index,
                 target.as_ref().map(|(ns, _)| ns),
@@ -95,20 +111,23 @@ impl super::Network {
         if matches!(
             plumbed,
             Err(NetworkError::Attach(AttachError::IfnameTaken { .. }))
-        ) && !doc.retired.is_empty()
+        ) && !self.records.retired_names()?.is_empty()
         {
             // The name inside the namespace may be held by the peer of a veth detached a
             // moment ago and not yet deleted: delete the retired links now and try again.
-            let failures = self.reap_now(&nl, &mut doc).await;
-            for (name, e) in failures {
-                log::warn!("cannot delete retired {name}: {}", crate::error_chain(&e));
+            let names = self.records.retired_names()?;
+            for (name, result) in super::retire::delete_retired(&nl, &names).await {
+                match result {
+                    Ok(()) => self.records.remove_retired(&lock, &name)?,
+                    Err(e) => {
+                        log::warn!("cannot delete retired {name}: {}", crate::error_chain(&e));
+                    }
+                }
             }
-            self.state.write_json(&lock, STATE_DOC, &doc)?;
-            *reap = !doc.retired.is_empty();
             plumbed = self
                 .plumb(
                     &nl,
-                    &doc,
+                    &head,
                     &ep,
                     bridge_index,
                     target.as_ref().map(|(ns, _)| ns),
@@ -116,11 +135,12 @@ impl super::Network {
                 .await;
         }
         if let Err(err) = plumbed {
-            self.forget_datapath(&doc, ep.ip, &ep.link);
+            self.forget_datapath(&head, ep.ip, &ep.link);
             // Removing the link undoes everything (a veth's peer and its addresses and routes
             // go with it); if that fails, the intent stays for reconcile.
             match link::delete_if_exists(&nl, &ep.link).await {
                 Ok(_) => {
+                    self.records.release_address(&lock, ip, &ep.name)?;
                     self.state.remove_unsynced(&lock, ATTACH_INTENT)?;
                 }
                 Err(e) => log::warn!(
@@ -130,26 +150,49 @@ impl super::Network {
             }
             return Err(err);
         }
-        doc.endpoints.insert(ep.name.clone(), ep.clone());
-        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        self.records.put_endpoint(&lock, &ep)?;
         failpoint::hit("attach:recorded");
         self.state.remove_unsynced(&lock, ATTACH_INTENT)?;
+        *reap = !self.records.retired_names()?.is_empty();
 
-        let subnet = doc.config.subnet;
+        let subnet = head.config.subnet;
         Ok(Attachment {
             name: ep.name,
             kind: ep.kind,
             link: ep.link,
-            bridge: doc.config.bridge.clone(),
+            bridge: head.config.bridge.clone(),
             ip,
             prefix: subnet.prefix(),
             cidr: format!("{ip}/{}", subnet.prefix()),
-            gateway: doc.config.gateway,
+            gateway: head.config.gateway,
             mac: ep.mac,
-            kernel_arg: kernel_ip_arg(ip, subnet, doc.config.gateway),
+            kernel_arg: kernel_ip_arg(ip, subnet, head.config.gateway),
             netns: ep.netns.as_ref().map(|n| n.path.clone()),
             ifname: ep.netns.map(|n| n.ifname),
         })
+    }
+
+    /// Releases an endpoint on record whose link or namespace is gone (`reason`), as a
+    /// reconcile would: its link (a veth's host end may outlive its peer's namespace briefly),
+    /// its data path entries, its records.
+    async fn release_gone(
+        &self,
+        nl: &Netlink,
+        lock: &crate::state::StateLock,
+        head: &NetworkHead,
+        ep: &Endpoint,
+        reason: &str,
+    ) -> Result<(), NetworkError> {
+        link::delete_if_exists(nl, &ep.link)
+            .await
+            .map_err(|source| NetworkError::DeleteLink {
+                name: ep.link.clone(),
+                source: Box::new(source),
+            })?;
+        self.forget_datapath(head, ep.ip, &ep.link);
+        self.records.release_endpoint(lock, ep)?;
+        log::info!("released endpoint {} ({}): {reason}", ep.name, ep.ip);
+        Ok(())
     }
 
     /// Creates and wires the kernel objects of an endpoint, in as few requests as the kernel
@@ -158,7 +201,7 @@ impl super::Network {
     async fn plumb(
         &self,
         nl: &Netlink,
-        doc: &NetworkDoc,
+        head: &NetworkHead,
         ep: &Endpoint,
         bridge_index: u32,
         target: Option<&NetNs>,
@@ -176,10 +219,13 @@ impl super::Network {
                 })?;
                 failpoint::hit("attach:link-created");
                 // Programs first, link up second: the counters see the port's first frame.
-                self.attach_datapath(nl, doc, ep).await?;
+                self.attach_datapath(nl, head, ep).await?;
                 link::set_controller_up(nl, &ep.link, bridge_index)
                     .await
                     .map_err(|source| {
+                        if source.is_bridge_full() {
+                            return AttachError::BridgeFull.into();
+                        }
                         AttachError::Enslave {
                             name: ep.link.clone(),
                             source: Box::new(source),
@@ -190,7 +236,7 @@ impl super::Network {
             (EndpointKind::Netns, Some(ns), Some(ns_ref)) => {
                 // With eBPF the host end comes up only once its programs are attached, so that
                 // the counters see its first frame; otherwise in the creating request.
-                let ebpf = doc.active_datapath == ActiveDatapath::Ebpf;
+                let ebpf = head.active_datapath == ActiveDatapath::Ebpf;
                 let spec = veth::PairSpec {
                     peer_ns: Some(ns.as_fd()),
                     peer_mac: Some(ep.mac.0),
@@ -200,6 +246,9 @@ impl super::Network {
                 if let Err(source) = veth::create_pair(nl, &ep.link, &ns_ref.ifname, &spec).await {
                     // EEXIST names neither end; the host end's name is ours and was free (we
                     // hold the lock and reconciled), so it is the name inside the namespace.
+                    if source.is_bridge_full() {
+                        return Err(AttachError::BridgeFull.into());
+                    }
                     if source.is_exists() {
                         return Err(AttachError::IfnameTaken {
                             ifname: ns_ref.ifname.clone(),
@@ -215,7 +264,7 @@ impl super::Network {
                 }
                 failpoint::hit("attach:link-created");
                 if ebpf {
-                    self.attach_datapath(nl, doc, ep).await?;
+                    self.attach_datapath(nl, head, ep).await?;
                     link::set_up(nl, &ep.link)
                         .await
                         .map_err(|source| AttachError::Enslave {
@@ -223,7 +272,7 @@ impl super::Network {
                             source: Box::new(source),
                         })?;
                 }
-                configure_inside(ns, ns_ref, ep, doc).await?;
+                configure_inside(ns, ns_ref, ep, head).await?;
                 failpoint::hit("attach:configured");
                 Ok(())
             }
@@ -248,42 +297,55 @@ impl super::Network {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
-        let mut doc = self.load_ready(&lock)?;
-        let seen = self.reconcile(&nl, &lock, &mut doc, false).await?;
-        *reap = seen.retired_pending;
-        if let Some(gone) = seen.released.into_iter().find(|r| r.name == name) {
+        let head = self.records.ready_head(&lock)?;
+        let recovered = self.recover(&nl, &lock, &head).await?;
+        let done = |reap: &mut bool| -> Result<(), NetworkError> {
+            *reap = !self.records.retired_names()?.is_empty();
+            Ok(())
+        };
+        if let Some(gone) = recovered.into_iter().find(|r| r.name == name) {
+            done(reap)?;
             return Ok(Some(gone));
         }
-        let Some(ep) = doc.endpoints.get(name).cloned() else {
+        let Some(ep) = self.records.endpoint(name)? else {
+            done(reap)?;
             return Err(NetworkError::UnknownEndpoint { name: name.into() });
         };
         let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+        if let Some(reason) = super::reconcile::gone_reason(&probe, &ep)? {
+            self.release_gone(&nl, &lock, &head, &ep, reason).await?;
+            done(reap)?;
+            return Ok(Some(Released {
+                name: ep.name,
+                ip: Some(ep.ip),
+                link: Some(ep.link),
+                reason: reason.into(),
+            }));
+        }
         let mut intent = DetachIntent {
-            retired: Self::next_retired_name(&doc, ep.ip, &probe, None)?,
+            retired: self.next_retired_name(ep.ip, &probe, None)?,
             endpoint: ep.clone(),
         };
         // The intent, recorded before the first kernel change; see the module docs.
         self.state
             .write_json_unsynced(&lock, DETACH_INTENT, &intent)?;
         failpoint::hit("detach:intent-recorded");
-        let kept = self
-            .retire_link(&nl, &lock, &probe, &doc, &mut intent)
-            .await?;
+        let kept = self.retire_link(&nl, &lock, &probe, &mut intent).await?;
         failpoint::hit("detach:retired");
-        self.forget_datapath(&doc, ep.ip, &ep.link);
-        if let Some((_, Err(source))) = doc.release_endpoint(name) {
-            return Err(NetworkError::Release { ip: ep.ip, source });
-        }
+        self.forget_datapath(&head, ep.ip, &ep.link);
         if kept {
-            doc.retired.push(RetiredLink {
-                name: intent.retired,
-                ip: ep.ip,
-            });
+            self.records.add_retired(
+                &lock,
+                &RetiredLink {
+                    name: intent.retired,
+                    ip: ep.ip,
+                },
+            )?;
         }
-        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        self.records.release_endpoint(&lock, &ep)?;
         failpoint::hit("detach:recorded");
         self.state.remove_unsynced(&lock, DETACH_INTENT)?;
-        *reap = !doc.retired.is_empty();
+        *reap = kept || !self.records.retired_names()?.is_empty();
         Ok(None)
     }
 }
@@ -317,7 +379,7 @@ async fn configure_inside(
     ns: &NetNs,
     ns_ref: &NetnsRef,
     ep: &Endpoint,
-    doc: &NetworkDoc,
+    head: &NetworkHead,
 ) -> Result<(), NetworkError> {
     let fail = |step| AttachError::ConfigureNetns {
         netns: ns_ref.path.clone(),
@@ -332,12 +394,12 @@ async fn configure_inside(
     link::set_up(&inner, &ns_ref.ifname)
         .await
         .map_err(|e| fail(NetnsStep::BringUp(Box::new(e))))?;
-    let cidr = Ipv4Network::new(ep.ip, doc.config.subnet.prefix())
+    let cidr = Ipv4Network::new(ep.ip, head.config.subnet.prefix())
         .expect("the prefix comes from a valid subnet");
     addr::ensure(&inner, index, IpNetwork::V4(cidr))
         .await
         .map_err(|e| fail(NetnsStep::AddAddress(Box::new(e))))?;
-    route::add_default(&inner, doc.config.gateway, index)
+    route::add_default(&inner, head.config.gateway, index)
         .await
         .map_err(|e| fail(NetnsStep::AddDefaultRoute(Box::new(e))))?;
     Ok(())

@@ -6,24 +6,28 @@
 //! is recorded before the first object is made and completed after the last, so whoever takes
 //! the lock next and finds an unfinished record knows its command died (it would still hold the
 //! lock otherwise) and undoes it:
-//! - attach writes the endpoint it is about to make to a small intent document, makes the
-//!   links, adds the endpoint to the state document, then removes the intent;
+//! - attach writes the endpoint it is about to make to a small intent document, claims its
+//!   address, makes the links, writes the endpoint's record, then removes the intent;
 //! - detach writes the endpoint and the name its link will take to a detach intent, takes
 //!   the link down and off the bridge and renames it (`mpr…`, see `retire.rs`), forgets it in
-//!   the data path, then releases the endpoint and records the retired link in one write,
-//!   and removes the intent; the deletion itself (16-20 ms of kernel time) is the reaper's,
-//!   after the lock is released. A reconcile that finds the intent finishes the detach from
-//!   wherever it stopped;
+//!   the data path, records the retired link, removes the endpoint's record and address, and
+//!   removes the intent; the deletion itself (16-20 ms of kernel time) is the reaper's, after
+//!   the lock is released. A command that finds the intent finishes the detach from wherever it
+//!   stopped;
 //! - `up` records the network first (phase `creating`) and marks it `ready` when done.
 //!
-//! This reconcile starts every mutating command; [`Network::gc`] also deletes the retired links
-//! on record at once and sweeps for links named like micropod's endpoints (`mpv-`/`mpt-` + the
-//! address in hex) or retired links (`mpr` + the address and a generation in hex) for an
-//! address of our subnet that no record owns.
+//! Every mutating command finishes or undoes a dead command's intent first
+//! ([`Network::recover`]): a few `stat`s, whatever the number of endpoints, as are the records
+//! themselves (one file per object, see `store.rs`). The reconcile that looks at every endpoint
+//! (links or namespaces gone on their own) runs in `up`, `down`, `gc` and an attach that finds
+//! the subnet full; [`Network::gc`] also deletes the retired links on record at once and sweeps
+//! for links named like micropod's endpoints (`mpv-`/`mpt-` + the address in hex) or retired
+//! links (`mpr` + the address and a generation in hex) for an address of our subnet that no
+//! record owns.
 //!
-//! The intent is written and removed without a disk sync: it only has to survive the death of
-//! the process (the page cache is shared), since after a power cut the links it describes are
-//! gone too. The state document is synced.
+//! The intents and records are written without a disk sync: they only have to survive the
+//! death of the process (the page cache is shared), since after a power cut the links they
+//! describe are gone too. The network's own document is synced.
 
 mod datapath;
 mod endpoint;
@@ -31,6 +35,7 @@ mod error;
 mod model;
 mod reconcile;
 mod retire;
+mod store;
 mod up;
 
 use std::{net::Ipv4Addr, path::PathBuf};
@@ -39,12 +44,13 @@ pub use error::{AttachError, InputError, NetnsStep, NetworkError, TeardownError,
 pub use model::{
     ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DETACH_INTENT,
     DatapathMode, DetachIntent, Endpoint, EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc,
-    Phase, REAPER_LOCK, REAPER_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC, UplinkChoice,
-    endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, retired_link, retired_link_name,
-    valid_endpoint_name,
+    NetworkHead, Phase, REAPER_LOCK, REAPER_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC,
+    UplinkChoice, endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, retired_link,
+    retired_link_name, valid_endpoint_name,
 };
 pub use retire::REAP_COMMAND;
 use serde::Serialize;
+pub use store::{ADDRESSES_SHELF, ENDPOINTS_SHELF, LOWEST_FREE, RETIRED_SHELF};
 
 use crate::{ipam::IpamUsage, state::StateDir};
 
@@ -57,6 +63,7 @@ pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/micropod";
 #[derive(Clone, Debug)]
 pub struct Network {
     state: StateDir,
+    records: store::Records,
     bpf_dir: PathBuf,
     /// Set by [`Network::reap_in_background`]: the executable whose `network reap` deletes
     /// retired links; `None` deletes them inline.
@@ -185,7 +192,7 @@ pub struct EndpointView {
 
 impl EndpointView {
     fn new(ep: &Endpoint, doc: &NetworkDoc) -> Self {
-        let subnet = doc.config.subnet;
+        let subnet = doc.head.config.subnet;
         Self {
             name: ep.name.clone(),
             kind: ep.kind,
@@ -195,15 +202,17 @@ impl EndpointView {
             link: ep.link.clone(),
             netns: ep.netns.as_ref().map(|n| n.path.clone()),
             ifname: ep.netns.as_ref().map(|n| n.ifname.clone()),
-            kernel_arg: kernel_ip_arg(ep.ip, subnet, doc.config.gateway),
+            kernel_arg: kernel_ip_arg(ep.ip, subnet, doc.head.config.gateway),
         }
     }
 }
 
 impl Network {
     pub fn new(state_dir: impl Into<PathBuf>, bpf_dir: impl Into<PathBuf>) -> Self {
+        let state = StateDir::new(state_dir);
         Self {
-            state: StateDir::new(state_dir),
+            records: store::Records::new(&state),
+            state,
             bpf_dir: bpf_dir.into(),
             reaper_exe: None,
         }
@@ -220,27 +229,26 @@ impl Network {
     /// `network status`: what the state says, and whether the bridge is really there. Needs no
     /// privileges beyond reading the state dir, and takes no lock (writes are atomic renames).
     pub async fn status(&self) -> Result<Status, NetworkError> {
-        let doc: Option<NetworkDoc> = self.state.read_json_unlocked(STATE_DOC)?;
-        let network = match doc {
+        let network = match self.records.load_unlocked()? {
             None => None,
             Some(doc) => {
                 let nl = crate::net::Netlink::connect().map_err(NetworkError::Netlink)?;
-                let bridge_present = crate::net::link::find(&nl, &doc.config.bridge)
+                let bridge_present = crate::net::link::find(&nl, &doc.head.config.bridge)
                     .await
                     .map_err(|e| NetworkError::Links(Box::new(e)))?
                     .is_some();
                 Some(NetworkStatus {
-                    phase: doc.phase,
-                    bridge: doc.config.bridge.clone(),
+                    phase: doc.head.phase,
+                    bridge: doc.head.config.bridge.clone(),
                     bridge_present,
-                    subnet: doc.config.subnet.to_string(),
-                    gateway: doc.config.gateway,
-                    uplink: doc.config.uplink.clone(),
-                    datapath_requested: doc.config.datapath,
-                    datapath: doc.active_datapath,
-                    datapath_note: doc.datapath_note.clone(),
-                    nat_table_size: doc.config.nat_entries,
-                    nft_table: doc.nft_table.clone(),
+                    subnet: doc.head.config.subnet.to_string(),
+                    gateway: doc.head.config.gateway,
+                    uplink: doc.head.config.uplink.clone(),
+                    datapath_requested: doc.head.config.datapath,
+                    datapath: doc.head.active_datapath,
+                    datapath_note: doc.head.datapath_note.clone(),
+                    nat_table_size: doc.head.config.nat_entries,
+                    nft_table: doc.head.nft_table.clone(),
                     ipam: doc.ipam.usage(),
                     endpoints: doc
                         .endpoints
@@ -262,8 +270,8 @@ impl Network {
     /// The state document as last written, read without the lock (writes are atomic renames);
     /// [`NetworkError::NotUp`] when no network is up. For readers such as `micropod stats`.
     pub fn read_doc(&self) -> Result<NetworkDoc, NetworkError> {
-        self.state
-            .read_json_unlocked(STATE_DOC)?
+        self.records
+            .load_unlocked()?
             .ok_or_else(|| NetworkError::NotUp {
                 state_dir: self.state.root().to_path_buf(),
             })
@@ -271,8 +279,9 @@ impl Network {
 
     /// `network ls`: the endpoints on record.
     pub fn list(&self) -> Result<Vec<EndpointView>, NetworkError> {
-        let doc: Option<NetworkDoc> = self.state.read_json_unlocked(STATE_DOC)?;
-        Ok(doc
+        Ok(self
+            .records
+            .load_unlocked()?
             .map(|doc| {
                 doc.endpoints
                     .values()

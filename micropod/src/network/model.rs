@@ -34,7 +34,8 @@ pub const REAPER_LOG: &str = "reaper.log";
 /// A Linux bridge holds at most this many ports (`BR_MAX_PORTS` in net/bridge/br_private.h).
 pub const BR_MAX_PORTS: usize = 1023;
 /// Bumped when the document's meaning changes.
-pub(super) const STATE_VERSION: u32 = 1;
+/// Version 1 kept the records inside the document; they are moved out when read.
+pub(super) const STATE_VERSION: u32 = 2;
 
 /// Which NAT data path the user asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,9 +137,10 @@ pub enum Phase {
     Ready,
 }
 
-/// Everything micropod owns in one network namespace, persisted as [`STATE_DOC`].
+/// The network itself, persisted as [`STATE_DOC`]: what `up` made and how. Its endpoints,
+/// their addresses and the retired links are records of their own (see `store.rs`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NetworkDoc {
+pub struct NetworkHead {
     pub version: u32,
     pub phase: Phase,
     pub config: NetworkConfig,
@@ -151,11 +153,25 @@ pub struct NetworkDoc {
     pub nft_table: String,
     /// `down` turns forwarding back off only if `up` turned it on.
     pub ip_forward_was_off: bool,
+}
+
+impl NetworkHead {
+    /// The address rules of this network's subnet (no allocations: those are records).
+    pub fn ipam_rules(&self) -> Ipam {
+        Ipam::new(self.config.subnet, self.config.gateway)
+            .expect("the subnet and gateway were checked by `up`")
+    }
+}
+
+/// Everything micropod owns in one network namespace, as read from the state dir: the network
+/// and all its records.
+#[derive(Clone, Debug)]
+pub struct NetworkDoc {
+    pub head: NetworkHead,
     pub ipam: Ipam,
     pub endpoints: BTreeMap<String, Endpoint>,
     /// Links of detached endpoints, down, off the bridge and renamed, that the kernel has yet
     /// to delete (the reaper does it, off the detach's critical path).
-    #[serde(default)]
     pub retired: Vec<RetiredLink>,
 }
 
@@ -216,35 +232,8 @@ pub fn kernel_ip_arg(ip: Ipv4Addr, subnet: Ipv4Network, gateway: Ipv4Addr) -> St
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
-
-    /// A ready netfilter network on 10.10.0.0/24 with nothing attached, as a document written
-    /// before retired links existed (no `retired` field).
-    pub(in crate::network) fn empty_doc() -> NetworkDoc {
-        serde_json::from_value(serde_json::json!({
-            "version": 1,
-            "phase": "ready",
-            "config": {
-                "bridge": "micropod0",
-                "subnet": "10.10.0.0/24",
-                "gateway": "10.10.0.1",
-                "uplink": null,
-                "datapath": "netfilter",
-            },
-            "active_datapath": "netfilter",
-            "nft_table": "micropod_micropod0",
-            "ip_forward_was_off": false,
-            "ipam": {"subnet": "10.10.0.0/24", "gateway": "10.10.0.1", "allocations": {}},
-            "endpoints": {},
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn documents_without_retired_links_load() {
-        assert!(empty_doc().retired.is_empty());
-    }
 
     #[test]
     fn kernel_argument() {

@@ -15,11 +15,11 @@ impl super::Network {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
-        let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
+        let Some((doc, seen)) = self.reconcile_all(&nl, &lock, true).await? else {
             return Ok(Vec::new());
         };
-        let released = self.reconcile(&nl, &lock, &mut doc, true).await?.released;
-        if doc.active_datapath == ActiveDatapath::Ebpf {
+        let released = seen.released;
+        if doc.head.active_datapath == ActiveDatapath::Ebpf {
             match DataPlane::new(&self.bpf_dir).sweep_nat() {
                 Ok(n) if n > 0 => log::info!("removed {n} expired NAT entries"),
                 Ok(_) => {}
@@ -29,39 +29,26 @@ impl super::Network {
         Ok(released)
     }
 
-    pub(super) fn load_ready(&self, lock: &StateLock) -> Result<NetworkDoc, NetworkError> {
-        match self.state.read_json::<NetworkDoc>(lock, STATE_DOC)? {
-            Some(doc) if doc.phase == Phase::Ready => Ok(doc),
-            _ => Err(NetworkError::NotUp {
-                state_dir: self.state.root().to_path_buf(),
-            }),
-        }
-    }
-
-    /// Brings the record in line with the kernel; writes it back if anything changed. Cheap
-    /// enough for every command: one `SIOCGIFINDEX` and one `stat` per endpoint. `sweep` (for
-    /// `micropod gc`) also deletes the retired links on record and dumps every link to find
-    /// micropod-named links without a record.
-    pub(super) async fn reconcile(
+    /// Finishes or undoes the command that died holding the lock, if any (its intent is on
+    /// record): the part of the reconcile every mutating command runs. Costs a few `stat`s
+    /// however many endpoints there are; what the kernel did to the endpoints on its own
+    /// (a namespace deleted, a link removed by hand) is [`Self::reconcile_all`]'s.
+    pub(super) async fn recover(
         &self,
         nl: &Netlink,
         lock: &StateLock,
-        doc: &mut NetworkDoc,
-        sweep: bool,
-    ) -> Result<Reconciled, NetworkError> {
-        let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
-        let exists = |name: &str| probe.index(name).map_err(NetworkError::Probe);
+        head: &NetworkHead,
+    ) -> Result<Vec<Released>, NetworkError> {
         let mut released = Vec::new();
-        let mut changed = false;
-        // A detach that died: finish it, before the checks below take its renamed link for a
-        // vanished one.
+        // A detach that died: finish it.
         if let Some(intent) = self.state.read_json::<DetachIntent>(lock, DETACH_INTENT)? {
+            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
             let (name, ip, link) = (
                 intent.endpoint.name.clone(),
                 intent.endpoint.ip,
                 intent.endpoint.link.clone(),
             );
-            if self.finish_detach(nl, lock, &probe, doc, intent).await? {
+            if self.finish_detach(nl, lock, &probe, head, intent).await? {
                 released.push(Released {
                     name,
                     ip: Some(ip),
@@ -72,7 +59,7 @@ impl super::Network {
         }
         // An attach that died: undo what it made, unless it got as far as recording it.
         if let Some(intent) = self.state.read_json::<Endpoint>(lock, ATTACH_INTENT)? {
-            let recorded = doc.endpoints.get(&intent.name) == Some(&intent);
+            let recorded = self.records.endpoint(&intent.name)?.as_ref() == Some(&intent);
             if !recorded {
                 link::delete_if_exists(nl, &intent.link)
                     .await
@@ -80,7 +67,9 @@ impl super::Network {
                         name: intent.link.clone(),
                         source: Box::new(source),
                     })?;
-                self.forget_datapath(doc, intent.ip, &intent.link);
+                self.forget_datapath(head, intent.ip, &intent.link);
+                self.records
+                    .release_address(lock, intent.ip, &intent.name)?;
                 log::info!("undid the interrupted attach of {}", intent.name);
                 released.push(Released {
                     name: intent.name,
@@ -91,16 +80,49 @@ impl super::Network {
             }
             self.state.remove_unsynced(lock, ATTACH_INTENT)?;
         }
+        Ok(released)
+    }
+
+    /// Brings every record in line with the kernel, and returns them all (`None`: no network
+    /// on record): [`Self::recover`], then one `SIOCGIFINDEX` and one `stat` per endpoint,
+    /// releasing those whose link or namespace is gone. For the commands that look at every
+    /// endpoint anyway (`up`, `down`, `gc`) and for an attach that found the subnet full.
+    /// `sweep` (for `micropod gc`) also deletes the retired links on record and dumps every
+    /// link to find micropod-named links without a record.
+    pub(super) async fn reconcile_all(
+        &self,
+        nl: &Netlink,
+        lock: &StateLock,
+        sweep: bool,
+    ) -> Result<Option<(NetworkDoc, Reconciled)>, NetworkError> {
+        let Some(head) = self.records.head(lock)? else {
+            return Ok(None);
+        };
+        let mut released = self.recover(nl, lock, &head).await?;
+        let (mut doc, unreadable) = self.records.load_locked(lock, head)?;
+        for u in unreadable {
+            // What a power cut left half-written: the objects it described died with it.
+            self.records.drop_unreadable(lock, &u)?;
+            log::warn!(
+                "dropped the unreadable record {}/{}: {}",
+                u.shelf,
+                u.name,
+                u.why
+            );
+            released.push(Released {
+                name: u.name.trim_end_matches(".json").to_owned(),
+                ip: u.name.parse().ok(),
+                link: None,
+                reason: format!(
+                    "its record {}/{} was unreadable ({})",
+                    u.shelf, u.name, u.why
+                ),
+            });
+        }
+        let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
         let mut stale = Vec::new();
         for ep in doc.endpoints.values() {
-            let reason = if exists(&ep.link)?.is_none() {
-                Some("its link vanished")
-            } else if ep.netns.as_ref().is_some_and(|n| !netns_alive(n)) {
-                Some("its network namespace is gone")
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
+            if let Some(reason) = gone_reason(&probe, ep)? {
                 stale.push((ep.clone(), reason));
             }
         }
@@ -115,11 +137,11 @@ impl super::Network {
                 );
                 continue;
             }
-            self.forget_datapath(doc, ep.ip, &ep.link);
+            self.forget_datapath(&doc.head, ep.ip, &ep.link);
+            self.records.release_endpoint(lock, &ep)?;
             if let Some((_, Err(e))) = doc.release_endpoint(&ep.name) {
                 log::warn!("stale endpoint {}: {e}", ep.name);
             }
-            changed = true;
             log::info!("released endpoint {} ({}): {reason}", ep.name, ep.ip);
             released.push(Released {
                 name: ep.name,
@@ -128,7 +150,8 @@ impl super::Network {
                 reason: reason.into(),
             });
         }
-        // Addresses held by no endpoint (cannot happen with atomic writes, but cheap to check).
+        // Addresses held by no endpoint: an attach that died between claiming the address and
+        // writing its intent cannot happen (the intent comes first), but a power cut can.
         let leaked: Vec<_> = doc
             .ipam
             .allocations()
@@ -136,8 +159,8 @@ impl super::Network {
             .map(|(ip, owner)| (ip, owner.to_owned()))
             .collect();
         for (ip, owner) in leaked {
+            self.records.drop_address(lock, ip)?;
             let _ = doc.ipam.release(ip);
-            changed = true;
             released.push(Released {
                 name: owner,
                 ip: Some(ip),
@@ -146,21 +169,12 @@ impl super::Network {
             });
         }
         if sweep {
-            let before = doc.retired.len();
-            for (name, e) in self.reap_now(nl, doc).await {
+            for (name, e) in self.reap_now(nl, lock, &mut doc).await? {
                 log::warn!("cannot delete retired {name}: {}", crate::error_chain(&e));
             }
-            changed |= doc.retired.len() != before;
-        }
-        // The intents never touched the document (the detach intent's finish wrote its own
-        // change); anything else did.
-        if changed {
-            self.state.write_json(lock, STATE_DOC, doc)?;
-        }
-        if sweep {
             // Links named for an address of our subnet that no record owns (left by a crash
             // micropod could not record, or by hand).
-            let subnet = doc.config.subnet;
+            let subnet = doc.head.config.subnet;
             let links = link::list(nl)
                 .await
                 .map_err(|e| NetworkError::Links(Box::new(e)))?;
@@ -187,18 +201,37 @@ impl super::Network {
                 }
             }
         }
-        Ok(Reconciled {
+        let seen = Reconciled {
             released,
-            bridge_index: exists(&doc.config.bridge)?,
             retired_pending: !doc.retired.is_empty(),
-        })
+        };
+        Ok(Some((doc, seen)))
     }
+}
+
+/// Why an endpoint on record no longer exists in the kernel, if it does not.
+pub(super) fn gone_reason(
+    probe: &link::IndexProbe,
+    ep: &Endpoint,
+) -> Result<Option<&'static str>, NetworkError> {
+    Ok(
+        if probe
+            .index(&ep.link)
+            .map_err(NetworkError::Probe)?
+            .is_none()
+        {
+            Some("its link vanished")
+        } else if ep.netns.as_ref().is_some_and(|n| !netns_alive(n)) {
+            Some("its network namespace is gone")
+        } else {
+            None
+        },
+    )
 }
 
 /// What a reconcile found.
 pub(super) struct Reconciled {
     pub(super) released: Vec<Released>,
-    pub(super) bridge_index: Option<u32>,
     /// Retired links wait on record: the command starts the reaper once it unlocks.
     pub(super) retired_pending: bool,
 }

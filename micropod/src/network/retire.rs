@@ -42,28 +42,19 @@ impl super::Network {
         self
     }
 
-    /// A name for a retired link of `ip` that neither the record nor the kernel uses: the
+    /// A name for a retired link of `ip` that neither the records nor the kernel use: the
     /// lowest free generation (a link of `ip` retired a moment ago may still be waiting), past
     /// `after` if given (a name the kernel just refused).
     pub(super) fn next_retired_name(
-        doc: &NetworkDoc,
+        &self,
         ip: std::net::Ipv4Addr,
         probe: &IndexProbe,
         after: Option<&str>,
     ) -> Result<String, NetworkError> {
-        let first = after
-            .and_then(retired_link)
-            .map_or(0, |(_, generation)| u32::from(generation) + 1);
-        for generation in first..=u32::from(u16::MAX) {
-            let generation = u16::try_from(generation).expect("in range");
-            let name = retired_link_name(ip, generation);
-            if !doc.retired.iter().any(|r| r.name == name)
-                && probe.index(&name).map_err(NetworkError::Probe)?.is_none()
-            {
-                return Ok(name);
-            }
-        }
-        Err(NetworkError::RetiredNamesExhausted { ip })
+        next_free_retired_name(ip, after, |name| {
+            Ok(self.records.is_retired(name)?
+                || probe.index(name).map_err(NetworkError::Probe)?.is_some())
+        })
     }
 
     /// Detach's kernel step: the link goes down, off the bridge and into the retired group in
@@ -75,7 +66,6 @@ impl super::Network {
         nl: &Netlink,
         lock: &StateLock,
         probe: &IndexProbe,
-        doc: &NetworkDoc,
         intent: &mut DetachIntent,
     ) -> Result<bool, NetworkError> {
         let ep = &intent.endpoint;
@@ -98,8 +88,7 @@ impl super::Network {
                 Err(e) if e.is_gone() => return Ok(false),
                 Err(e) if e.is_exists() && attempts < RENAME_ATTEMPTS => {
                     attempts += 1;
-                    intent.retired =
-                        Self::next_retired_name(doc, ep.ip, probe, Some(&intent.retired))?;
+                    intent.retired = self.next_retired_name(ep.ip, probe, Some(&intent.retired))?;
                     self.state
                         .write_json_unsynced(lock, DETACH_INTENT, intent)?;
                 }
@@ -116,13 +105,13 @@ impl super::Network {
         nl: &Netlink,
         lock: &StateLock,
         probe: &IndexProbe,
-        doc: &mut NetworkDoc,
+        head: &NetworkHead,
         mut intent: DetachIntent,
     ) -> Result<bool, NetworkError> {
         let ep = intent.endpoint.clone();
-        let recorded = doc.endpoints.get(&ep.name) == Some(&ep);
+        let recorded = self.records.endpoint(&ep.name)?.as_ref() == Some(&ep);
         let kept = if recorded {
-            let kept = match self.retire_link(nl, lock, probe, doc, &mut intent).await {
+            match self.retire_link(nl, lock, probe, &mut intent).await {
                 Ok(kept) => {
                     kept || probe
                         .index(&intent.retired)
@@ -144,27 +133,27 @@ impl super::Network {
                         })?;
                     false
                 }
-            };
-            self.forget_datapath(doc, ep.ip, &ep.link);
-            if let Some((_, Err(e))) = doc.release_endpoint(&ep.name) {
-                log::warn!("endpoint {} of an interrupted detach: {e}", ep.name);
             }
-            kept
         } else {
             probe
                 .index(&intent.retired)
                 .map_err(NetworkError::Probe)?
                 .is_some()
         };
-        if kept && !doc.retired.iter().any(|r| r.name == intent.retired) {
-            doc.retired.push(RetiredLink {
-                name: intent.retired.clone(),
-                ip: ep.ip,
-            });
+        if recorded {
+            self.forget_datapath(head, ep.ip, &ep.link);
         }
-        if recorded || kept {
-            self.state.write_json(lock, STATE_DOC, doc)?;
+        if kept {
+            self.records.add_retired(
+                lock,
+                &RetiredLink {
+                    name: intent.retired.clone(),
+                    ip: ep.ip,
+                },
+            )?;
         }
+        // Either step may be the one the detach died before.
+        self.records.release_endpoint(lock, &ep)?;
         self.state.remove_unsynced(lock, DETACH_INTENT)?;
         log::info!("finished the interrupted detach of {}", ep.name);
         Ok(recorded)
@@ -264,14 +253,10 @@ impl super::Network {
                 let Some(lock) = self.state.lock_existing()? else {
                     return Ok(deleted);
                 };
-                let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
-                    return Ok(deleted);
-                };
-                let before = doc.retired.len();
-                doc.retired.retain(|r| !gone.contains(&r.name));
-                if doc.retired.len() != before {
-                    self.state.write_json(&lock, STATE_DOC, &doc)?;
+                for name in &gone {
+                    self.records.remove_retired(&lock, name)?;
                 }
+                drop(lock);
                 deleted += gone.len();
             }
             drop(reaper);
@@ -285,41 +270,61 @@ impl super::Network {
 
     /// The retired links on record, but for `skip`.
     fn retired_on_record(&self, skip: &BTreeSet<String>) -> Result<Vec<String>, NetworkError> {
-        let doc: Option<NetworkDoc> = self.state.read_json_unlocked(STATE_DOC)?;
-        Ok(doc
-            .map(|d| d.retired)
-            .unwrap_or_default()
+        Ok(self
+            .records
+            .retired_names()?
             .into_iter()
-            .map(|r| r.name)
             .filter(|n| !skip.contains(n))
             .collect())
     }
 
     /// Deletes the retired links on record now, under the lock (`gc`, and an attach whose
     /// interface name inside a namespace is still held by a retired veth's peer). Returns the
-    /// failures; the links that went are dropped from `doc` (the caller writes it).
+    /// failures; the links that went are dropped from the records and from `doc`.
     pub(super) async fn reap_now(
         &self,
         nl: &Netlink,
+        lock: &StateLock,
         doc: &mut NetworkDoc,
-    ) -> Vec<(String, LinkError)> {
-        if doc.retired.is_empty() {
-            return Vec::new();
-        }
-        let names: Vec<String> = doc.retired.iter().map(|r| r.name.clone()).collect();
+    ) -> Result<Vec<(String, LinkError)>, NetworkError> {
+        let names = self.records.retired_names()?;
         let mut failures = Vec::new();
+        if names.is_empty() {
+            return Ok(failures);
+        }
         let mut gone = BTreeSet::new();
         for (name, result) in delete_retired(nl, &names).await {
             match result {
                 Ok(()) => {
+                    self.records.remove_retired(lock, &name)?;
                     gone.insert(name);
                 }
                 Err(e) => failures.push((name, e)),
             }
         }
         doc.retired.retain(|r| !gone.contains(&r.name));
-        failures
+        Ok(failures)
     }
+}
+
+/// The lowest generation of a retired name for `ip` that `taken` does not refuse, past
+/// `after` if given.
+fn next_free_retired_name(
+    ip: std::net::Ipv4Addr,
+    after: Option<&str>,
+    mut taken: impl FnMut(&str) -> Result<bool, NetworkError>,
+) -> Result<String, NetworkError> {
+    let first = after
+        .and_then(retired_link)
+        .map_or(0, |(_, generation)| u32::from(generation) + 1);
+    for generation in first..=u32::from(u16::MAX) {
+        let generation = u16::try_from(generation).expect("in range");
+        let name = retired_link_name(ip, generation);
+        if !taken(&name)? {
+            return Ok(name);
+        }
+    }
+    Err(NetworkError::RetiredNamesExhausted { ip })
 }
 
 /// Deletes the links `names` (retired ones): first the whole retired group in one request,
@@ -352,24 +357,18 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::network::Network;
 
     #[test]
-    fn retired_names_skip_those_on_record_and_those_refused() {
-        let mut doc = crate::network::model::tests::empty_doc();
+    fn retired_names_skip_those_taken_and_those_refused() {
         let ip = Ipv4Addr::new(10, 10, 0, 2);
-        let probe = IndexProbe::new().unwrap();
-        let name = |after| Network::next_retired_name(&doc, ip, &probe, after).unwrap();
-        assert_eq!(name(None), "mpr0a0a00020000");
-        assert_eq!(name(Some("mpr0a0a00020003")), "mpr0a0a00020004");
-        doc.retired.push(RetiredLink {
-            name: "mpr0a0a00020000".into(),
-            ip,
-        });
-        let name = |after| Network::next_retired_name(&doc, ip, &probe, after).unwrap();
-        assert_eq!(name(None), "mpr0a0a00020001");
+        let name = |after, taken: &[&str]| {
+            next_free_retired_name(ip, after, |n| Ok(taken.contains(&n))).unwrap()
+        };
+        assert_eq!(name(None, &[]), "mpr0a0a00020000");
+        assert_eq!(name(Some("mpr0a0a00020003"), &[]), "mpr0a0a00020004");
+        assert_eq!(name(None, &["mpr0a0a00020000"]), "mpr0a0a00020001");
         assert!(matches!(
-            Network::next_retired_name(&doc, ip, &probe, Some("mpr0a0a0002ffff")),
+            next_free_retired_name(ip, Some("mpr0a0a0002ffff"), |_| Ok(false)),
             Err(NetworkError::RetiredNamesExhausted { .. })
         ));
     }

@@ -44,13 +44,13 @@ impl super::Network {
         }
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
-        let mut existing: Option<NetworkDoc> = self.state.read_json(&lock, STATE_DOC)?;
-        if let Some(doc) = existing.as_mut() {
-            *reap = self
-                .reconcile(&nl, &lock, doc, false)
-                .await?
-                .retired_pending;
-        }
+        let existing: Option<NetworkDoc> = match self.reconcile_all(&nl, &lock, false).await? {
+            Some((doc, seen)) => {
+                *reap = seen.retired_pending;
+                Some(doc)
+            }
+            None => None,
+        };
         let uplink = resolve_uplink(&nl, &req.uplink).await?;
         let config = NetworkConfig {
             bridge: req.bridge.clone(),
@@ -65,28 +65,30 @@ impl super::Network {
             // `--uplink auto` follows the default route, so it is not a change of settings.
             let same = NetworkConfig {
                 uplink: config.uplink.clone(),
-                ..doc.config.clone()
+                ..doc.head.config.clone()
             } == config
-                && (req.uplink == UplinkChoice::Auto || doc.config.uplink == config.uplink);
+                && (req.uplink == UplinkChoice::Auto || doc.head.config.uplink == config.uplink);
             if same {
                 // Same settings: put back whatever is missing (a crashed `up`, a deleted bridge).
                 let mut doc = doc.clone();
-                self.ensure(&nl, &doc).await?;
-                let before = (doc.active_datapath, doc.datapath_note.clone());
-                doc.config = config.clone();
+                self.ensure(&nl, &doc.head).await?;
+                let before = (doc.head.active_datapath, doc.head.datapath_note.clone());
+                doc.head.config = config.clone();
                 self.ensure_datapath(&nl, &mut doc).await?;
-                if doc.phase != Phase::Ready
-                    || existing.as_ref().is_some_and(|old| old.config != config)
-                    || before != (doc.active_datapath, doc.datapath_note.clone())
+                if doc.head.phase != Phase::Ready
+                    || existing
+                        .as_ref()
+                        .is_some_and(|old| old.head.config != config)
+                    || before != (doc.head.active_datapath, doc.head.datapath_note.clone())
                 {
-                    doc.phase = Phase::Ready;
-                    self.state.write_json(&lock, STATE_DOC, &doc)?;
+                    doc.head.phase = Phase::Ready;
+                    self.records.write_head(&lock, &doc.head)?;
                 }
                 return Ok((UpOutcome::Unchanged, config));
             }
             if !doc.endpoints.is_empty() {
                 return Err(UpError::Reconfigure {
-                    current: doc.config.to_string(),
+                    current: doc.head.config.to_string(),
                     requested: config.to_string(),
                     endpoints: doc.endpoints.len(),
                 }
@@ -96,7 +98,7 @@ impl super::Network {
 
         // Everything that can refuse runs before the first change (the network being replaced,
         // if any, is not in the way of its successor).
-        let old_bridge = existing.as_ref().map(|d| d.config.bridge.as_str());
+        let old_bridge = existing.as_ref().map(|d| d.head.config.bridge.as_str());
         check_overlap(&nl, subnet, old_bridge).await?;
         if old_bridge != Some(config.bridge.as_str())
             && link::find(&nl, &config.bridge)
@@ -114,7 +116,7 @@ impl super::Network {
             if !problems.is_empty() {
                 return Err(NetworkError::Teardown(problems));
             }
-            self.state.remove(&lock, STATE_DOC)?;
+            self.records.remove_all(&lock)?;
             *reap = false;
             UpOutcome::Replaced
         } else {
@@ -122,21 +124,23 @@ impl super::Network {
         };
         let ip_forward_was_off = !sysctl::ip_forward().map_err(UpError::Forwarding)?;
         let mut doc = NetworkDoc {
-            version: STATE_VERSION,
-            phase: Phase::Creating,
-            nft_table: nft_table_name(&config.bridge),
-            active_datapath: ActiveDatapath::Netfilter,
-            datapath_note: None,
-            ip_forward_was_off,
+            head: NetworkHead {
+                version: STATE_VERSION,
+                phase: Phase::Creating,
+                nft_table: nft_table_name(&config.bridge),
+                active_datapath: ActiveDatapath::Netfilter,
+                datapath_note: None,
+                ip_forward_was_off,
+                config: config.clone(),
+            },
             ipam: Ipam::new(subnet, gateway).map_err(InputError::Subnet)?,
             endpoints: Default::default(),
             retired: Vec::new(),
-            config: config.clone(),
         };
         // Recorded first: if we die half-way, the next `up` or `down` knows what is ours.
-        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        self.records.write_head(&lock, &doc.head)?;
         failpoint::hit("up:recorded");
-        let made = match self.ensure(&nl, &doc).await {
+        let made = match self.ensure(&nl, &doc.head).await {
             Ok(()) => self.ensure_datapath(&nl, &mut doc).await,
             Err(err) => Err(err),
         };
@@ -146,19 +150,19 @@ impl super::Network {
                 log::warn!("while undoing a failed `up`: {}", crate::error_chain(p));
             }
             if problems.is_empty() {
-                self.state.remove(&lock, STATE_DOC)?;
+                self.records.remove_all(&lock)?;
             }
             return Err(err);
         }
         failpoint::hit("up:made");
-        doc.phase = Phase::Ready;
-        self.state.write_json(&lock, STATE_DOC, &doc)?;
+        doc.head.phase = Phase::Ready;
+        self.records.write_head(&lock, &doc.head)?;
         Ok((outcome, config))
     }
 
     /// Makes the kernel match `doc` (network level); creates only what is missing.
-    async fn ensure(&self, nl: &Netlink, doc: &NetworkDoc) -> Result<(), NetworkError> {
-        let cfg = &doc.config;
+    async fn ensure(&self, nl: &Netlink, head: &NetworkHead) -> Result<(), NetworkError> {
+        let cfg = &head.config;
         let index = match link::find(nl, &cfg.bridge)
             .await
             .map_err(|e| NetworkError::Links(Box::new(e)))?
@@ -190,7 +194,7 @@ impl super::Network {
             })?;
         sysctl::set_ip_forward(true).map_err(UpError::Forwarding)?;
         nftables::apply(&nftables::Masquerade {
-            table: &doc.nft_table,
+            table: &head.nft_table,
             subnet: cfg.subnet,
             bridge: &cfg.bridge,
         })
@@ -204,10 +208,9 @@ impl super::Network {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
-        let Some(mut doc) = self.state.read_json::<NetworkDoc>(&lock, STATE_DOC)? else {
+        let Some((doc, _)) = self.reconcile_all(&nl, &lock, false).await? else {
             return Ok(false);
         };
-        self.reconcile(&nl, &lock, &mut doc, false).await?;
         if !doc.endpoints.is_empty() && !force {
             return Err(NetworkError::EndpointsExist {
                 count: doc.endpoints.len(),
@@ -219,7 +222,7 @@ impl super::Network {
             // The record stays, so running `down` again finishes the job.
             return Err(NetworkError::Teardown(problems));
         }
-        self.state.remove(&lock, STATE_DOC)?;
+        self.records.remove_all(&lock)?;
         Ok(true)
     }
 
@@ -242,19 +245,19 @@ impl super::Network {
                 });
             }
         }
-        if let Err(source) = link::delete_if_exists(nl, &doc.config.bridge).await {
+        if let Err(source) = link::delete_if_exists(nl, &doc.head.config.bridge).await {
             problems.push(TeardownError::Bridge {
-                name: doc.config.bridge.clone(),
+                name: doc.head.config.bridge.clone(),
                 source,
             });
         }
-        if let Err(source) = nftables::delete(&doc.nft_table) {
+        if let Err(source) = nftables::delete(&doc.head.nft_table) {
             problems.push(TeardownError::NftTable {
-                table: doc.nft_table.clone(),
+                table: doc.head.nft_table.clone(),
                 source,
             });
         }
-        if doc.ip_forward_was_off
+        if doc.head.ip_forward_was_off
             && let Err(source) = sysctl::set_ip_forward(false)
         {
             problems.push(TeardownError::IpForward(source));

@@ -50,7 +50,7 @@ pub fn read(network: &Network, endpoint: Option<&str>) -> Result<Stats, NetworkE
     {
         return Err(NetworkError::UnknownEndpoint { name: name.into() });
     }
-    let ebpf = doc.active_datapath == ActiveDatapath::Ebpf;
+    let ebpf = doc.head.active_datapath == ActiveDatapath::Ebpf;
     let plane = DataPlane::new(network.bpf_dir());
     let datapath = |e| NetworkError::ReadDatapath(Box::new(e));
     let mut counters = if ebpf {
@@ -73,7 +73,7 @@ pub fn read(network: &Network, endpoint: Option<&str>) -> Result<Stats, NetworkE
         })
         .collect();
     Ok(Stats {
-        datapath: doc.active_datapath,
+        datapath: doc.head.active_datapath,
         ipam: doc.ipam.usage(),
         endpoints,
         nat: if ebpf {

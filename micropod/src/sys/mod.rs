@@ -5,7 +5,8 @@
 //!
 //! - [`net`]: the tun ioctls and `SIOCGIFINDEX` on one [`IfReq`], the `SIOCGIFINDEX`
 //!   socket, `SO_RCVTIMEO`, `NS_GET_NSTYPE`, `poll`.
-//! - [`process`]: pidfds, the `pre_exec` hooks (`setsid`, `PR_SET_PDEATHSIG`), `getrandom`.
+//! - [`process`]: pidfds, the `pre_exec` hooks (`setsid`, `PR_SET_PDEATHSIG`), `getrandom`,
+//!   the `SIGPIPE` disposition.
 //! - [`kvm`]: the KVM probe's two ioctls.
 //! - [`bpf`]: `BPF_MAP_LOOKUP_BATCH` (an `unsafe fn`: only the caller knows the map's element
 //!   sizes) and reading a [`Pod`](aya::Pod) from map bytes.
@@ -22,5 +23,8 @@ pub(crate) use self::{
         IfReq, if_index, inet_dgram_socket, ns_type, poll_readable, set_receive_timeout,
         tun_get_iff, tun_set_iff, tun_set_owner, tun_set_persist,
     },
-    process::{getrandom, kill_on_parent_death, pidfd_open, pidfd_send_signal, setsid_on_exec},
+    process::{
+        die_on_sigpipe, getrandom, kill_on_parent_death, pidfd_open, pidfd_send_signal,
+        setsid_on_exec,
+    },
 };

@@ -43,6 +43,18 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> i
     }
 }
 
+/// Restores the default action of `SIGPIPE` (end the process), which the Rust runtime sets to
+/// ignore: a command whose output is piped into `head` then ends quietly when the reader goes,
+/// like any Unix tool, instead of panicking in `println!`. Not for servers, for which a peer
+/// closing a socket is an error to handle, not a reason to die.
+pub(crate) fn die_on_sigpipe() {
+    // SAFETY: sets a signal disposition to SIG_DFL (no handler runs our code); called at the
+    // start of `main`, before any thread that could race on dispositions exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Makes `cmd`'s child call `setsid` before exec: a session (and process group) of its own,
 /// without a controlling terminal.
 pub(crate) fn setsid_on_exec(cmd: &mut Command) {

@@ -1,0 +1,528 @@
+//! The network's records in the state dir, one file per object, so that an attach or a detach
+//! reads and writes the same few small files at the 1000th endpoint as at the first:
+//! - [`STATE_DOC`]: the network ([`NetworkHead`]), written by `up` only, synced;
+//! - `endpoints/<name>.json`: one [`Endpoint`] each;
+//! - `addresses/<ip>`: the endpoint name holding that address (the IPAM's allocations), with
+//!   [`LOWEST_FREE`] a lower bound of the lowest free address, so that picking the next address
+//!   stats one file rather than all of them;
+//! - `retired/<link>`: a [`RetiredLink`] waiting for the reaper.
+//!
+//! The records are shelves ([`crate::state::Shelf`]): atomic renames, not synced, because they
+//! describe links and namespaces that a power cut destroys too. Whatever a power cut left
+//! unreadable is dropped by the next full reconcile.
+//!
+//! Order of writes, so that every crash leaves a state the next command can finish or undo (see
+//! the intents in `mod.rs`): an address is claimed before its endpoint is recorded and freed
+//! after the record is removed; the bound is lowered before an address is freed.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{NetworkError, model::*};
+use crate::{
+    ipam::{Ipam, IpamError},
+    state::{Shelf, ShelfEntry, StateDir, StateLock},
+};
+
+pub const ENDPOINTS_SHELF: &str = "endpoints";
+pub const ADDRESSES_SHELF: &str = "addresses";
+pub const RETIRED_SHELF: &str = "retired";
+/// Every host address below the one recorded here is taken (a hint; never synced).
+pub const LOWEST_FREE: &str = "lowest-free.json";
+
+/// A record that could not be read, for the reconcile to drop.
+#[derive(Clone, Debug)]
+pub(super) struct Unreadable {
+    pub(super) shelf: &'static str,
+    pub(super) name: String,
+    pub(super) why: String,
+}
+
+/// [`STATE_DOC`] as read: version 1 documents also held the records.
+#[derive(Deserialize)]
+struct HeadFile {
+    #[serde(flatten)]
+    head: NetworkHead,
+    #[serde(default)]
+    ipam: Option<Ipam>,
+    #[serde(default)]
+    endpoints: Option<BTreeMap<String, Endpoint>>,
+    #[serde(default)]
+    retired: Option<Vec<RetiredLink>>,
+}
+
+impl HeadFile {
+    fn is_legacy(&self) -> bool {
+        self.ipam.is_some() || self.endpoints.is_some() || self.retired.is_some()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct LowestFree {
+    ip: Ipv4Addr,
+}
+
+/// The records of one state dir.
+#[derive(Clone, Debug)]
+pub(super) struct Records {
+    state: StateDir,
+    endpoints: Shelf,
+    addresses: Shelf,
+    retired: Shelf,
+}
+
+fn endpoint_file(name: &str) -> String {
+    format!("{name}.json")
+}
+
+impl Records {
+    pub(super) fn new(state: &StateDir) -> Self {
+        let shelf = |dir| state.shelf(dir).expect("shelf names are valid");
+        Self {
+            state: state.clone(),
+            endpoints: shelf(ENDPOINTS_SHELF),
+            addresses: shelf(ADDRESSES_SHELF),
+            retired: shelf(RETIRED_SHELF),
+        }
+    }
+
+    /// The network, under the lock; a version 1 document has its records moved out first.
+    pub(super) fn head(&self, lock: &StateLock) -> Result<Option<NetworkHead>, NetworkError> {
+        let Some(file) = self.state.read_json::<HeadFile>(lock, STATE_DOC)? else {
+            return Ok(None);
+        };
+        if !file.is_legacy() {
+            return Ok(Some(file.head));
+        }
+        let mut head = file.head;
+        for ep in file.endpoints.unwrap_or_default().values() {
+            self.put_endpoint(lock, ep)?;
+        }
+        for (ip, owner) in file.ipam.iter().flat_map(Ipam::allocations) {
+            self.claim_address(lock, ip, owner, false)?;
+        }
+        for r in file.retired.unwrap_or_default() {
+            self.add_retired(lock, &r)?;
+        }
+        head.version = STATE_VERSION;
+        self.write_head(lock, &head)?;
+        log::info!("moved the records of {STATE_DOC} into files of their own");
+        Ok(Some(head))
+    }
+
+    /// [`Self::head`] of a network whose `up` finished.
+    pub(super) fn ready_head(&self, lock: &StateLock) -> Result<NetworkHead, NetworkError> {
+        match self.head(lock)? {
+            Some(head) if head.phase == Phase::Ready => Ok(head),
+            _ => Err(NetworkError::NotUp {
+                state_dir: self.state.root().to_path_buf(),
+            }),
+        }
+    }
+
+    pub(super) fn write_head(
+        &self,
+        lock: &StateLock,
+        head: &NetworkHead,
+    ) -> Result<(), NetworkError> {
+        Ok(self.state.write_json(lock, STATE_DOC, head)?)
+    }
+
+    /// Removes the network and all its records (`down`, and `up` replacing a network).
+    pub(super) fn remove_all(&self, lock: &StateLock) -> Result<(), NetworkError> {
+        for shelf in [&self.endpoints, &self.addresses, &self.retired] {
+            shelf.remove_all(lock)?;
+        }
+        self.state.remove_unsynced(lock, LOWEST_FREE)?;
+        self.state.remove(lock, STATE_DOC)?;
+        Ok(())
+    }
+
+    /// Everything, read without the lock (status, stats, metrics): `None` if no network is up.
+    /// Unreadable records are left out, with a warning.
+    pub(super) fn load_unlocked(&self) -> Result<Option<NetworkDoc>, NetworkError> {
+        let Some(file) = self.state.read_json_unlocked::<HeadFile>(STATE_DOC)? else {
+            return Ok(None);
+        };
+        if file.is_legacy() {
+            return Ok(Some(NetworkDoc {
+                ipam: file.ipam.unwrap_or_else(|| file.head.ipam_rules()),
+                endpoints: file.endpoints.unwrap_or_default(),
+                retired: file.retired.unwrap_or_default(),
+                head: file.head,
+            }));
+        }
+        let (doc, unreadable) = self.load(file.head)?;
+        for u in unreadable {
+            log::warn!(
+                "skipping the unreadable record {}/{}: {}",
+                u.shelf,
+                u.name,
+                u.why
+            );
+        }
+        Ok(Some(doc))
+    }
+
+    /// Every record of the network `head` (read with [`Self::head`]), under the lock, with
+    /// those that could not be read.
+    pub(super) fn load_locked(
+        &self,
+        lock: &StateLock,
+        head: NetworkHead,
+    ) -> Result<(NetworkDoc, Vec<Unreadable>), NetworkError> {
+        for shelf in [&self.endpoints, &self.addresses, &self.retired] {
+            shelf.remove_stale_temps(lock);
+        }
+        self.load(head)
+    }
+
+    fn load(&self, head: NetworkHead) -> Result<(NetworkDoc, Vec<Unreadable>), NetworkError> {
+        let mut unreadable = Vec::new();
+        let mut endpoints = BTreeMap::new();
+        for (file, entry) in self.endpoints.read_all::<Endpoint>()? {
+            match entry {
+                ShelfEntry::Ok(ep) if endpoint_file(&ep.name) == file => {
+                    endpoints.insert(ep.name.clone(), ep);
+                }
+                ShelfEntry::Ok(ep) => unreadable.push(Unreadable {
+                    shelf: ENDPOINTS_SHELF,
+                    name: file,
+                    why: format!("it records endpoint {:?}", ep.name),
+                }),
+                ShelfEntry::Unreadable(e) => unreadable.push(Unreadable {
+                    shelf: ENDPOINTS_SHELF,
+                    name: file,
+                    why: e.to_string(),
+                }),
+            }
+        }
+        let mut ipam = head.ipam_rules();
+        for (file, entry) in self.addresses.read_all::<String>()? {
+            let result = match (file.parse::<Ipv4Addr>(), entry) {
+                (Ok(ip), ShelfEntry::Ok(owner)) => ipam
+                    .allocate(&owner, Some(ip))
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) => Err(format!("not an address: {e}")),
+                (_, ShelfEntry::Unreadable(e)) => Err(e.to_string()),
+            };
+            if let Err(why) = result {
+                unreadable.push(Unreadable {
+                    shelf: ADDRESSES_SHELF,
+                    name: file,
+                    why,
+                });
+            }
+        }
+        let mut retired = Vec::new();
+        for (file, entry) in self.retired.read_all::<RetiredLink>()? {
+            match entry {
+                ShelfEntry::Ok(r) if r.name == file => retired.push(r),
+                ShelfEntry::Ok(r) => unreadable.push(Unreadable {
+                    shelf: RETIRED_SHELF,
+                    name: file,
+                    why: format!("it records link {:?}", r.name),
+                }),
+                ShelfEntry::Unreadable(e) => unreadable.push(Unreadable {
+                    shelf: RETIRED_SHELF,
+                    name: file,
+                    why: e.to_string(),
+                }),
+            }
+        }
+        Ok((
+            NetworkDoc {
+                head,
+                ipam,
+                endpoints,
+                retired,
+            },
+            unreadable,
+        ))
+    }
+
+    /// Drops a record [`Self::load_locked`] could not read.
+    pub(super) fn drop_unreadable(
+        &self,
+        lock: &StateLock,
+        u: &Unreadable,
+    ) -> Result<(), NetworkError> {
+        let shelf = match u.shelf {
+            ENDPOINTS_SHELF => &self.endpoints,
+            ADDRESSES_SHELF => &self.addresses,
+            _ => &self.retired,
+        };
+        shelf.remove(lock, &u.name)?;
+        Ok(())
+    }
+
+    /// The endpoint called `name`, if recorded; an unreadable record reads as absent.
+    pub(super) fn endpoint(&self, name: &str) -> Result<Option<Endpoint>, NetworkError> {
+        Ok(
+            match self.endpoints.read::<Endpoint>(&endpoint_file(name))? {
+                Some(ShelfEntry::Ok(ep)) if ep.name == name => Some(ep),
+                _ => None,
+            },
+        )
+    }
+
+    pub(super) fn put_endpoint(&self, lock: &StateLock, ep: &Endpoint) -> Result<(), NetworkError> {
+        Ok(self.endpoints.write(lock, &endpoint_file(&ep.name), ep)?)
+    }
+
+    pub(super) fn remove_endpoint(&self, lock: &StateLock, name: &str) -> Result<(), NetworkError> {
+        self.endpoints.remove(lock, &endpoint_file(name))?;
+        Ok(())
+    }
+
+    /// Who holds `ip`; an unreadable record counts as held (by nobody known), so that the
+    /// address is not handed out before a reconcile looked at it.
+    pub(super) fn owner(&self, ip: Ipv4Addr) -> Result<Option<String>, NetworkError> {
+        Ok(match self.addresses.read::<String>(&ip.to_string())? {
+            None => None,
+            Some(ShelfEntry::Ok(owner)) => Some(owner),
+            Some(ShelfEntry::Unreadable(_)) => Some(String::new()),
+        })
+    }
+
+    fn lowest_free(&self, lock: &StateLock) -> Option<Ipv4Addr> {
+        match self.state.read_json::<LowestFree>(lock, LOWEST_FREE) {
+            Ok(found) => found.map(|l| l.ip),
+            // A hint: without it the walk starts at the bottom.
+            Err(_) => None,
+        }
+    }
+
+    /// The address an attach of `owner` gets: `requested`, or the lowest free one.
+    pub(super) fn pick_address(
+        &self,
+        lock: &StateLock,
+        head: &NetworkHead,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<Result<Ipv4Addr, IpamError>, NetworkError> {
+        let from = self.lowest_free(lock);
+        head.ipam_rules().pick(requested, from, |ip| self.owner(ip))
+    }
+
+    /// Records `owner` as the holder of `ip`. `lowest` says [`Self::pick_address`] chose it as
+    /// the lowest free address: every address up to it is now taken, so the bound moves past.
+    pub(super) fn claim_address(
+        &self,
+        lock: &StateLock,
+        ip: Ipv4Addr,
+        owner: &str,
+        lowest: bool,
+    ) -> Result<(), NetworkError> {
+        self.addresses.write(lock, &ip.to_string(), &owner)?;
+        if lowest {
+            let next = Ipv4Addr::from(u32::from(ip).saturating_add(1));
+            self.state
+                .write_json_unsynced(lock, LOWEST_FREE, &LowestFree { ip: next })?;
+        }
+        Ok(())
+    }
+
+    /// Frees `ip` if `owner` holds it; returns whether it did.
+    pub(super) fn release_address(
+        &self,
+        lock: &StateLock,
+        ip: Ipv4Addr,
+        owner: &str,
+    ) -> Result<bool, NetworkError> {
+        match self.owner(ip)? {
+            Some(held) if held == owner => {}
+            _ => return Ok(false),
+        }
+        // The bound first: it must never pass a free address.
+        if self.lowest_free(lock).is_some_and(|low| low > ip) {
+            self.state
+                .write_json_unsynced(lock, LOWEST_FREE, &LowestFree { ip })?;
+        }
+        Ok(self.addresses.remove(lock, &ip.to_string())?)
+    }
+
+    /// Forgets endpoint `ep` and frees its address, in that order.
+    pub(super) fn release_endpoint(
+        &self,
+        lock: &StateLock,
+        ep: &Endpoint,
+    ) -> Result<(), NetworkError> {
+        self.remove_endpoint(lock, &ep.name)?;
+        self.release_address(lock, ep.ip, &ep.name)?;
+        Ok(())
+    }
+
+    /// Frees an address whatever its record says (a leaked or unreadable one).
+    pub(super) fn drop_address(&self, lock: &StateLock, ip: Ipv4Addr) -> Result<(), NetworkError> {
+        if self.lowest_free(lock).is_some_and(|low| low > ip) {
+            self.state
+                .write_json_unsynced(lock, LOWEST_FREE, &LowestFree { ip })?;
+        }
+        self.addresses.remove(lock, &ip.to_string())?;
+        Ok(())
+    }
+
+    /// The names of the retired links on record (no lock needed).
+    pub(super) fn retired_names(&self) -> Result<Vec<String>, NetworkError> {
+        Ok(self.retired.names()?)
+    }
+
+    pub(super) fn is_retired(&self, name: &str) -> Result<bool, NetworkError> {
+        Ok(self.retired.contains(name)?)
+    }
+
+    pub(super) fn add_retired(
+        &self,
+        lock: &StateLock,
+        r: &RetiredLink,
+    ) -> Result<(), NetworkError> {
+        Ok(self.retired.write(lock, &r.name, r)?)
+    }
+
+    pub(super) fn remove_retired(&self, lock: &StateLock, name: &str) -> Result<(), NetworkError> {
+        self.retired.remove(lock, name)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(tempfile::TempDir, StateDir);
+
+    fn dir() -> Dir {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        Dir(tmp, state)
+    }
+
+    fn v1_doc() -> serde_json::Value {
+        serde_json::json!({
+            "version": 1,
+            "phase": "ready",
+            "config": {
+                "bridge": "micropod0",
+                "subnet": "10.10.0.0/24",
+                "gateway": "10.10.0.1",
+                "uplink": null,
+                "datapath": "netfilter",
+            },
+            "active_datapath": "netfilter",
+            "nft_table": "micropod_micropod0",
+            "ip_forward_was_off": false,
+            "ipam": {"subnet": "10.10.0.0/24", "gateway": "10.10.0.1",
+                     "allocations": {"10.10.0.2": "vm1"}},
+            "endpoints": {"vm1": {"name": "vm1", "kind": "tap", "ip": "10.10.0.2",
+                                  "mac": "02:6d:0a:0a:00:02", "link": "mpt-0a0a0002",
+                                  "netns": null}},
+            "retired": [{"name": "mpr0a0a00030000", "ip": "10.10.0.3"}],
+        })
+    }
+
+    #[test]
+    fn a_version_1_document_has_its_records_moved_out_when_read_under_the_lock() {
+        let Dir(_tmp, state) = dir();
+        let lock = state.lock().unwrap();
+        state.write_json(&lock, STATE_DOC, &v1_doc()).unwrap();
+        let records = Records::new(&state);
+        // Readers without the lock see it as it is.
+        let doc = records.load_unlocked().unwrap().unwrap();
+        assert_eq!(doc.endpoints.len(), 1);
+        let head = records.head(&lock).unwrap().unwrap();
+        assert_eq!(head.version, STATE_VERSION);
+        let raw: serde_json::Value = state.read_json(&lock, STATE_DOC).unwrap().unwrap();
+        assert!(raw.get("endpoints").is_none(), "{raw}");
+        let (doc, unreadable) = records.load_locked(&lock, head).unwrap();
+        assert!(unreadable.is_empty());
+        assert_eq!(doc.endpoints["vm1"].link, "mpt-0a0a0002");
+        assert_eq!(doc.ipam.owner("10.10.0.2".parse().unwrap()), Some("vm1"));
+        assert_eq!(doc.retired[0].name, "mpr0a0a00030000");
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_are_the_lowest_free_ones_and_a_freed_one_is_reused_first() {
+        let Dir(_tmp, state) = dir();
+        let lock = state.lock().unwrap();
+        state.write_json(&lock, STATE_DOC, &v1_doc()).unwrap();
+        let records = Records::new(&state);
+        let head = records.head(&lock).unwrap().unwrap();
+        let take = |owner: &str| {
+            let got = records.pick_address(&lock, &head, None).unwrap().unwrap();
+            records.claim_address(&lock, got, owner, true).unwrap();
+            got
+        };
+        // .2 is vm1's (from the old document, no bound recorded yet).
+        assert_eq!(take("a"), ip("10.10.0.3"));
+        assert_eq!(take("b"), ip("10.10.0.4"));
+        assert!(
+            records
+                .release_address(&lock, ip("10.10.0.3"), "a")
+                .unwrap()
+        );
+        assert!(
+            !records
+                .release_address(&lock, ip("10.10.0.4"), "a")
+                .unwrap(),
+            "not a's"
+        );
+        assert_eq!(take("c"), ip("10.10.0.3"));
+        assert_eq!(take("d"), ip("10.10.0.5"));
+        assert!(matches!(
+            records.pick_address(&lock, &head, Some(ip("10.10.0.5"))).unwrap(),
+            Err(IpamError::Taken { owner, .. }) if owner == "d"
+        ));
+        assert!(matches!(
+            records
+                .pick_address(&lock, &head, Some(ip("10.10.0.1")))
+                .unwrap(),
+            Err(IpamError::Reserved { .. })
+        ));
+        // A bound past a free address (it cannot happen, but it is only a hint) is survived.
+        records
+            .release_address(&lock, ip("10.10.0.2"), "vm1")
+            .unwrap();
+        state
+            .write_json_unsynced(
+                &lock,
+                LOWEST_FREE,
+                &LowestFree {
+                    ip: ip("10.10.0.254"),
+                },
+            )
+            .unwrap();
+        assert_eq!(take("e"), ip("10.10.0.254"));
+        assert_eq!(take("f"), ip("10.10.0.2"));
+    }
+
+    #[test]
+    fn unreadable_records_are_reported_and_an_unreadable_address_is_not_handed_out() {
+        let Dir(_tmp, state) = dir();
+        let lock = state.lock().unwrap();
+        state.write_json(&lock, STATE_DOC, &v1_doc()).unwrap();
+        let records = Records::new(&state);
+        let head = records.head(&lock).unwrap().unwrap();
+        // What a power cut may leave: an empty file where a record was being written.
+        std::fs::write(state.root().join(ADDRESSES_SHELF).join("10.10.0.3"), b"").unwrap();
+        std::fs::write(state.root().join(ENDPOINTS_SHELF).join("x.json"), b"{").unwrap();
+        assert_eq!(
+            records.pick_address(&lock, &head, None).unwrap().unwrap(),
+            ip("10.10.0.4")
+        );
+        let (doc, unreadable) = records.load_locked(&lock, head).unwrap();
+        let mut names: Vec<_> = unreadable.iter().map(|u| u.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["10.10.0.3", "x.json"]);
+        assert_eq!(doc.endpoints.len(), 1);
+        for u in &unreadable {
+            records.drop_unreadable(&lock, u).unwrap();
+        }
+        assert!(records.owner(ip("10.10.0.3")).unwrap().is_none());
+    }
+}
