@@ -31,6 +31,9 @@ use serde::{Serialize, de::DeserializeOwned};
 /// Name of the lock file inside the state dir; not usable as a document name.
 pub const LOCK_FILE: &str = "lock";
 
+/// Size of a hint file ([`StateDir::write_hint`]).
+pub const HINT_WIDTH: usize = 32;
+
 /// Longest accepted document name, leaving room for the temp-file decoration within NAME_MAX.
 const MAX_NAME_LEN: usize = 200;
 
@@ -335,6 +338,41 @@ impl StateDir {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Overwrites the hint `<root>/<name>` in place with `text` (at most [`HINT_WIDTH`] - 1
+    /// bytes, padded, so every write covers the last one): one `pwrite`, no temp file and no
+    /// rename, which on ext4 would start writeback of the replaced file. Not atomic for other
+    /// processes and never synced, so only for values that are a hint under the lock: a
+    /// reader must cope with a missing or garbled one ([`Self::read_hint`] returns `None`).
+    pub fn write_hint(&self, lock: &StateLock, name: &str, text: &str) -> Result<(), StateError> {
+        use std::os::unix::fs::FileExt as _;
+        self.check_lock(lock);
+        let path = self.doc_path(name)?;
+        assert!(text.len() < HINT_WIDTH, "hint {text:?} is too long");
+        let mut bytes = [b' '; HINT_WIDTH];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        bytes[HINT_WIDTH - 1] = b'\n';
+        let write_err = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|f| f.write_all_at(&bytes, 0))
+            .map_err(write_err)
+    }
+
+    /// The hint `<root>/<name>` ([`Self::write_hint`]), trimmed; `None` if absent or unreadable.
+    pub fn read_hint(&self, lock: &StateLock, name: &str) -> Option<String> {
+        self.check_lock(lock);
+        let text = fs::read_to_string(self.doc_path(name).ok()?).ok()?;
+        let text = text.trim();
+        (!text.is_empty()).then(|| text.to_owned())
     }
 
     /// Removes `<root>/<name>`; Ok if it is already absent.

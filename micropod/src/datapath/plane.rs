@@ -367,7 +367,9 @@ impl DataPlane {
 
     /// Forgets an endpoint: its port's links, map entries, counters and NAT flows. Runs every
     /// step; returns what failed.
-    pub fn detach_port(&self, ip: Ipv4Addr, port: &str) -> Vec<RemoveError> {
+    /// `ifindex` is the port's, if known: its entry is removed directly; otherwise the whole
+    /// port map is searched for entries of `ip` (a reconcile after a crash).
+    pub fn detach_port(&self, ip: Ipv4Addr, port: &str, ifindex: Option<u32>) -> Vec<RemoveError> {
         let mut problems = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
             if let Err(e) = remove_pin(&self.link_path(port, direction)) {
@@ -378,12 +380,15 @@ impl DataPlane {
         let steps = [
             self.open::<HashMap<MapData, u32, Endpoint>>(PORTS_MAP)
                 .and_then(|mut ports| {
-                    let stale: Vec<u32> = ports
-                        .iter()
-                        .filter_map(Result::ok)
-                        .filter(|(_, ep)| ep.ip == key.addr)
-                        .map(|(index, _)| index)
-                        .collect();
+                    let stale: Vec<u32> = match ifindex {
+                        Some(index) => vec![index],
+                        None => ports
+                            .iter()
+                            .filter_map(Result::ok)
+                            .filter(|(_, ep)| ep.ip == key.addr)
+                            .map(|(index, _)| index)
+                            .collect(),
+                    };
                     for index in stale {
                         ignore_missing(ports.remove(&index)).map_err(map_err(PORTS_MAP))?;
                     }

@@ -127,11 +127,18 @@ impl super::Network {
 
     /// Forgets an endpoint in the eBPF maps (a no-op on the netfilter data path); logs what
     /// failed, since the records are what counts and a later attach overwrites the entries.
-    pub(super) fn forget_datapath(&self, head: &NetworkHead, ip: std::net::Ipv4Addr, port: &str) {
+    /// `ifindex` is the port's if known (a detach, which looked it up), else it is searched.
+    pub(super) fn forget_datapath(
+        &self,
+        head: &NetworkHead,
+        ip: std::net::Ipv4Addr,
+        port: &str,
+        ifindex: Option<u32>,
+    ) {
         if head.active_datapath != ActiveDatapath::Ebpf {
             return;
         }
-        for p in DataPlane::new(&self.bpf_dir).detach_port(ip, port) {
+        for p in DataPlane::new(&self.bpf_dir).detach_port(ip, port, ifindex) {
             log::warn!("eBPF data path: {}", crate::error_chain(&p));
         }
     }

@@ -135,7 +135,7 @@ impl super::Network {
                 .await;
         }
         if let Err(err) = plumbed {
-            self.forget_datapath(&head, ep.ip, &ep.link);
+            self.forget_datapath(&head, ep.ip, &ep.link, None);
             // Removing the link undoes everything (a veth's peer and its addresses and routes
             // go with it); if that fails, the intent stays for reconcile.
             match link::delete_if_exists(&nl, &ep.link).await {
@@ -189,7 +189,7 @@ impl super::Network {
                 name: ep.link.clone(),
                 source: Box::new(source),
             })?;
-        self.forget_datapath(head, ep.ip, &ep.link);
+        self.forget_datapath(head, ep.ip, &ep.link, None);
         self.records.release_endpoint(lock, ep)?;
         log::info!("released endpoint {} ({}): {reason}", ep.name, ep.ip);
         Ok(())
@@ -322,6 +322,8 @@ impl super::Network {
                 reason: reason.into(),
             }));
         }
+        // Looked up before the rename, for the data path (its port entry is keyed by it).
+        let ifindex = probe.index(&ep.link).map_err(NetworkError::Probe)?;
         let mut intent = DetachIntent {
             retired: self.next_retired_name(ep.ip, &probe, None)?,
             endpoint: ep.clone(),
@@ -332,7 +334,7 @@ impl super::Network {
         failpoint::hit("detach:intent-recorded");
         let kept = self.retire_link(&nl, &lock, &probe, &mut intent).await?;
         failpoint::hit("detach:retired");
-        self.forget_datapath(&head, ep.ip, &ep.link);
+        self.forget_datapath(&head, ep.ip, &ep.link, ifindex);
         if kept {
             self.records.add_retired(
                 &lock,

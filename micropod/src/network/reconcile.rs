@@ -67,7 +67,7 @@ impl super::Network {
                         name: intent.link.clone(),
                         source: Box::new(source),
                     })?;
-                self.forget_datapath(head, intent.ip, &intent.link);
+                self.forget_datapath(head, intent.ip, &intent.link, None);
                 self.records
                     .release_address(lock, intent.ip, &intent.name)?;
                 log::info!("undid the interrupted attach of {}", intent.name);
@@ -137,7 +137,7 @@ impl super::Network {
                 );
                 continue;
             }
-            self.forget_datapath(&doc.head, ep.ip, &ep.link);
+            self.forget_datapath(&doc.head, ep.ip, &ep.link, None);
             self.records.release_endpoint(lock, &ep)?;
             if let Some((_, Err(e))) = doc.release_endpoint(&ep.name) {
                 log::warn!("stale endpoint {}: {e}", ep.name);

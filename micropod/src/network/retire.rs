@@ -141,7 +141,7 @@ impl super::Network {
                 .is_some()
         };
         if recorded {
-            self.forget_datapath(head, ep.ip, &ep.link);
+            self.forget_datapath(head, ep.ip, &ep.link, None);
         }
         if kept {
             self.records.add_retired(

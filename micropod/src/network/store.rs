@@ -17,7 +17,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{NetworkError, model::*};
 use crate::{
@@ -29,7 +29,7 @@ pub const ENDPOINTS_SHELF: &str = "endpoints";
 pub const ADDRESSES_SHELF: &str = "addresses";
 pub const RETIRED_SHELF: &str = "retired";
 /// Every host address below the one recorded here is taken (a hint; never synced).
-pub const LOWEST_FREE: &str = "lowest-free.json";
+pub const LOWEST_FREE: &str = "lowest-free";
 
 /// A record that could not be read, for the reconcile to drop.
 #[derive(Clone, Debug)]
@@ -56,11 +56,6 @@ impl HeadFile {
     fn is_legacy(&self) -> bool {
         self.ipam.is_some() || self.endpoints.is_some() || self.retired.is_some()
     }
-}
-
-#[derive(Serialize, Deserialize)]
-struct LowestFree {
-    ip: Ipv4Addr,
 }
 
 /// The records of one state dir.
@@ -287,12 +282,13 @@ impl Records {
         })
     }
 
+    /// The bound, if recorded and readable (without it the walk starts at the bottom).
     fn lowest_free(&self, lock: &StateLock) -> Option<Ipv4Addr> {
-        match self.state.read_json::<LowestFree>(lock, LOWEST_FREE) {
-            Ok(found) => found.map(|l| l.ip),
-            // A hint: without it the walk starts at the bottom.
-            Err(_) => None,
-        }
+        self.state.read_hint(lock, LOWEST_FREE)?.parse().ok()
+    }
+
+    fn set_lowest_free(&self, lock: &StateLock, ip: Ipv4Addr) -> Result<(), NetworkError> {
+        Ok(self.state.write_hint(lock, LOWEST_FREE, &ip.to_string())?)
     }
 
     /// The address an attach of `owner` gets: `requested`, or the lowest free one.
@@ -318,8 +314,7 @@ impl Records {
         self.addresses.write(lock, &ip.to_string(), &owner)?;
         if lowest {
             let next = Ipv4Addr::from(u32::from(ip).saturating_add(1));
-            self.state
-                .write_json_unsynced(lock, LOWEST_FREE, &LowestFree { ip: next })?;
+            self.set_lowest_free(lock, next)?;
         }
         Ok(())
     }
@@ -337,8 +332,7 @@ impl Records {
         }
         // The bound first: it must never pass a free address.
         if self.lowest_free(lock).is_some_and(|low| low > ip) {
-            self.state
-                .write_json_unsynced(lock, LOWEST_FREE, &LowestFree { ip })?;
+            self.set_lowest_free(lock, ip)?;
         }
         Ok(self.addresses.remove(lock, &ip.to_string())?)
     }
@@ -357,8 +351,7 @@ impl Records {
     /// Frees an address whatever its record says (a leaked or unreadable one).
     pub(super) fn drop_address(&self, lock: &StateLock, ip: Ipv4Addr) -> Result<(), NetworkError> {
         if self.lowest_free(lock).is_some_and(|low| low > ip) {
-            self.state
-                .write_json_unsynced(lock, LOWEST_FREE, &LowestFree { ip })?;
+            self.set_lowest_free(lock, ip)?;
         }
         self.addresses.remove(lock, &ip.to_string())?;
         Ok(())
@@ -488,15 +481,11 @@ mod tests {
         records
             .release_address(&lock, ip("10.10.0.2"), "vm1")
             .unwrap();
-        state
-            .write_json_unsynced(
-                &lock,
-                LOWEST_FREE,
-                &LowestFree {
-                    ip: ip("10.10.0.254"),
-                },
-            )
-            .unwrap();
+        records.set_lowest_free(&lock, ip("10.10.0.254")).unwrap();
+        // A garbled one reads as none.
+        state.write_hint(&lock, LOWEST_FREE, "10.10.0.").unwrap();
+        assert_eq!(records.lowest_free(&lock), None);
+        records.set_lowest_free(&lock, ip("10.10.0.254")).unwrap();
         assert_eq!(take("e"), ip("10.10.0.254"));
         assert_eq!(take("f"), ip("10.10.0.2"));
     }
