@@ -31,6 +31,9 @@ use serde::{Serialize, de::DeserializeOwned};
 /// Name of the lock file inside the state dir; not usable as a document name.
 pub const LOCK_FILE: &str = "lock";
 
+/// Size of a slot file ([`StateDir::write_slot`]): one page.
+pub const SLOT_SIZE: usize = 4096;
+
 /// Size of a hint file ([`StateDir::write_hint`]).
 pub const HINT_WIDTH: usize = 32;
 
@@ -373,6 +376,105 @@ impl StateDir {
         let text = fs::read_to_string(self.doc_path(name).ok()?).ok()?;
         let text = text.trim();
         (!text.is_empty()).then(|| text.to_owned())
+    }
+
+    /// Puts `value` in the slot `<root>/<name>`: a file that stays, overwritten in place with
+    /// one `pwrite` of [`SLOT_SIZE`] bytes (the JSON padded with spaces), for records that
+    /// come and go with every command (the intents): no inode is made or freed, which on an
+    /// ext4 without a journal costs a scan past every recently freed inode. A write of one
+    /// page at offset 0 is one copy that a `kill -9` cannot cut, so readers under the lock see
+    /// the old or the new value; unsynced, like [`Self::write_json_unsynced`]. A value too
+    /// large for a slot is written as a whole new file instead.
+    pub fn write_slot<T: Serialize>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        self.check_lock(lock);
+        let path = self.doc_path(name)?;
+        let bytes = serde_json::to_vec(value).map_err(|source| StateError::Serialize {
+            path: path.clone(),
+            source,
+        })?;
+        self.fill_slot(&path, &bytes)
+    }
+
+    /// Empties the slot `<root>/<name>` ([`Self::write_slot`]).
+    pub fn clear_slot(&self, lock: &StateLock, name: &str) -> Result<(), StateError> {
+        self.check_lock(lock);
+        let path = self.doc_path(name)?;
+        if !path.exists() {
+            return Ok(());
+        }
+        self.fill_slot(&path, b"")
+    }
+
+    /// The value in the slot `<root>/<name>`; `None` if empty or absent.
+    pub fn read_slot<T: DeserializeOwned>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
+        self.check_lock(lock);
+        let path = self.doc_path(name)?;
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Parse { path, source })
+    }
+
+    fn fill_slot(&self, path: &Path, json: &[u8]) -> Result<(), StateError> {
+        use std::os::unix::fs::FileExt as _;
+        if json.len() >= SLOT_SIZE {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let tmp = self
+                .root
+                .join(format!(".{name}.tmp-{}", std::process::id()));
+            let _ = fs::remove_file(&tmp);
+            return write_new(&tmp, json, false).and_then(|()| {
+                fs::rename(&tmp, path).map_err(|source| StateError::Rename {
+                    from: tmp.clone(),
+                    path: path.to_owned(),
+                    source,
+                })
+            });
+        }
+        let mut page = vec![b' '; SLOT_SIZE];
+        page[..json.len()].copy_from_slice(json);
+        page[SLOT_SIZE - 1] = b'\n';
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| StateError::Write {
+                path: path.to_owned(),
+                source,
+            })?;
+        // A slot that an oversized value made longer: shrink it back to one page first (rare).
+        if file.metadata().is_ok_and(|m| m.len() > SLOT_SIZE as u64) {
+            file.set_len(0).map_err(|source| StateError::Write {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        file.write_all_at(&page, 0)
+            .map_err(|source| StateError::Write {
+                path: path.to_owned(),
+                source,
+            })
     }
 
     /// Removes `<root>/<name>`; Ok if it is already absent.
@@ -806,6 +908,51 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn slots_are_overwritten_in_place_and_read_empty_when_cleared() {
+        use std::os::unix::fs::MetadataExt as _;
+        let tmp = TempDir::new("slot");
+        let dir = StateDir::new(&tmp.0);
+        let lock = dir.lock().unwrap();
+        assert_eq!(dir.read_slot::<Doc>(&lock, "slot.json").unwrap(), None);
+        dir.clear_slot(&lock, "slot.json").unwrap();
+        let long = doc("long", (0..100).collect());
+        dir.write_slot(&lock, "slot.json", &long).unwrap();
+        let inode = fs::metadata(tmp.0.join("slot.json")).unwrap().ino();
+        assert_eq!(
+            dir.read_slot::<Doc>(&lock, "slot.json").unwrap(),
+            Some(long)
+        );
+        // A shorter value after a longer one: the padding covers what was there.
+        let short = doc("s", vec![1]);
+        dir.write_slot(&lock, "slot.json", &short).unwrap();
+        assert_eq!(
+            dir.read_slot::<Doc>(&lock, "slot.json").unwrap(),
+            Some(short)
+        );
+        dir.clear_slot(&lock, "slot.json").unwrap();
+        assert_eq!(dir.read_slot::<Doc>(&lock, "slot.json").unwrap(), None);
+        let meta = fs::metadata(tmp.0.join("slot.json")).unwrap();
+        assert_eq!(
+            (meta.ino(), meta.len()),
+            (inode, SLOT_SIZE as u64),
+            "the same file"
+        );
+        // Larger than a slot: a file of its own, and back to a slot afterwards.
+        let huge = doc("huge", (0..2000).collect());
+        dir.write_slot(&lock, "slot.json", &huge).unwrap();
+        assert_eq!(
+            dir.read_slot::<Doc>(&lock, "slot.json").unwrap(),
+            Some(huge)
+        );
+        dir.write_slot(&lock, "slot.json", &doc("x", vec![]))
+            .unwrap();
+        assert_eq!(
+            dir.read_slot::<Doc>(&lock, "slot.json").unwrap(),
+            Some(doc("x", vec![]))
+        );
     }
 
     #[test]

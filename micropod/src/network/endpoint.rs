@@ -95,7 +95,7 @@ impl super::Network {
         };
         // The intent, recorded before the address is claimed and the first kernel object
         // exists; see the module docs.
-        self.state.write_json_unsynced(&lock, ATTACH_INTENT, &ep)?;
+        self.state.write_slot(&lock, ATTACH_INTENT, &ep)?;
         failpoint::hit("attach:intent-recorded");
         self.records
             .claim_address(&lock, ip, &ep.name, req.ip.is_none())?;
@@ -141,7 +141,7 @@ impl super::Network {
             match link::delete_if_exists(&nl, &ep.link).await {
                 Ok(_) => {
                     self.records.release_address(&lock, ip, &ep.name)?;
-                    self.state.remove_unsynced(&lock, ATTACH_INTENT)?;
+                    self.state.clear_slot(&lock, ATTACH_INTENT)?;
                 }
                 Err(e) => log::warn!(
                     "while undoing a failed attach: {}; `micropod gc` will retry",
@@ -152,7 +152,7 @@ impl super::Network {
         }
         self.records.put_endpoint(&lock, &ep)?;
         failpoint::hit("attach:recorded");
-        self.state.remove_unsynced(&lock, ATTACH_INTENT)?;
+        self.state.clear_slot(&lock, ATTACH_INTENT)?;
         *reap = !self.records.retired_names()?.is_empty();
 
         let subnet = head.config.subnet;
@@ -329,8 +329,7 @@ impl super::Network {
             endpoint: ep.clone(),
         };
         // The intent, recorded before the first kernel change; see the module docs.
-        self.state
-            .write_json_unsynced(&lock, DETACH_INTENT, &intent)?;
+        self.state.write_slot(&lock, DETACH_INTENT, &intent)?;
         failpoint::hit("detach:intent-recorded");
         let kept = self.retire_link(&nl, &lock, &probe, &mut intent).await?;
         failpoint::hit("detach:retired");
@@ -346,7 +345,7 @@ impl super::Network {
         }
         self.records.release_endpoint(&lock, &ep)?;
         failpoint::hit("detach:recorded");
-        self.state.remove_unsynced(&lock, DETACH_INTENT)?;
+        self.state.clear_slot(&lock, DETACH_INTENT)?;
         *reap = kept || !self.records.retired_names()?.is_empty();
         Ok(None)
     }

@@ -41,7 +41,7 @@ impl super::Network {
     ) -> Result<Vec<Released>, NetworkError> {
         let mut released = Vec::new();
         // A detach that died: finish it.
-        if let Some(intent) = self.state.read_json::<DetachIntent>(lock, DETACH_INTENT)? {
+        if let Some(intent) = self.state.read_slot::<DetachIntent>(lock, DETACH_INTENT)? {
             let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
             let (name, ip, link) = (
                 intent.endpoint.name.clone(),
@@ -58,7 +58,7 @@ impl super::Network {
             }
         }
         // An attach that died: undo what it made, unless it got as far as recording it.
-        if let Some(intent) = self.state.read_json::<Endpoint>(lock, ATTACH_INTENT)? {
+        if let Some(intent) = self.state.read_slot::<Endpoint>(lock, ATTACH_INTENT)? {
             let recorded = self.records.endpoint(&intent.name)?.as_ref() == Some(&intent);
             if !recorded {
                 link::delete_if_exists(nl, &intent.link)
@@ -78,7 +78,7 @@ impl super::Network {
                     reason: "its attach was interrupted".into(),
                 });
             }
-            self.state.remove_unsynced(lock, ATTACH_INTENT)?;
+            self.state.clear_slot(lock, ATTACH_INTENT)?;
         }
         Ok(released)
     }

@@ -89,8 +89,7 @@ impl super::Network {
                 Err(e) if e.is_exists() && attempts < RENAME_ATTEMPTS => {
                     attempts += 1;
                     intent.retired = self.next_retired_name(ep.ip, probe, Some(&intent.retired))?;
-                    self.state
-                        .write_json_unsynced(lock, DETACH_INTENT, intent)?;
+                    self.state.write_slot(lock, DETACH_INTENT, intent)?;
                 }
                 Err(e) => return Err(retire(e)),
             }
@@ -154,7 +153,7 @@ impl super::Network {
         }
         // Either step may be the one the detach died before.
         self.records.release_endpoint(lock, &ep)?;
-        self.state.remove_unsynced(lock, DETACH_INTENT)?;
+        self.state.clear_slot(lock, DETACH_INTENT)?;
         log::info!("finished the interrupted detach of {}", ep.name);
         Ok(recorded)
     }

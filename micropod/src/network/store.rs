@@ -129,7 +129,9 @@ impl Records {
         for shelf in [&self.endpoints, &self.addresses, &self.retired] {
             shelf.remove_all(lock)?;
         }
-        self.state.remove_unsynced(lock, LOWEST_FREE)?;
+        for file in [LOWEST_FREE, ATTACH_INTENT, DETACH_INTENT] {
+            self.state.remove_unsynced(lock, file)?;
+        }
         self.state.remove(lock, STATE_DOC)?;
         Ok(())
     }
