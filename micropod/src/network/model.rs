@@ -18,14 +18,15 @@ use crate::{
 
 pub const DEFAULT_BRIDGE: &str = "micropod0";
 pub const DEFAULT_SUBNET: &str = "10.10.0.0/24";
-/// The state document, under the state dir.
+/// The network's own document ([`NetworkHead`]), under the state dir.
 pub const STATE_DOC: &str = "network.json";
-/// The endpoint an attach is making, recorded before its first kernel object exists and
-/// removed once the endpoint is in [`STATE_DOC`].
+/// The endpoint an attach is making (a slot, see [`crate::state::StateDir::write_slot`]),
+/// recorded before its first kernel object exists and cleared once the endpoint's record is
+/// written.
 pub const ATTACH_INTENT: &str = "attach-intent.json";
 /// The endpoint a detach is retiring and the name its link takes, recorded before the first
-/// kernel change and removed once the endpoint is released and its link is in
-/// [`NetworkDoc::retired`].
+/// kernel change and cleared once the endpoint is released and its link is recorded as
+/// retired (a slot, like [`ATTACH_INTENT`]).
 pub const DETACH_INTENT: &str = "detach-intent.json";
 /// The reaper's own lock file (not a document): whoever holds it deletes the retired links.
 pub const REAPER_LOCK: &str = "reaper.lock";

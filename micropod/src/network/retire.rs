@@ -4,10 +4,10 @@
 //! Deleting a link costs 16-20 ms, most of it the RCU grace periods of the kernel's unregister
 //! path, and holds the RTNL lock throughout. Taking it down, off the bridge and renaming it
 //! costs well under a millisecond, and from then on it passes no frame and its name and
-//! address are free for the next endpoint. So detach retires the link and records it in
-//! [`NetworkDoc::retired`]; the reaper (`micropod network reap`, started in the background
+//! address are free for the next endpoint. So detach retires the link and records it (a file
+//! under `retired/`, see `store.rs`); the reaper (`micropod network reap`, started in the background
 //! by the CLI, or run inline by library users) deletes every retired link in one request (a
-//! device group, which the kernel unregisters as one batch) and drops them from the record.
+//! device group, which the kernel unregisters as one batch) and drops their records.
 
 use std::{
     collections::BTreeSet,
