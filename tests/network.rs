@@ -99,6 +99,7 @@ fn up_creates_bridge_gateway_forwarding_and_masquerade() {
     let lab = NetLab::new("up");
     let status = lab.json(["network", "up", "--json"]);
     assert_eq!(status["outcome"], "created");
+    lab.wait_pool(true);
     assert_eq!(
         status["network"]["uplink"], UPLINK,
         "auto picks the default route's device"
@@ -335,10 +336,12 @@ fn up_refuses_other_settings_while_endpoints_exist_and_down_needs_force() {
     lab.up(&[]);
     let status = lab.json(["network", "up", "--subnet", "10.20.0.0/24", "--json"]);
     assert_eq!(status["outcome"], "replaced");
+    lab.wait_pool(true);
     assert_eq!(addrs_of(lab.host.path(), "micropod0"), ["10.20.0.1/24"]);
     // ...even by one that contains the old subnet (the old bridge's route is not an overlap)...
     let status = lab.json(["network", "up", "--subnet", "10.20.0.0/16", "--json"]);
     assert_eq!(status["outcome"], "replaced");
+    lab.wait_pool(true);
     assert_eq!(addrs_of(lab.host.path(), "micropod0"), ["10.20.0.1/16"]);
     // ...but a replacement that is refused leaves the old network as it was.
     let before = snapshot(lab.host.path());
@@ -618,6 +621,7 @@ fn assert_datapath_matches(lab: &NetLab, records: &[Value]) {
 }
 
 fn assert_consistent(lab: &NetLab, namespaces: &[NsGuard]) -> Vec<Value> {
+    lab.wait_pool(false);
     let ls = lab.json(["network", "ls", "--json"]);
     let records: Vec<Value> = ls.as_array().unwrap().clone();
     let links = ip_json(lab.host.path(), &["-d", "link", "show"]);
@@ -649,6 +653,25 @@ fn assert_consistent(lab: &NetLab, namespaces: &[NsGuard]) -> Vec<Value> {
     }
     let status = lab.json(["network", "status", "--json"]);
     assert_eq!(status["network"]["ipam"]["used"], records.len());
+    // The pool on record is the pooled TAPs there are: down, on the bridge.
+    let pooled: Vec<&Value> = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| micropod::network::pool_link(l["ifname"].as_str().unwrap()).is_some())
+        .collect();
+    assert_eq!(
+        status["network"]["pool"]["ready"],
+        pooled.len(),
+        "pool records against pooled TAPs"
+    );
+    for l in pooled {
+        assert_eq!(l["master"], "micropod0", "{l}");
+        assert!(
+            !l["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+            "a pooled TAP is up: {l}"
+        );
+    }
     if status["network"]["datapath"] == "ebpf" {
         assert_datapath_matches(lab, &records);
     }
@@ -703,9 +726,13 @@ fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
     let lab = NetLab::new("fail");
     lab.up(&[]);
     let mut namespaces = Vec::new();
-    // (failpoint, endpoint kind, is the endpoint there once gc has run?)
+    // (failpoint, endpoint kind, is the endpoint there once gc has run?); TAP attaches take a
+    // pooled TAP (the default), those marked `fresh` make one (`--pool 0`).
     let cases = [
         ("attach:locked", "tap", false),
+        ("attach:taken-from-pool", "tap", false),
+        ("attach:link-created", "tap fresh", false),
+        ("attach:recorded", "tap fresh", true),
         ("attach:locked", "netns", false),
         ("attach:intent-recorded", "tap", false),
         ("attach:intent-recorded", "netns", false),
@@ -721,7 +748,16 @@ fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
         ("detach:recorded", "tap", false),
         ("detach:recorded", "netns", false),
     ];
+    let mut pool = true;
     for (i, (point, kind, survives)) in cases.into_iter().enumerate() {
+        let (kind, fresh) = match kind.split_once(' ') {
+            Some((kind, _)) => (kind, true),
+            None => (kind, false),
+        };
+        if fresh == pool {
+            lab.up(&["--pool", if fresh { "0" } else { "16" }]);
+            pool = !fresh;
+        }
         let name = format!("f{i}");
         let ns = NsGuard::new(&name);
         let mut attach: Vec<&OsStr> = ["network", "attach", &name, "--kind", kind]
@@ -756,7 +792,7 @@ fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
     }
     // The addresses of everything that did not survive are free again.
     let status = lab.json(["network", "status", "--json"]);
-    assert_eq!(status["network"]["ipam"]["used"], 2);
+    assert_eq!(status["network"]["ipam"]["used"], 3);
 }
 
 #[test]
@@ -927,6 +963,7 @@ fn kill_9_during_up_then_up_finishes_and_down_restores_the_namespace() {
             lab.json(["network", "up", "--json"])["network"]["phase"],
             "ready"
         );
+        lab.wait_pool(true);
         assert_eq!(
             strip_indexes(&snapshot(host)),
             strip_indexes(&made),
@@ -1219,5 +1256,248 @@ fn bad_pool_exhausted() {
         &lab,
         &["network", "attach", "more", "--kind", "tap"],
         "is full",
+    );
+}
+
+/// The bridge's forwarding database, from `bridge -j fdb show`.
+fn bridge_fdb(lab: &NetLab) -> Value {
+    let out = query(
+        lab.host.path(),
+        "bridge",
+        &["-j", "fdb", "show", "br", "micropod0"],
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bridge fdb: bad JSON {out:?}: {e}"))
+}
+
+/// The pooled TAPs of the lab's host namespace, by name.
+fn pooled_taps(lab: &NetLab) -> Vec<String> {
+    ip_json(lab.host.path(), &["link", "show"])
+        .as_array()
+        .expect("link list")
+        .iter()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|n| micropod::network::pool_link(n).is_some())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn ifindex_of(lab: &NetLab, name: &str) -> u64 {
+    ip_json(lab.host.path(), &["link", "show", "dev", name])[0]["ifindex"]
+        .as_u64()
+        .expect("ifindex")
+}
+
+#[test]
+fn the_pool_is_made_by_up_sized_by_pool_survives_up_again_and_is_emptied_by_down() {
+    let lab = NetLab::new("pool");
+    lab.up(&["--pool", "4"]);
+    let status = lab.json(["network", "status", "--json"]);
+    assert_eq!(
+        status["network"]["pool"],
+        serde_json::json!({"size": 4, "ready": 4})
+    );
+    let pool = pooled_taps(&lab);
+    assert_eq!(pool.len(), 4, "{pool:?}");
+    let indexes: Vec<u64> = pool.iter().map(|n| ifindex_of(&lab, n)).collect();
+    // `up` again (same settings, no --pool): the very same TAPs, and the same size.
+    lab.up(&[]);
+    assert_eq!(pooled_taps(&lab), pool);
+    assert_eq!(
+        pool.iter().map(|n| ifindex_of(&lab, n)).collect::<Vec<_>>(),
+        indexes
+    );
+    // An attach takes one (renamed, up, on the bridge) and nothing else changes in the pool.
+    let att = lab.json(["network", "attach", "vm", "--kind", "tap", "--json"]);
+    let taken = ifindex_of(&lab, att["link"].as_str().unwrap());
+    assert!(
+        indexes.contains(&taken),
+        "the endpoint's TAP is a pooled one"
+    );
+    // Refilled once half used (one refill per burst of attaches, not one per attach).
+    lab.wait_pool(false);
+    assert_eq!(pooled_taps(&lab).len(), 3, "refilled too early");
+    lab.ok(["network", "attach", "vm1", "--kind", "tap"]);
+    lab.wait_pool(true);
+    assert_eq!(pooled_taps(&lab).len(), 4, "refilled");
+    // A smaller pool is trimmed at once; 0 turns it off, and a TAP attach makes its own.
+    lab.up(&["--pool", "1"]);
+    assert_eq!(pooled_taps(&lab).len(), 1);
+    lab.up(&["--pool", "0"]);
+    assert_eq!(pooled_taps(&lab), Vec::<String>::new());
+    let fresh = lab.json(["network", "attach", "vm2", "--kind", "tap", "--json"]);
+    assert_eq!(
+        lab.json(["network", "status", "--json"])["network"]["pool"],
+        serde_json::json!({"size": 0, "ready": 0})
+    );
+    assert!(!indexes.contains(&ifindex_of(&lab, fresh["link"].as_str().unwrap())));
+    let too_big = lab
+        .micropod(["network", "up", "--pool", "100000"])
+        .output()
+        .unwrap();
+    assert!(!too_big.status.success());
+    assert!(
+        String::from_utf8_lossy(&too_big.stderr).contains("--pool 100000 is out of range"),
+        "{}",
+        String::from_utf8_lossy(&too_big.stderr)
+    );
+    // `down` removes the pool with everything else.
+    lab.up(&["--pool", "3"]);
+    assert_eq!(pooled_taps(&lab).len(), 3);
+    lab.ok(["network", "down", "--force"]);
+    assert_eq!(pooled_taps(&lab), Vec::<String>::new());
+}
+
+#[test]
+fn kill_9_during_pool_refill_then_gc_leaves_no_orphans() {
+    use std::ffi::OsStr;
+    let lab = NetLab::new("refill");
+    lab.up(&["--pool", "0"]);
+    for point in ["refill:created", "refill:made", "refill:recorded"] {
+        {
+            // No background refill: this one is ours, to kill.
+            let refill_lock = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(lab.dirs.state.join(micropod::network::REFILL_LOCK))
+                .unwrap();
+            let _held = nix::fcntl::Flock::lock(refill_lock, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| e)
+                .unwrap();
+            lab.ok(["network", "up", "--pool", "2"]);
+        }
+        kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("refill")]);
+        // What the killed refill made: one TAP, recorded or not.
+        assert!(
+            !pooled_taps(&lab).is_empty(),
+            "{point}: the refill made nothing"
+        );
+        lab.ok(["gc"]);
+        let status = lab.json(["network", "status", "--json"]);
+        let ready = status["network"]["pool"]["ready"].as_u64().unwrap();
+        assert_eq!(
+            pooled_taps(&lab).len() as u64,
+            ready,
+            "{point}: pooled TAPs without a record after gc"
+        );
+        // A refill afterwards completes the pool, and attaches use it.
+        lab.ok(["network", "refill"]);
+        assert_eq!(pooled_taps(&lab).len(), 2, "{point}");
+        let att = lab.json(["network", "attach", "vm", "--kind", "tap", "--json"]);
+        assert_eq!(att["ip"], "10.10.0.2");
+        lab.ok(["network", "detach", "vm"]);
+        lab.up(&["--pool", "0"]);
+        assert_consistent(&lab, &[]);
+    }
+    lab.ok(["network", "down"]);
+    assert_eq!(pooled_taps(&lab), Vec::<String>::new());
+}
+
+/// A pooled TAP never carries a previous tenant's state. A VM uses its TAP (frames both ways,
+/// so counters, a MAC learned by the bridge and a NAT flow to the internet) and is detached;
+/// the next attach of the same address gets another device (index, MAC) with zeroed kernel
+/// and eBPF counters, no NAT flow and no bridge entry of the old tenant.
+#[test]
+fn pooled_endpoints_carry_no_previous_tenants_state() {
+    let lab = NetLab::new("tenant");
+    lab.up(&[]);
+    let status = lab.json(["network", "status", "--json"]);
+    assert_eq!(status["network"]["datapath"], "ebpf", "{status}");
+    let first = lab.json(["network", "attach", "vm1", "--kind", "tap", "--json"]);
+    let tap1 = first["link"].as_str().unwrap().to_owned();
+    let vm_ip: Ipv4Addr = first["ip"].as_str().unwrap().parse().unwrap();
+    let vm_mac = micropod::network::Mac::for_ip(vm_ip).0;
+    let (index1, mac1) = (
+        ifindex_of(&lab, &tap1),
+        ip_json(lab.host.path(), &["link", "show", "dev", &tap1])[0]["address"].clone(),
+    );
+    // Be the tenant: resolve the gateway, then send datagrams to the internet's server.
+    let sent = lab.host.run(|| {
+        let tap = Tap::open(&tap1).expect("opening the TAP");
+        let mut buf = [0u8; 2048];
+        for _ in 0..20 {
+            tap.send(&packets::arp_request(vm_mac, vm_ip, GATEWAY))
+                .unwrap();
+            while let Some(n) = tap.recv(&mut buf, Duration::from_millis(200)).unwrap() {
+                if let Some((gw_mac, ip, _, _)) = packets::parse_arp_reply(&buf[..n])
+                    && ip == GATEWAY
+                {
+                    let datagram = packets::udp_ipv4(vm_ip, 40000, SERVER_ADDR, 9, b"tenant");
+                    let frame = packets::ethernet(gw_mac, vm_mac, packets::ETH_P_IP, &datagram);
+                    for _ in 0..5 {
+                        tap.send(&frame).unwrap();
+                    }
+                    // While the VM holds its TAP: once it closes it, the port loses its
+                    // carrier and the bridge forgets what it learned there.
+                    return Some(bridge_fdb(&lab));
+                }
+            }
+        }
+        None
+    });
+    let fdb = sent.expect("no ARP reply from the gateway");
+    let stats = lab.json(["stats", "--json"]);
+    assert!(
+        stats["endpoints"][0]["tx_packets"].as_u64().unwrap() >= 6,
+        "{stats}"
+    );
+    assert!(
+        stats["nat"]["entries"].as_u64().unwrap() > 0,
+        "no NAT flow: {stats}"
+    );
+    let learned = |fdb: &Value| {
+        let mac = micropod::network::Mac(vm_mac).to_string();
+        fdb.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["mac"].as_str() == Some(mac.as_str()))
+    };
+    assert!(
+        learned(&fdb),
+        "the bridge did not learn the tenant's MAC: {fdb}"
+    );
+
+    lab.ok(["network", "detach", "vm1"]);
+    let ip = vm_ip.to_string();
+    let second = lab.json([
+        "network", "attach", "vm2", "--kind", "tap", "--ip", &ip, "--json",
+    ]);
+    let tap2 = second["link"].as_str().unwrap().to_owned();
+    assert_eq!(tap2, tap1, "same address, same endpoint link name");
+    let link2 = &ip_json(lab.host.path(), &["-s", "link", "show", "dev", &tap2])[0];
+    assert_ne!(
+        link2["ifindex"].as_u64().unwrap(),
+        index1,
+        "the same device again"
+    );
+    assert_ne!(link2["address"], mac1, "the old TAP's MAC");
+    let s = &link2["stats64"];
+    assert_eq!(
+        (s["rx"]["packets"].as_u64(), s["tx"]["packets"].as_u64()),
+        (Some(0), Some(0)),
+        "the new TAP has carried frames: {link2}"
+    );
+    let stats = lab.json(["stats", "--json"]);
+    let ep = &stats["endpoints"][0];
+    assert_eq!(ep["name"], "vm2");
+    assert_eq!(
+        (ep["rx_packets"].as_u64(), ep["tx_packets"].as_u64()),
+        (Some(0), Some(0)),
+        "counters of the old tenant: {stats}"
+    );
+    assert_eq!(
+        stats["nat"]["entries"], 0,
+        "NAT flows of the old tenant: {stats}"
+    );
+    // The new VM opens its TAP (the port gets its carrier) and has sent nothing yet.
+    let fdb = lab.host.run(|| {
+        let _tap = Tap::open(&tap2).expect("opening the TAP");
+        std::thread::sleep(Duration::from_millis(50));
+        bridge_fdb(&lab)
+    });
+    assert!(
+        !learned(&fdb),
+        "the bridge still knows the old tenant's MAC: {fdb}"
     );
 }

@@ -251,6 +251,27 @@ impl StateDir {
         }
     }
 
+    /// [`Self::try_lock_file`], waiting for the holder (`Ok(None)` only if the dir does not
+    /// exist): for a command that must not run beside that job.
+    pub fn lock_file(&self, name: &str) -> Result<Option<FileLock>, StateError> {
+        let path = self.doc_path(name)?;
+        let Some(mut file) = open_lock_file(&path)? else {
+            return Ok(None);
+        };
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusive) {
+                Ok(locked) => return Ok(Some(FileLock { _file: locked })),
+                Err((again, Errno::EINTR)) => file = again,
+                Err((_, errno)) => {
+                    return Err(StateError::Lock {
+                        path,
+                        source: io::Error::from(errno),
+                    });
+                }
+            }
+        }
+    }
+
     /// Reads `<root>/<name>` as JSON; `Ok(None)` if it does not exist.
     pub fn read_json<T: DeserializeOwned>(
         &self,

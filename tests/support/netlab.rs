@@ -166,12 +166,48 @@ impl NetLab {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON {out:?}: {e}"))
     }
 
-    /// `network up` with defaults plus `extra`.
+    /// `network up` with defaults plus `extra`, then waits until its background refill has
+    /// made the TAP pool, so that no refill is still making links when the test looks.
     #[track_caller]
     pub fn up(&self, extra: &[&str]) {
         let mut args = vec!["network", "up"];
         args.extend_from_slice(extra);
         self.ok(args);
+        // `up` always starts a refill, which fills the pool.
+        self.wait_pool(true);
+    }
+
+    /// Waits (up to 10 s) until no refill runs or is about to: the pool is full (`full`, or
+    /// after an attach took it to half or less, which starts a refill), or above half with
+    /// the refill lock free.
+    #[track_caller]
+    pub fn wait_pool(&self, full: bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.json(["network", "status", "--json"]);
+            let pool = &status["network"]["pool"];
+            let (ready, size) = (pool["ready"].as_u64(), pool["size"].as_u64());
+            let settled = match (ready, size) {
+                (Some(ready), Some(size)) => ready >= size || (!full && ready > size / 2),
+                _ => true,
+            };
+            if settled && self.refill_idle() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the TAP pool is not full after 10 s: {pool}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether no refill holds the refill lock.
+    fn refill_idle(&self) -> bool {
+        let Ok(file) = File::open(self.dirs.state.join(micropod::network::REFILL_LOCK)) else {
+            return true;
+        };
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
     }
 
     /// Attaches a netns endpoint in `ns`, returns the attach JSON.
@@ -347,13 +383,18 @@ fn snapshot_now(ns: &Path) -> String {
             .filter_map(|f| f.as_str())
             .filter(|f| !matches!(*f, "NO-CARRIER" | "LOWER_UP" | "DORMANT" | "M-DOWN"))
             .collect();
+        // A pooled TAP is made afresh whenever the pool is (its MAC is the kernel's random
+        // one); what matters is that it is there, down, on the bridge.
+        let pooled = l["ifname"]
+            .as_str()
+            .is_some_and(|n| micropod::network::pool_link(n).is_some());
         out += &format!(
             "link {} index={} kind={} master={} flags={flags:?} mac={} mtu={}\n",
             l["ifname"],
             l["ifindex"],
             l["linkinfo"]["info_kind"],
             l["master"],
-            l["address"],
+            if pooled { &Value::Null } else { &l["address"] },
             l["mtu"]
         );
     }

@@ -38,6 +38,9 @@ pub(super) enum Command {
     /// Internal: deletes retired links in the background, started by `detach`.
     #[command(name = micropod::network::REAP_COMMAND, hide = true)]
     Reap,
+    /// Internal: makes pooled TAPs in the background, started by `up` and `attach`.
+    #[command(name = micropod::network::REFILL_COMMAND, hide = true)]
+    Refill,
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +60,10 @@ pub(super) struct UpArgs {
     /// Capacity of the eBPF NAT table, in entries (two per flow).
     #[arg(long, value_name = "ENTRIES")]
     nat_table_size: Option<u32>,
+    /// TAPs to keep ready for attaches (0: none); omitted, a network keeps its size
+    /// (16 for a new one).
+    #[arg(long, value_name = "N")]
+    pool: Option<u32>,
     /// Print the resulting status as JSON.
     #[arg(long)]
     json: bool,
@@ -112,6 +119,7 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                     DatapathArg::Netfilter => DatapathMode::Netfilter,
                 },
                 nat_entries: args.nat_table_size,
+                pool: args.pool,
             };
             let (outcome, config) = rt.block_on(network.up(&req))?;
             let status = rt.block_on(network.status())?;
@@ -186,6 +194,7 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                     n.ipam.used, n.ipam.free, n.ipam.capacity
                 );
                 println!("endpoints  {}", n.endpoints.len());
+                println!("tap pool   {} of {} ready", n.pool.ready, n.pool.size);
                 if n.retired_links > 0 {
                     println!(
                         "retired    {} detached link(s) waiting to be deleted",
@@ -222,6 +231,10 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
         Command::Reap => {
             let deleted = rt.block_on(network.reap())?;
             log::debug!("reaper deleted {deleted} retired link(s)");
+        }
+        Command::Refill => {
+            let made = rt.block_on(network.refill())?;
+            log::debug!("refill made {made} pooled TAP(s)");
         }
         Command::Ls { json } => {
             let endpoints = network.list()?;

@@ -296,6 +296,13 @@ impl DataPlane {
         nl: &Netlink,
         spec: &PortSpec<'_>,
     ) -> Result<(), DatapathError> {
+        self.register_port(spec)?;
+        self.hook_port(nl, spec).await
+    }
+
+    /// The map entries of an endpoint on its port ([`Self::attach_port`] without the hooks, for
+    /// a port that carries them already: a pooled TAP). Its counters start from zero.
+    pub fn register_port(&self, spec: &PortSpec<'_>) -> Result<(), DatapathError> {
         let ep = Endpoint {
             ip: spec.ip.octets(),
             ifindex: spec.ifindex,
@@ -320,7 +327,7 @@ impl DataPlane {
         ports
             .insert(&spec.ifindex, &ep, 0)
             .map_err(map_err(PORTS_MAP))?;
-        self.hook_port(nl, spec).await
+        Ok(())
     }
 
     /// Hooks the port programs on an endpoint's port (the second half of

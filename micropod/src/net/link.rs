@@ -87,6 +87,7 @@ impl LinkError {
     /// Whether the bridge refused a port because all its port numbers are in use.
     pub fn is_bridge_full(&self) -> bool {
         matches!(self, Self::SetController { source: rtnetlink::Error::NetlinkError(e), .. }
+            | Self::Rename { source: rtnetlink::Error::NetlinkError(e), .. }
             if e.raw_code() == -libc::EXFULL)
     }
 
@@ -209,6 +210,62 @@ pub async fn rename(nl: &Netlink, name: &str, index: u32, to: &str) -> Result<()
         .set(LinkUnspec::new_with_index(index).name(to).build())
         .execute()
         .await
+        .map_err(|source| LinkError::Rename {
+            name: name.into(),
+            to: to.into(),
+            source,
+        })
+}
+
+/// Puts the link `name` on bridge `controller` and into device group `group`, leaving it down
+/// (a pooled TAP: a port that passes no frame until an attach brings it up).
+pub async fn set_controller(
+    nl: &Netlink,
+    name: &str,
+    controller: u32,
+    group: u32,
+) -> Result<(), LinkError> {
+    validate_name(name)?;
+    let mut message = LinkUnspec::new_with_name(name)
+        .controller(controller)
+        .build();
+    message.attributes.push(LinkAttribute::Group(group));
+    nl.handle()
+        .link()
+        .set(message)
+        .execute()
+        .await
+        .map_err(|source| LinkError::SetController {
+            name: name.into(),
+            controller,
+            source,
+        })
+}
+
+/// Renames the (down) link at `index` to `to`, puts it on bridge `controller` (a no-op if it
+/// is there already), back into the default device group, and brings it up, in one request:
+/// the kernel renames before it changes the flags.
+pub async fn adopt(
+    nl: &Netlink,
+    name: &str,
+    index: u32,
+    to: &str,
+    controller: u32,
+) -> Result<(), LinkError> {
+    validate_name(to)?;
+    let mut message = LinkUnspec::new_with_index(index)
+        .name(to)
+        .controller(controller)
+        .up()
+        .build();
+    message.attributes.push(LinkAttribute::Group(0));
+    nl.handle()
+        .link()
+        .set(message)
+        .execute()
+        .await
+        // Reported as the rename (one more variant would cost `LinkError` its niche); the
+        // errno says which part the kernel refused.
         .map_err(|source| LinkError::Rename {
             name: name.into(),
             to: to.into(),

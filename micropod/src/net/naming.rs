@@ -19,6 +19,9 @@ pub const RETIRED_LINK_PREFIX: &str = "mpr";
 /// micropod network in the namespace: all are waiting to be deleted). "mpr\0" in ASCII: far
 /// from the small numbers of `/etc/iproute2/group`.
 pub const RETIRED_LINK_GROUP: u32 = 0x6d70_7200;
+/// Link name prefix of a pooled TAP, made ahead of need and waiting for an attach
+/// (`mpp<subnet's network address in hex><serial in hex>`).
+pub const POOL_LINK_PREFIX: &str = "mpp";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -175,6 +178,36 @@ pub fn retired_link(name: &str) -> Option<(Ipv4Addr, u16)> {
     ))
 }
 
+/// The name of a pooled TAP of the network whose subnet starts at `network`: `mpp`, the
+/// network address in 8 hex digits and a serial in 4 (15 bytes). Two networks of one namespace
+/// never share a subnet, so the name says whose pool it belongs to.
+#[must_use]
+pub fn pool_link_name(network: Ipv4Addr, serial: u16) -> String {
+    format!("{POOL_LINK_PREFIX}{:08x}{serial:04x}", u32::from(network))
+}
+
+/// The device group of the pooled TAPs of the network whose subnet starts at `network`: the
+/// address as a number, so that each network's pool is its own group (subnets of one namespace
+/// never share a network address) and `down` deletes it in one request, one unregister batch.
+#[must_use]
+pub fn pool_group(network: Ipv4Addr) -> u32 {
+    u32::from(network)
+}
+
+/// The network address and serial a pooled TAP's name was made for, if it is one.
+#[must_use]
+pub fn pool_link(name: &str) -> Option<(Ipv4Addr, u16)> {
+    let hex = name.strip_prefix(POOL_LINK_PREFIX)?;
+    if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let (network, serial) = hex.split_at(8);
+    Some((
+        Ipv4Addr::from(u32::from_str_radix(network, 16).ok()?),
+        u16::from_str_radix(serial, 16).ok()?,
+    ))
+}
+
 /// Endpoint names: what a user would call a VM or container.
 #[must_use]
 pub fn valid_endpoint_name(name: &str) -> bool {
@@ -243,6 +276,26 @@ mod tests {
         assert_eq!(link_name(EndpointKind::Netns, ip), "mpv-0a0afffe");
         for other in ["micropod0", "mpv-", "mpv-0a0a00zz", "eth0", "mpx-0a0a0002"] {
             assert_eq!(endpoint_link_ip(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn pool_names_fit_ifnamsiz_round_trip_and_are_no_other_kind() {
+        let network = Ipv4Addr::new(10, 10, 0, 0);
+        for serial in [0, 1, 0xabcd, u16::MAX] {
+            let name = pool_link_name(network, serial);
+            assert_eq!(name.len(), crate::net::link::IFNAME_MAX, "{name}");
+            assert_eq!(pool_link(&name), Some((network, serial)), "{name}");
+            assert_eq!((endpoint_link_ip(&name), retired_link(&name)), (None, None));
+        }
+        assert_eq!(pool_link_name(network, 0x12), "mpp0a0a00000012");
+        for other in [
+            "mpp",
+            "mpp0a0a0000001",
+            "mpr0a0a00000012",
+            "mpp0a0a000000zz",
+        ] {
+            assert_eq!(pool_link(other), None, "{other}");
         }
     }
 

@@ -175,7 +175,7 @@ impl super::Network {
     }
 }
 
-fn port_spec(ep: &Endpoint, ifindex: u32) -> PortSpec<'_> {
+pub(super) fn port_spec(ep: &Endpoint, ifindex: u32) -> PortSpec<'_> {
     PortSpec {
         ip: ep.ip,
         mac: ep.mac.0,

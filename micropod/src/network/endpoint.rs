@@ -17,15 +17,15 @@ use crate::{
 impl super::Network {
     /// `network attach`: a TAP for a VMM, or a veth into a namespace, with an address.
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attachment, NetworkError> {
-        self.reaping(async |reap| self.attach_locked(req, reap).await)
+        self.reaping(async |later| self.attach_locked(req, later).await)
             .await
     }
 
-    /// [`Self::attach`] under the state lock; sets `reap` if retired links wait on record.
+    /// [`Self::attach`] under the state lock; says in `later` what is left for after it.
     async fn attach_locked(
         &self,
         req: &AttachRequest,
-        reap: &mut bool,
+        later: &mut super::retire::Later,
     ) -> Result<Attachment, NetworkError> {
         check_privileges()?;
         check_endpoint_name("endpoint", &req.name).map_err(InputError::from)?;
@@ -102,6 +102,7 @@ impl super::Network {
         let mut plumbed = self
             .plumb(
                 &nl,
+                &lock,
                 &head,
                 &ep,
                 bridge_index,
@@ -127,6 +128,7 @@ impl super::Network {
             plumbed = self
                 .plumb(
                     &nl,
+                    &lock,
                     &head,
                     &ep,
                     bridge_index,
@@ -153,7 +155,10 @@ impl super::Network {
         self.records.put_endpoint(&lock, &ep)?;
         failpoint::hit("attach:recorded");
         self.state.clear_slot(&lock, ATTACH_INTENT)?;
-        *reap = !self.records.retired_names()?.is_empty();
+        later.reap = !self.records.retired_names()?.is_empty();
+        // Refilled once half used, so that a burst of attaches starts one refill, not one each.
+        later.refill = head.config.pool > 0
+            && self.records.pool_names()?.len() <= (head.config.pool as usize) / 2;
 
         let subnet = head.config.subnet;
         Ok(Attachment {
@@ -201,6 +206,7 @@ impl super::Network {
     async fn plumb(
         &self,
         nl: &Netlink,
+        lock: &crate::state::StateLock,
         head: &NetworkHead,
         ep: &Endpoint,
         bridge_index: u32,
@@ -208,6 +214,9 @@ impl super::Network {
     ) -> Result<(), NetworkError> {
         match (ep.kind, target, &ep.netns) {
             (EndpointKind::Tap, _, _) => {
+                if self.take_pooled(nl, lock, head, ep, bridge_index).await? {
+                    return Ok(());
+                }
                 // The TAP keeps the kernel's random MAC: the guest's MAC (ep.mac) is the VM's
                 // NIC, and a port sharing it would make the bridge deliver the VM's frames
                 // to itself.
@@ -284,37 +293,37 @@ impl super::Network {
     /// the link itself is deleted after the lock is released (see `retire.rs`). Returns the
     /// reconcile note if the endpoint had already gone away on its own.
     pub async fn detach(&self, name: &str) -> Result<Option<Released>, NetworkError> {
-        self.reaping(async |reap| self.detach_locked(name, reap).await)
+        self.reaping(async |later| self.detach_locked(name, later).await)
             .await
     }
 
-    /// [`Self::detach`] under the state lock; sets `reap` if retired links wait on record.
+    /// [`Self::detach`] under the state lock; says in `later` what is left for after it.
     async fn detach_locked(
         &self,
         name: &str,
-        reap: &mut bool,
+        later: &mut super::retire::Later,
     ) -> Result<Option<Released>, NetworkError> {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
         let head = self.records.ready_head(&lock)?;
         let recovered = self.recover(&nl, &lock, &head).await?;
-        let done = |reap: &mut bool| -> Result<(), NetworkError> {
-            *reap = !self.records.retired_names()?.is_empty();
+        let done = |later: &mut super::retire::Later| -> Result<(), NetworkError> {
+            later.reap = !self.records.retired_names()?.is_empty();
             Ok(())
         };
         if let Some(gone) = recovered.into_iter().find(|r| r.name == name) {
-            done(reap)?;
+            done(later)?;
             return Ok(Some(gone));
         }
         let Some(ep) = self.records.endpoint(name)? else {
-            done(reap)?;
+            done(later)?;
             return Err(NetworkError::UnknownEndpoint { name: name.into() });
         };
         let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
         if let Some(reason) = super::reconcile::gone_reason(&probe, &ep)? {
             self.release_gone(&nl, &lock, &head, &ep, reason).await?;
-            done(reap)?;
+            done(later)?;
             return Ok(Some(Released {
                 name: ep.name,
                 ip: Some(ep.ip),
@@ -346,7 +355,7 @@ impl super::Network {
         self.records.release_endpoint(&lock, &ep)?;
         failpoint::hit("detach:recorded");
         self.state.clear_slot(&lock, DETACH_INTENT)?;
-        *reap = kept || !self.records.retired_names()?.is_empty();
+        later.reap = kept || !self.records.retired_names()?.is_empty();
         Ok(None)
     }
 }

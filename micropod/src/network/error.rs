@@ -60,6 +60,15 @@ pub enum NetworkError {
     },
     #[error("every retired-link name for {ip} is taken; run `micropod gc` to delete retired links")]
     RetiredNamesExhausted { ip: Ipv4Addr },
+    #[error("every pooled-TAP name is taken; run `micropod gc` to delete unrecorded ones")]
+    PoolNamesExhausted,
+    #[error("cannot make the pooled TAP {name}: cannot {step}")]
+    Pool {
+        name: String,
+        step: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot delete link {name}")]
     DeleteLink {
         name: String,
@@ -102,6 +111,8 @@ pub enum InputError {
     UnknownUplink { name: String },
     #[error("--nat-table-size {value} is out of range; use {min}..={max} entries (two per flow)")]
     NatEntries { value: u32, min: u32, max: u32 },
+    #[error("--pool {value} is out of range; use 0 (no pool) to {max} TAPs")]
+    Pool { value: u32, max: u32 },
     #[error(transparent)]
     InvalidEndpointName(#[from] InvalidName),
     #[error("invalid interface name for inside the namespace")]
@@ -266,6 +277,14 @@ pub enum TeardownError {
         #[source]
         source: LinkError,
     },
+    #[error("pooled TAP {name}")]
+    PooledLink {
+        name: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("listing the pooled TAPs")]
+    PoolList(#[source] Box<NetworkError>),
     #[error("bridge {name}")]
     Bridge {
         name: String,

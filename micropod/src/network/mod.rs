@@ -33,6 +33,7 @@ mod datapath;
 mod endpoint;
 mod error;
 mod model;
+mod pool;
 mod reconcile;
 mod retire;
 mod store;
@@ -42,15 +43,17 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 pub use error::{AttachError, InputError, NetnsStep, NetworkError, TeardownError, UpError};
 pub use model::{
-    ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DETACH_INTENT,
-    DatapathMode, DetachIntent, Endpoint, EndpointKind, Mac, NetnsRef, NetworkConfig, NetworkDoc,
-    NetworkHead, Phase, REAPER_LOCK, REAPER_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC,
-    UplinkChoice, endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, retired_link,
+    ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_POOL, DEFAULT_SUBNET,
+    DETACH_INTENT, DatapathMode, DetachIntent, Endpoint, EndpointKind, MAX_POOL, Mac, NetnsRef,
+    NetworkConfig, NetworkDoc, NetworkHead, Phase, PooledTap, REAPER_LOCK, REAPER_LOG, REFILL_LOCK,
+    REFILL_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC, UplinkChoice, endpoint_link_ip,
+    kernel_ip_arg, link_name, nft_table_name, pool_group, pool_link, pool_link_name, retired_link,
     retired_link_name, valid_endpoint_name,
 };
+pub use pool::REFILL_COMMAND;
 pub use retire::REAP_COMMAND;
 use serde::Serialize;
-pub use store::{ADDRESSES_SHELF, ENDPOINTS_SHELF, LOWEST_FREE, RETIRED_SHELF};
+pub use store::{ADDRESSES_SHELF, ENDPOINTS_SHELF, LOWEST_FREE, POOL_SHELF, RETIRED_SHELF};
 
 use crate::{ipam::IpamUsage, state::StateDir};
 
@@ -79,6 +82,8 @@ pub struct UpRequest {
     pub datapath: DatapathMode,
     /// Capacity of the eBPF NAT table in entries (two per flow); `None` for the default.
     pub nat_entries: Option<u32>,
+    /// TAPs to keep ready; `None` keeps the network's current size (16 for a new one).
+    pub pool: Option<u32>,
 }
 
 impl Default for UpRequest {
@@ -89,6 +94,7 @@ impl Default for UpRequest {
             uplink: UplinkChoice::Auto,
             datapath: DatapathMode::Auto,
             nat_entries: None,
+            pool: None,
         }
     }
 }
@@ -173,6 +179,17 @@ pub struct NetworkStatus {
     pub endpoints: Vec<EndpointView>,
     /// Links of detached endpoints that are still waiting to be deleted.
     pub retired_links: usize,
+    /// The TAPs made ahead of need.
+    pub pool: PoolStatus,
+}
+
+/// `network status`'s view of the TAP pool.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolStatus {
+    /// How many `network up --pool` asked for.
+    pub size: u32,
+    /// How many are ready now.
+    pub ready: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -256,6 +273,10 @@ impl Network {
                         .map(|ep| EndpointView::new(ep, &doc))
                         .collect(),
                     retired_links: doc.retired.len(),
+                    pool: PoolStatus {
+                        size: doc.head.config.pool,
+                        ready: doc.pool.len(),
+                    },
                 })
             }
         };

@@ -8,8 +8,8 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 pub use crate::net::naming::{
-    EndpointKind, Mac, RETIRED_LINK_GROUP, endpoint_link_ip, link_name, retired_link,
-    retired_link_name, valid_endpoint_name,
+    EndpointKind, Mac, RETIRED_LINK_GROUP, endpoint_link_ip, link_name, pool_group, pool_link,
+    pool_link_name, retired_link, retired_link_name, valid_endpoint_name,
 };
 use crate::{
     ipam::{Ipam, IpamError},
@@ -32,6 +32,14 @@ pub const DETACH_INTENT: &str = "detach-intent.json";
 pub const REAPER_LOCK: &str = "reaper.lock";
 /// Where background reapers write their log, under the state dir.
 pub const REAPER_LOG: &str = "reaper.log";
+/// The refill's own lock file: whoever holds it makes pooled TAPs.
+pub const REFILL_LOCK: &str = "refill.lock";
+/// Where background refills write their log, under the state dir.
+pub const REFILL_LOG: &str = "refill.log";
+/// TAPs kept ready for attaches, unless `network up --pool` says otherwise.
+pub const DEFAULT_POOL: u32 = 16;
+/// The most `--pool` accepts (each pooled TAP is a bridge port, of at most 1023).
+pub const MAX_POOL: u32 = 256;
 /// A Linux bridge holds at most this many ports (`BR_MAX_PORTS` in net/bridge/br_private.h).
 pub const BR_MAX_PORTS: usize = 1023;
 /// Bumped when the document's meaning changes.
@@ -109,6 +117,13 @@ pub struct NetworkConfig {
     /// Capacity of the eBPF NAT table, in entries (two per flow).
     #[serde(default = "default_nat_entries")]
     pub nat_entries: u32,
+    /// How many TAPs to keep ready ([`PooledTap`]); 0: none, every attach makes its own.
+    #[serde(default = "default_pool")]
+    pub pool: u32,
+}
+
+fn default_pool() -> u32 {
+    DEFAULT_POOL
 }
 
 fn default_nat_entries() -> u32 {
@@ -174,6 +189,17 @@ pub struct NetworkDoc {
     /// Links of detached endpoints, down, off the bridge and renamed, that the kernel has yet
     /// to delete (the reaper does it, off the detach's critical path).
     pub retired: Vec<RetiredLink>,
+    /// TAPs made ahead of need, waiting for an attach.
+    pub pool: Vec<PooledTap>,
+}
+
+/// A TAP made ahead of need: a port of the bridge, down, with the port programs if `hooked`
+/// (the eBPF data path). It has never carried a frame; an attach renames it, fills the maps
+/// for its address and brings it up. Never returned to the pool after a detach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PooledTap {
+    pub name: String,
+    pub hooked: bool,
 }
 
 impl NetworkDoc {

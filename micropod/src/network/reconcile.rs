@@ -14,6 +14,8 @@ impl super::Network {
     pub async fn gc(&self) -> Result<Vec<Released>, NetworkError> {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        // No refill runs during the sweep, which deletes unrecorded pooled TAPs (see `up`).
+        let _refill = self.state.lock_file(REFILL_LOCK)?;
         let lock = self.state.lock()?;
         let Some((doc, seen)) = self.reconcile_all(&nl, &lock, true).await? else {
             return Ok(Vec::new());
@@ -150,6 +152,15 @@ impl super::Network {
                 reason: reason.into(),
             });
         }
+        // Pooled TAPs deleted behind our back.
+        let mut vanished = Vec::new();
+        for p in &doc.pool {
+            if probe.index(&p.name).map_err(NetworkError::Probe)?.is_none() {
+                self.records.remove_pooled(lock, &p.name)?;
+                vanished.push(p.name.clone());
+            }
+        }
+        doc.pool.retain(|p| !vanished.contains(&p.name));
         // Addresses held by no endpoint: an attach that died between claiming the address and
         // writing its intent cannot happen (the intent comes first), but a power cut can.
         let leaked: Vec<_> = doc
@@ -173,7 +184,8 @@ impl super::Network {
                 log::warn!("cannot delete retired {name}: {}", crate::error_chain(&e));
             }
             // Links named for an address of our subnet that no record owns (left by a crash
-            // micropod could not record, or by hand).
+            // micropod could not record, or by hand), and pooled TAPs of our subnet a refill
+            // killed half-way did not record (`sweep` is gc's, which holds the refill lock).
             let subnet = doc.head.config.subnet;
             let links = link::list(nl)
                 .await
@@ -181,9 +193,11 @@ impl super::Network {
             for l in links {
                 let ip =
                     endpoint_link_ip(&l.name).or_else(|| retired_link(&l.name).map(|(ip, _)| ip));
-                let ours = ip.is_some_and(|ip| subnet.contains(ip));
+                let pooled = pool_link(&l.name).is_some_and(|(net, _)| net == subnet.network());
+                let ours = pooled || ip.is_some_and(|ip| subnet.contains(ip));
                 let recorded = doc.endpoints.values().any(|ep| ep.link == l.name)
-                    || doc.retired.iter().any(|r| r.name == l.name);
+                    || doc.retired.iter().any(|r| r.name == l.name)
+                    || doc.pool.iter().any(|p| p.name == l.name);
                 if ours && !recorded {
                     match link::delete_if_exists(nl, &l.name).await {
                         Ok(_) => released.push(Released {

@@ -9,12 +9,7 @@
 //! by the CLI, or run inline by library users) deletes every retired link in one request (a
 //! device group, which the kernel unregisters as one batch) and drops their records.
 
-use std::{
-    collections::BTreeSet,
-    fs::OpenOptions,
-    path::PathBuf,
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeSet, path::PathBuf};
 
 use super::{NetworkError, model::*};
 use crate::{
@@ -25,6 +20,15 @@ use crate::{
     },
     state::StateLock,
 };
+
+/// What a command leaves for after it releases the state lock.
+#[derive(Debug, Default)]
+pub(super) struct Later {
+    /// Retired links wait on record: start the reaper.
+    pub(super) reap: bool,
+    /// The pool is below its size: start a refill.
+    pub(super) refill: bool,
+}
 
 /// The hidden CLI subcommand that runs a reaper: `micropod network reap`.
 pub const REAP_COMMAND: &str = "reap";
@@ -158,13 +162,17 @@ impl super::Network {
         Ok(recorded)
     }
 
-    /// Runs a command's work under the state lock (`locked` sets its flag when retired links
-    /// wait on record), then, with the lock released, starts their deletion.
-    pub(super) async fn reaping<T>(&self, locked: impl AsyncFnOnce(&mut bool) -> T) -> T {
-        let mut reap = false;
-        let out = locked(&mut reap).await;
-        if reap {
+    /// Runs a command's work under the state lock (`locked` says what is left for later:
+    /// retired links waiting on record, a pool below its size), then, with the lock released,
+    /// starts that work.
+    pub(super) async fn reaping<T>(&self, locked: impl AsyncFnOnce(&mut Later) -> T) -> T {
+        let mut later = Later::default();
+        let out = locked(&mut later).await;
+        if later.reap {
             self.reap_later().await;
+        }
+        if later.refill {
+            self.refill_later().await;
         }
         out
     }
@@ -175,7 +183,7 @@ impl super::Network {
     pub(super) async fn reap_later(&self) {
         match &self.reaper_exe {
             Some(exe) => {
-                if let Err(e) = self.spawn_reaper(exe) {
+                if let Err(e) = self.spawn_job(exe, REAP_COMMAND, REAPER_LOG) {
                     log::warn!(
                         "cannot start the reaper {}: {e}; `micropod gc` deletes the retired links",
                         exe.display()
@@ -191,31 +199,6 @@ impl super::Network {
                 }
             }
         }
-    }
-
-    /// `micropod --state-dir S --bpf-dir B network reap`, detached: a session of its own, stdio
-    /// on the reaper log (so it holds none of the caller's pipes). Not waited for by the
-    /// command, which returns at once; a thread collects it in a process that lives on.
-    fn spawn_reaper(&self, exe: &std::path::Path) -> std::io::Result<()> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.state.root().join(REAPER_LOG))
-            .map(Stdio::from)
-            .unwrap_or_else(|_| Stdio::null());
-        let mut cmd = Command::new(exe);
-        cmd.arg("--state-dir")
-            .arg(self.state.root())
-            .arg("--bpf-dir")
-            .arg(&self.bpf_dir)
-            .args(["network", REAP_COMMAND])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        crate::sys::setsid_on_exec(&mut cmd);
-        let mut child = cmd.spawn()?;
-        std::thread::spawn(move || child.wait());
-        Ok(())
     }
 
     /// `micropod network reap`: deletes the retired links on record until there are none.

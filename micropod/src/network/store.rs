@@ -5,7 +5,8 @@
 //! - `addresses/<ip>`: the endpoint name holding that address (the IPAM's allocations), with
 //!   [`LOWEST_FREE`] a lower bound of the lowest free address, so that picking the next address
 //!   stats one file rather than all of them;
-//! - `retired/<link>`: a [`RetiredLink`] waiting for the reaper.
+//! - `retired/<link>`: a [`RetiredLink`] waiting for the reaper;
+//! - `pool/<link>`: a [`PooledTap`] waiting for an attach, written once the TAP is complete.
 //!
 //! The records are shelves ([`crate::state::Shelf`]): atomic renames, not synced, because they
 //! describe links and namespaces that a power cut destroys too. Whatever a power cut left
@@ -28,6 +29,7 @@ use crate::{
 pub const ENDPOINTS_SHELF: &str = "endpoints";
 pub const ADDRESSES_SHELF: &str = "addresses";
 pub const RETIRED_SHELF: &str = "retired";
+pub const POOL_SHELF: &str = "pool";
 /// Every host address below the one recorded here is taken (a hint; never synced).
 pub const LOWEST_FREE: &str = "lowest-free";
 
@@ -65,6 +67,7 @@ pub(super) struct Records {
     endpoints: Shelf,
     addresses: Shelf,
     retired: Shelf,
+    pool: Shelf,
 }
 
 fn endpoint_file(name: &str) -> String {
@@ -79,6 +82,7 @@ impl Records {
             endpoints: shelf(ENDPOINTS_SHELF),
             addresses: shelf(ADDRESSES_SHELF),
             retired: shelf(RETIRED_SHELF),
+            pool: shelf(POOL_SHELF),
         }
     }
 
@@ -126,7 +130,7 @@ impl Records {
 
     /// Removes the network and all its records (`down`, and `up` replacing a network).
     pub(super) fn remove_all(&self, lock: &StateLock) -> Result<(), NetworkError> {
-        for shelf in [&self.endpoints, &self.addresses, &self.retired] {
+        for shelf in [&self.endpoints, &self.addresses, &self.retired, &self.pool] {
             shelf.remove_all(lock)?;
         }
         for file in [LOWEST_FREE, ATTACH_INTENT, DETACH_INTENT] {
@@ -147,6 +151,7 @@ impl Records {
                 ipam: file.ipam.unwrap_or_else(|| file.head.ipam_rules()),
                 endpoints: file.endpoints.unwrap_or_default(),
                 retired: file.retired.unwrap_or_default(),
+                pool: Vec::new(),
                 head: file.head,
             }));
         }
@@ -169,7 +174,7 @@ impl Records {
         lock: &StateLock,
         head: NetworkHead,
     ) -> Result<(NetworkDoc, Vec<Unreadable>), NetworkError> {
-        for shelf in [&self.endpoints, &self.addresses, &self.retired] {
+        for shelf in [&self.endpoints, &self.addresses, &self.retired, &self.pool] {
             shelf.remove_stale_temps(lock);
         }
         self.load(head)
@@ -229,12 +234,29 @@ impl Records {
                 }),
             }
         }
+        let mut pool = Vec::new();
+        for (file, entry) in self.pool.read_all::<PooledTap>()? {
+            match entry {
+                ShelfEntry::Ok(p) if p.name == file => pool.push(p),
+                ShelfEntry::Ok(p) => unreadable.push(Unreadable {
+                    shelf: POOL_SHELF,
+                    name: file,
+                    why: format!("it records link {:?}", p.name),
+                }),
+                ShelfEntry::Unreadable(e) => unreadable.push(Unreadable {
+                    shelf: POOL_SHELF,
+                    name: file,
+                    why: e.to_string(),
+                }),
+            }
+        }
         Ok((
             NetworkDoc {
                 head,
                 ipam,
                 endpoints,
                 retired,
+                pool,
             },
             unreadable,
         ))
@@ -249,6 +271,7 @@ impl Records {
         let shelf = match u.shelf {
             ENDPOINTS_SHELF => &self.endpoints,
             ADDRESSES_SHELF => &self.addresses,
+            POOL_SHELF => &self.pool,
             _ => &self.retired,
         };
         shelf.remove(lock, &u.name)?;
@@ -356,6 +379,41 @@ impl Records {
             self.set_lowest_free(lock, ip)?;
         }
         self.addresses.remove(lock, &ip.to_string())?;
+        Ok(())
+    }
+
+    /// The network as last written, without the lock (for the refill, which takes the lock
+    /// only to record a TAP it made).
+    pub(super) fn head_unlocked(&self) -> Result<Option<NetworkHead>, NetworkError> {
+        Ok(self
+            .state
+            .read_json_unlocked::<HeadFile>(STATE_DOC)?
+            .map(|f| f.head))
+    }
+
+    /// The pooled TAPs on record, by name (no lock needed).
+    pub(super) fn pool_names(&self) -> Result<Vec<String>, NetworkError> {
+        Ok(self.pool.names()?)
+    }
+
+    /// The pooled TAP `name`, if on record and readable.
+    pub(super) fn pooled(&self, name: &str) -> Result<Option<PooledTap>, NetworkError> {
+        Ok(match self.pool.read::<PooledTap>(name)? {
+            Some(ShelfEntry::Ok(p)) if p.name == name => Some(p),
+            _ => None,
+        })
+    }
+
+    pub(super) fn is_pooled(&self, name: &str) -> Result<bool, NetworkError> {
+        Ok(self.pool.contains(name)?)
+    }
+
+    pub(super) fn add_pooled(&self, lock: &StateLock, p: &PooledTap) -> Result<(), NetworkError> {
+        Ok(self.pool.write(lock, &p.name, p)?)
+    }
+
+    pub(super) fn remove_pooled(&self, lock: &StateLock, name: &str) -> Result<(), NetworkError> {
+        self.pool.remove(lock, name)?;
         Ok(())
     }
 

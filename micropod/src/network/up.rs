@@ -19,7 +19,7 @@ impl super::Network {
     /// `network up`: the bridge with the gateway address, forwarding, the MASQUERADE fallback.
     /// Idempotent; refuses to change the settings of a network that has endpoints.
     pub async fn up(&self, req: &UpRequest) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
-        self.reaping(async |reap| self.up_locked(req, reap).await)
+        self.reaping(async |later| self.up_locked(req, later).await)
             .await
     }
 
@@ -27,7 +27,7 @@ impl super::Network {
     async fn up_locked(
         &self,
         req: &UpRequest,
-        reap: &mut bool,
+        later: &mut super::retire::Later,
     ) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
         check_privileges()?;
         link::validate_name(&req.bridge).map_err(|e| InputError::BridgeName(Box::new(e)))?;
@@ -42,11 +42,24 @@ impl super::Network {
             }
             .into());
         }
+        if let Some(value) = req.pool
+            && value > MAX_POOL
+        {
+            return Err(InputError::Pool {
+                value,
+                max: MAX_POOL,
+            }
+            .into());
+        }
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        // No refill starts while `up` may delete the pool (a new bridge, a replaced network);
+        // one already running is not waited for: it records a TAP only for the network it
+        // made it for, and deletes it otherwise. The refill lock comes before the state lock.
+        let _refill = self.state.try_lock_file(REFILL_LOCK)?;
         let lock = self.state.lock()?;
         let existing: Option<NetworkDoc> = match self.reconcile_all(&nl, &lock, false).await? {
             Some((doc, seen)) => {
-                *reap = seen.retired_pending;
+                later.reap = seen.retired_pending;
                 Some(doc)
             }
             None => None,
@@ -59,19 +72,32 @@ impl super::Network {
             uplink,
             datapath: req.datapath,
             nat_entries,
+            pool: req
+                .pool
+                .or_else(|| existing.as_ref().map(|d| d.head.config.pool))
+                .unwrap_or(DEFAULT_POOL),
         };
+        // The pool's size is not a setting of the network's shape: it changes in place.
+        later.refill = config.pool > 0;
 
         if let Some(doc) = &existing {
             // `--uplink auto` follows the default route, so it is not a change of settings.
             let same = NetworkConfig {
                 uplink: config.uplink.clone(),
+                pool: config.pool,
                 ..doc.head.config.clone()
             } == config
                 && (req.uplink == UplinkChoice::Auto || doc.head.config.uplink == config.uplink);
             if same {
                 // Same settings: put back whatever is missing (a crashed `up`, a deleted bridge).
                 let mut doc = doc.clone();
-                self.ensure(&nl, &doc.head).await?;
+                if self.ensure(&nl, &doc.head).await? {
+                    // A new bridge: the pooled TAPs were ports of the old one. Made afresh.
+                    let mut emptied = doc.clone();
+                    emptied.head.config.pool = 0;
+                    self.trim_pool(&nl, &lock, &emptied).await?;
+                    doc.pool.clear();
+                }
                 let before = (doc.head.active_datapath, doc.head.datapath_note.clone());
                 doc.head.config = config.clone();
                 self.ensure_datapath(&nl, &mut doc).await?;
@@ -84,6 +110,7 @@ impl super::Network {
                     doc.head.phase = Phase::Ready;
                     self.records.write_head(&lock, &doc.head)?;
                 }
+                self.trim_pool(&nl, &lock, &doc).await?;
                 return Ok((UpOutcome::Unchanged, config));
             }
             if !doc.endpoints.is_empty() {
@@ -117,7 +144,7 @@ impl super::Network {
                 return Err(NetworkError::Teardown(problems));
             }
             self.records.remove_all(&lock)?;
-            *reap = false;
+            later.reap = false;
             UpOutcome::Replaced
         } else {
             UpOutcome::Created
@@ -136,12 +163,13 @@ impl super::Network {
             ipam: Ipam::new(subnet, gateway).map_err(InputError::Subnet)?,
             endpoints: Default::default(),
             retired: Vec::new(),
+            pool: Vec::new(),
         };
         // Recorded first: if we die half-way, the next `up` or `down` knows what is ours.
         self.records.write_head(&lock, &doc.head)?;
         failpoint::hit("up:recorded");
         let made = match self.ensure(&nl, &doc.head).await {
-            Ok(()) => self.ensure_datapath(&nl, &mut doc).await,
+            Ok(_) => self.ensure_datapath(&nl, &mut doc).await,
             Err(err) => Err(err),
         };
         if let Err(err) = made {
@@ -161,8 +189,10 @@ impl super::Network {
     }
 
     /// Makes the kernel match `doc` (network level); creates only what is missing.
-    async fn ensure(&self, nl: &Netlink, head: &NetworkHead) -> Result<(), NetworkError> {
+    /// Returns whether the bridge had to be made (anew, if it was deleted behind our back).
+    async fn ensure(&self, nl: &Netlink, head: &NetworkHead) -> Result<bool, NetworkError> {
         let cfg = &head.config;
+        let mut made = false;
         let index = match link::find(nl, &cfg.bridge)
             .await
             .map_err(|e| NetworkError::Links(Box::new(e)))?
@@ -176,12 +206,15 @@ impl super::Network {
                     })?;
                 found.header.index
             }
-            None => bridge::create(nl, &cfg.bridge, Mac::for_ip(cfg.gateway).0)
-                .await
-                .map_err(|source| UpError::CreateBridge {
-                    name: cfg.bridge.clone(),
-                    source: Box::new(source),
-                })?,
+            None => {
+                made = true;
+                bridge::create(nl, &cfg.bridge, Mac::for_ip(cfg.gateway).0)
+                    .await
+                    .map_err(|source| UpError::CreateBridge {
+                        name: cfg.bridge.clone(),
+                        source: Box::new(source),
+                    })?
+            }
         };
         let gateway = Ipv4Network::new(cfg.gateway, cfg.subnet.prefix())
             .expect("the prefix comes from a valid subnet");
@@ -199,7 +232,7 @@ impl super::Network {
             bridge: &cfg.bridge,
         })
         .map_err(|e| UpError::Masquerade(Box::new(e)))?;
-        Ok(())
+        Ok(made)
     }
 
     /// `network down`: removes everything micropod made and nothing else. Returns false when
@@ -207,6 +240,8 @@ impl super::Network {
     pub async fn down(&self, force: bool) -> Result<bool, NetworkError> {
         check_privileges()?;
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
+        // No refill may make TAPs while the pool is deleted (see `up`).
+        let _refill = self.state.lock_file(REFILL_LOCK)?;
         let lock = self.state.lock()?;
         let Some((doc, _)) = self.reconcile_all(&nl, &lock, false).await? else {
             return Ok(false);
@@ -245,6 +280,19 @@ impl super::Network {
                 });
             }
         }
+        // The pool: its group in one request, then (in case) on record and what a refill killed
+        // half-way left unrecorded.
+        let _ = link::delete_group(nl, pool_group(doc.head.config.subnet.network())).await;
+        match self.pool_links(nl, doc).await {
+            Ok(names) => {
+                for name in names {
+                    if let Err(source) = link::delete_if_exists(nl, &name).await {
+                        problems.push(TeardownError::PooledLink { name, source });
+                    }
+                }
+            }
+            Err(e) => problems.push(TeardownError::PoolList(Box::new(e))),
+        }
         if let Err(source) = link::delete_if_exists(nl, &doc.head.config.bridge).await {
             problems.push(TeardownError::Bridge {
                 name: doc.head.config.bridge.clone(),
@@ -269,6 +317,48 @@ impl super::Network {
                 .map(TeardownError::BpfPins),
         );
         problems
+    }
+}
+
+impl super::Network {
+    /// Deletes pooled TAPs beyond the pool's size (after `up --pool` made it smaller).
+    async fn trim_pool(
+        &self,
+        nl: &Netlink,
+        lock: &crate::state::StateLock,
+        doc: &NetworkDoc,
+    ) -> Result<(), NetworkError> {
+        for pooled in doc.pool.iter().skip(doc.head.config.pool as usize) {
+            self.records.remove_pooled(lock, &pooled.name)?;
+            link::delete_if_exists(nl, &pooled.name)
+                .await
+                .map_err(|source| NetworkError::DeleteLink {
+                    name: pooled.name.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The links of this network's pool: recorded ones, and every link named for its subnet
+    /// (a refill killed before it recorded its TAP).
+    pub(super) async fn pool_links(
+        &self,
+        nl: &Netlink,
+        doc: &NetworkDoc,
+    ) -> Result<Vec<String>, NetworkError> {
+        let network = doc.head.config.subnet.network();
+        let mut names: Vec<String> = doc.pool.iter().map(|p| p.name.clone()).collect();
+        for l in link::list(nl)
+            .await
+            .map_err(|e| NetworkError::Links(Box::new(e)))?
+        {
+            if pool_link(&l.name).is_some_and(|(net, _)| net == network) && !names.contains(&l.name)
+            {
+                names.push(l.name);
+            }
+        }
+        Ok(names)
     }
 }
 
