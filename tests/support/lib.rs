@@ -108,8 +108,22 @@ impl TestDirs {
 impl Drop for TestDirs {
     fn drop(&mut self) {
         for dir in [&self.state, &self.pins] {
-            if let Err(e) = std::fs::remove_dir_all(dir) {
-                eprintln!("warning: cannot remove {}: {e}", dir.display());
+            // A background reaper or refill that is still finishing may open its lock file in
+            // the state dir while it is being removed: try again until it has exited (≤ 2 s).
+            let mut attempts = 0;
+            loop {
+                match std::fs::remove_dir_all(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(_) if attempts < 40 => {
+                        attempts += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => {
+                        eprintln!("warning: cannot remove {}: {e}", dir.display());
+                        break;
+                    }
+                }
             }
         }
     }
