@@ -1465,6 +1465,10 @@ fn pooled_endpoints_carry_no_previous_tenants_state() {
     ]);
     let tap2 = second["link"].as_str().unwrap().to_owned();
     assert_eq!(tap2, tap1, "same address, same endpoint link name");
+    // The endpoint's counters first, the new device's own (zero when it was made) second: what
+    // the bridge floods onto the port from now on shows in both, so the eBPF counters can never
+    // exceed the device's unless they carried the old tenant's.
+    let stats = lab.json(["stats", "--json"]);
     let link2 = &ip_json(lab.host.path(), &["-s", "link", "show", "dev", &tap2])[0];
     assert_ne!(
         link2["ifindex"].as_u64().unwrap(),
@@ -1473,18 +1477,22 @@ fn pooled_endpoints_carry_no_previous_tenants_state() {
     );
     assert_ne!(link2["address"], mac1, "the old TAP's MAC");
     let s = &link2["stats64"];
+    let to_device = s["tx"]["packets"].as_u64().unwrap() + s["tx"]["dropped"].as_u64().unwrap();
     assert_eq!(
-        (s["rx"]["packets"].as_u64(), s["tx"]["packets"].as_u64()),
-        (Some(0), Some(0)),
-        "the new TAP has carried frames: {link2}"
+        s["rx"]["packets"].as_u64(),
+        Some(0),
+        "the new TAP has carried a VM's frames: {link2}"
     );
-    let stats = lab.json(["stats", "--json"]);
     let ep = &stats["endpoints"][0];
     assert_eq!(ep["name"], "vm2");
     assert_eq!(
-        (ep["rx_packets"].as_u64(), ep["tx_packets"].as_u64()),
-        (Some(0), Some(0)),
-        "counters of the old tenant: {stats}"
+        ep["tx_packets"].as_u64(),
+        Some(0),
+        "transmit counter of the old tenant (it sent at least 6): {stats}"
+    );
+    assert!(
+        ep["rx_packets"].as_u64().unwrap() <= to_device,
+        "receive counter beyond what reached the new device ({to_device}): {stats}"
     );
     assert_eq!(
         stats["nat"]["entries"], 0,
