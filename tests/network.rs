@@ -60,19 +60,20 @@ fn retired_links(lab: &NetLab) -> Vec<String> {
         .collect()
 }
 
-/// Holds the reaper's lock of the lab's state dir (waiting for a running reaper to finish), so
-/// that no reaper runs and retired links stay on record until it is dropped.
-fn hold_reaper_lock(lab: &NetLab) -> nix::fcntl::Flock<std::fs::File> {
+/// Holds the lock file `name` of the lab's state dir (waiting for a running holder to finish),
+/// so that the job it belongs to (the reaper, the pool refill) does not run until it is
+/// dropped.
+fn hold_lock(lab: &NetLab, name: &str) -> nix::fcntl::Flock<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(lab.dirs.state.join(micropod::network::REAPER_LOCK))
-        .expect("opening the reaper lock");
+        .open(lab.dirs.state.join(name))
+        .expect("opening the lock file");
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
-        .expect("taking the reaper lock")
+        .expect("taking the lock")
 }
 
 fn link<'a>(links: &'a Value, name: &str) -> Option<&'a Value> {
@@ -803,7 +804,7 @@ fn kill_9_of_the_reaper_then_gc_leaves_no_orphans() {
     let mut namespaces = Vec::new();
     for (i, point) in ["reap:read", "reap:deleted"].into_iter().enumerate() {
         // Retired links that no background reaper deletes while the test holds its lock.
-        let held = hold_reaper_lock(&lab);
+        let held = hold_lock(&lab, micropod::network::REAPER_LOCK);
         let ns = NsGuard::new(&format!("r{i}"));
         lab.attach_netns(&format!("r{i}"), &ns, &[]);
         lab.ok(["network", "attach", &format!("t{i}"), "--kind", "tap"]);
@@ -854,7 +855,7 @@ fn detach_then_attach_again_with_the_same_ip_at_once() {
     }
     // With the reaper held off, the retired veth's peer keeps eth0 in the namespace: the
     // attach deletes it and goes on.
-    let held = hold_reaper_lock(&lab);
+    let held = hold_lock(&lab, micropod::network::REAPER_LOCK);
     lab.attach_netns("c", &ep, &["--ip", "10.10.0.7"]);
     lab.ok(["network", "detach", "c"]);
     assert!(link(&ip_json(ep.path(), &["link", "show"]), "eth0").is_some());
@@ -877,7 +878,7 @@ fn the_reaper_deletes_retired_links_and_down_deletes_those_still_pending() {
     lab.up(&[]);
     let namespaces: Vec<NsGuard> = (0..2).map(|i| NsGuard::new(&format!("q{i}"))).collect();
     for round in 0..2 {
-        let held = (round == 1).then(|| hold_reaper_lock(&lab));
+        let held = (round == 1).then(|| hold_lock(&lab, micropod::network::REAPER_LOCK));
         for (i, ns) in namespaces.iter().enumerate() {
             lab.attach_netns(&format!("n{i}"), ns, &[]);
             lab.ok(["network", "attach", &format!("t{i}"), "--kind", "tap"]);
@@ -1355,16 +1356,7 @@ fn kill_9_during_pool_refill_then_gc_leaves_no_orphans() {
     for point in ["refill:created", "refill:made", "refill:recorded"] {
         {
             // No background refill: this one is ours, to kill.
-            let refill_lock = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(lab.dirs.state.join(micropod::network::REFILL_LOCK))
-                .unwrap();
-            let _held = nix::fcntl::Flock::lock(refill_lock, nix::fcntl::FlockArg::LockExclusive)
-                .map_err(|(_, e)| e)
-                .unwrap();
+            let _held = hold_lock(&lab, micropod::network::REFILL_LOCK);
             lab.ok(["network", "up", "--pool", "2"]);
         }
         kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("refill")]);

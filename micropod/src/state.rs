@@ -350,18 +350,7 @@ impl StateDir {
         let tmp = self
             .root
             .join(format!(".{name}.tmp-{}", std::process::id()));
-        let result = write_new(&tmp, &bytes, sync).and_then(|()| {
-            fs::rename(&tmp, &path).map_err(|source| StateError::Rename {
-                from: tmp.clone(),
-                path: path.clone(),
-                source,
-            })
-        });
-        if result.is_err() {
-            // Best effort: the next write would remove it anyway.
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        rename_into_place(&tmp, &path, write_new(&tmp, &bytes, sync))
     }
 
     /// Overwrites the hint `<root>/<name>` in place with `text` (at most [`HINT_WIDTH`] - 1
@@ -463,13 +452,7 @@ impl StateDir {
                 .root
                 .join(format!(".{name}.tmp-{}", std::process::id()));
             let _ = fs::remove_file(&tmp);
-            return write_new(&tmp, json, false).and_then(|()| {
-                fs::rename(&tmp, path).map_err(|source| StateError::Rename {
-                    from: tmp.clone(),
-                    path: path.to_owned(),
-                    source,
-                })
-            });
+            return rename_into_place(&tmp, path, write_new(&tmp, json, false));
         }
         let mut page = vec![b' '; SLOT_SIZE];
         page[..json.len()].copy_from_slice(json);
@@ -746,17 +729,7 @@ impl Shelf {
             }
             other => other,
         };
-        let result = result.and_then(|()| {
-            fs::rename(&tmp, &path).map_err(|source| StateError::Rename {
-                from: tmp.clone(),
-                path: path.clone(),
-                source,
-            })
-        });
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        rename_into_place(&tmp, &path, result)
     }
 
     /// Removes `name`; returns whether it was there.
@@ -828,6 +801,27 @@ fn open_lock_file(path: &Path) -> Result<Option<File>, StateError> {
             source,
         }),
     }
+}
+
+/// Renames the temp file `tmp`, once `written` says it is complete, over `path`: the atomic
+/// step of every write. A temp file that is not renamed is removed (best effort: the next
+/// write under the lock would remove it anyway).
+fn rename_into_place(
+    tmp: &Path,
+    path: &Path,
+    written: Result<(), StateError>,
+) -> Result<(), StateError> {
+    let result = written.and_then(|()| {
+        fs::rename(tmp, path).map_err(|source| StateError::Rename {
+            from: tmp.to_owned(),
+            path: path.to_owned(),
+            source,
+        })
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
 }
 
 /// Creates `path` (which must not exist), writes `bytes` and, if `sync`, fdatasyncs it.

@@ -548,32 +548,14 @@ impl Micropod {
     /// side's timed command either; returns how long that took.
     fn wait_refilled(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let doc = self.dirs.state.join(micropod::network::STATE_DOC);
-        let shelf = self.dirs.state.join(micropod::network::POOL_SHELF);
-        let lock = self.dirs.state.join(micropod::network::REFILL_LOCK);
         loop {
-            let head: Value = serde_json::from_slice(&fs::read(&doc)?)?;
-            let size = head["config"]["pool"].as_u64().unwrap_or(0);
-            let ready = match fs::read_dir(&shelf) {
-                Ok(entries) => entries
-                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .filter(|n| !n.starts_with('.'))
-                    .count() as u64,
-                Err(_) => 0,
-            };
-            let idle = match fs::File::open(&lock) {
-                Ok(file) => {
-                    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                        .is_ok()
-                }
-                Err(_) => true,
-            };
-            if idle && (ready >= size || ready > size / 2) {
+            let pool = micropod_tests::PoolState::read(&self.dirs.state)?;
+            if pool.settled(false) {
                 return Ok(started.elapsed());
             }
             ensure!(
                 started.elapsed() < Duration::from_secs(30),
-                "the pool refill has not finished after 30 s ({ready} of {size})"
+                "the pool refill has not finished after 30 s ({pool:?})"
             );
             std::thread::sleep(Duration::from_micros(500));
         }

@@ -129,6 +129,53 @@ impl Drop for TestDirs {
     }
 }
 
+/// The TAP pool of the network recorded in a state dir, read from its files (no process
+/// started): how many pooled TAPs are recorded, how many the network asks for, and whether no
+/// refill holds the refill lock.
+#[derive(Debug)]
+pub struct PoolState {
+    pub ready: u64,
+    pub size: u64,
+    pub refill_idle: bool,
+}
+
+impl PoolState {
+    pub fn read(state: &Path) -> io::Result<Self> {
+        let size = match std::fs::read(state.join(micropod::network::STATE_DOC)) {
+            Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)?["config"]["pool"]
+                .as_u64()
+                .unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let ready = match std::fs::read_dir(state.join(micropod::network::POOL_SHELF)) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.'))
+                .count() as u64,
+            Err(_) => 0,
+        };
+        let refill_idle = match std::fs::File::open(state.join(micropod::network::REFILL_LOCK)) {
+            Ok(file) => {
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+            }
+            Err(_) => true,
+        };
+        Ok(Self {
+            ready,
+            size,
+            refill_idle,
+        })
+    }
+
+    /// No refill runs or is about to: the pool is full (`full`: after `up`, which always
+    /// starts one), or, after attaches, above half (an attach that leaves it at half or less
+    /// starts one), with the refill lock free.
+    pub fn settled(&self, full: bool) -> bool {
+        self.refill_idle && (self.ready >= self.size || (!full && self.ready > self.size / 2))
+    }
+}
+
 /// Runs a future to completion on a fresh current-thread runtime.
 pub fn block_on<F: Future>(f: F) -> F::Output {
     micropod::runtime::current_thread()

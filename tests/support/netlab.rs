@@ -184,30 +184,16 @@ impl NetLab {
     pub fn wait_pool(&self, full: bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let status = self.json(["network", "status", "--json"]);
-            let pool = &status["network"]["pool"];
-            let (ready, size) = (pool["ready"].as_u64(), pool["size"].as_u64());
-            let settled = match (ready, size) {
-                (Some(ready), Some(size)) => ready >= size || (!full && ready > size / 2),
-                _ => true,
-            };
-            if settled && self.refill_idle() {
+            let pool = crate::PoolState::read(&self.dirs.state).expect("reading the pool");
+            if pool.settled(full) {
                 return;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the TAP pool is not full after 10 s: {pool}"
+                "the TAP pool is not settled after 10 s: {pool:?}"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    /// Whether no refill holds the refill lock.
-    fn refill_idle(&self) -> bool {
-        let Ok(file) = File::open(self.dirs.state.join(micropod::network::REFILL_LOCK)) else {
-            return true;
-        };
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
     }
 
     /// Attaches a netns endpoint in `ns`, returns the attach JSON.

@@ -226,13 +226,14 @@ pub async fn set_controller(
     group: u32,
 ) -> Result<(), LinkError> {
     validate_name(name)?;
-    let mut message = LinkUnspec::new_with_name(name)
-        .controller(controller)
-        .build();
-    message.attributes.push(LinkAttribute::Group(group));
     nl.handle()
         .link()
-        .set(message)
+        .set(
+            LinkUnspec::new_with_name(name)
+                .controller(controller)
+                .link_group(group)
+                .build(),
+        )
         .execute()
         .await
         .map_err(|source| LinkError::SetController {
@@ -253,15 +254,16 @@ pub async fn adopt(
     controller: u32,
 ) -> Result<(), LinkError> {
     validate_name(to)?;
-    let mut message = LinkUnspec::new_with_index(index)
-        .name(to)
-        .controller(controller)
-        .up()
-        .build();
-    message.attributes.push(LinkAttribute::Group(0));
     nl.handle()
         .link()
-        .set(message)
+        .set(
+            LinkUnspec::new_with_index(index)
+                .name(to)
+                .controller(controller)
+                .link_group(0)
+                .up()
+                .build(),
+        )
         .execute()
         .await
         // Reported as the rename (one more variant would cost `LinkError` its niche); the

@@ -167,14 +167,19 @@ pub fn retired_link_name(ip: Ipv4Addr, generation: u16) -> String {
 /// The address and generation a retired link name was made for, if it is one.
 #[must_use]
 pub fn retired_link(name: &str) -> Option<(Ipv4Addr, u16)> {
-    let hex = name.strip_prefix(RETIRED_LINK_PREFIX)?;
+    address_and_serial(name, RETIRED_LINK_PREFIX)
+}
+
+/// `<prefix><address in 8 hex digits><number in 4>`, the shape of retired and pooled names.
+fn address_and_serial(name: &str, prefix: &str) -> Option<(Ipv4Addr, u16)> {
+    let hex = name.strip_prefix(prefix)?;
     if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let (ip, generation) = hex.split_at(8);
+    let (ip, serial) = hex.split_at(8);
     Some((
         Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?),
-        u16::from_str_radix(generation, 16).ok()?,
+        u16::from_str_radix(serial, 16).ok()?,
     ))
 }
 
@@ -197,15 +202,7 @@ pub fn pool_group(network: Ipv4Addr) -> u32 {
 /// The network address and serial a pooled TAP's name was made for, if it is one.
 #[must_use]
 pub fn pool_link(name: &str) -> Option<(Ipv4Addr, u16)> {
-    let hex = name.strip_prefix(POOL_LINK_PREFIX)?;
-    if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let (network, serial) = hex.split_at(8);
-    Some((
-        Ipv4Addr::from(u32::from_str_radix(network, 16).ok()?),
-        u16::from_str_radix(serial, 16).ok()?,
-    ))
+    address_and_serial(name, POOL_LINK_PREFIX)
 }
 
 /// Endpoint names: what a user would call a VM or container.

@@ -188,12 +188,7 @@ impl super::Network {
         ep: &Endpoint,
         reason: &str,
     ) -> Result<(), NetworkError> {
-        link::delete_if_exists(nl, &ep.link)
-            .await
-            .map_err(|source| NetworkError::DeleteLink {
-                name: ep.link.clone(),
-                source: Box::new(source),
-            })?;
+        super::delete_link(nl, &ep.link).await?;
         self.forget_datapath(head, ep.ip, &ep.link, None);
         self.records.release_endpoint(lock, ep)?;
         log::info!("released endpoint {} ({}): {reason}", ep.name, ep.ip);

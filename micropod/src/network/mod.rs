@@ -313,6 +313,19 @@ impl Network {
     }
 }
 
+/// Deletes the link `name` if it exists (`Ok(false)`: it did not).
+pub(super) async fn delete_link(
+    nl: &crate::net::Netlink,
+    name: &str,
+) -> Result<bool, NetworkError> {
+    crate::net::link::delete_if_exists(nl, name)
+        .await
+        .map_err(|source| NetworkError::DeleteLink {
+            name: name.to_owned(),
+            source: Box::new(source),
+        })
+}
+
 /// Fails unless the process has CAP_NET_ADMIN in its effective set.
 pub fn check_privileges() -> Result<(), NetworkError> {
     const CAP_NET_ADMIN: u32 = 12;

@@ -63,12 +63,7 @@ impl super::Network {
         if let Some(intent) = self.state.read_slot::<Endpoint>(lock, ATTACH_INTENT)? {
             let recorded = self.records.endpoint(&intent.name)?.as_ref() == Some(&intent);
             if !recorded {
-                link::delete_if_exists(nl, &intent.link)
-                    .await
-                    .map_err(|source| NetworkError::DeleteLink {
-                        name: intent.link.clone(),
-                        source: Box::new(source),
-                    })?;
+                super::delete_link(nl, &intent.link).await?;
                 self.forget_datapath(head, intent.ip, &intent.link, None);
                 self.records
                     .release_address(lock, intent.ip, &intent.name)?;

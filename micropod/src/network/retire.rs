@@ -128,12 +128,7 @@ impl super::Network {
                         ep.link,
                         crate::error_chain(&e)
                     );
-                    link::delete_if_exists(nl, &ep.link)
-                        .await
-                        .map_err(|source| NetworkError::DeleteLink {
-                            name: ep.link.clone(),
-                            source: Box::new(source),
-                        })?;
+                    super::delete_link(nl, &ep.link).await?;
                     false
                 }
             }

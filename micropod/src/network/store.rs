@@ -182,24 +182,15 @@ impl Records {
 
     fn load(&self, head: NetworkHead) -> Result<(NetworkDoc, Vec<Unreadable>), NetworkError> {
         let mut unreadable = Vec::new();
-        let mut endpoints = BTreeMap::new();
-        for (file, entry) in self.endpoints.read_all::<Endpoint>()? {
-            match entry {
-                ShelfEntry::Ok(ep) if endpoint_file(&ep.name) == file => {
-                    endpoints.insert(ep.name.clone(), ep);
-                }
-                ShelfEntry::Ok(ep) => unreadable.push(Unreadable {
-                    shelf: ENDPOINTS_SHELF,
-                    name: file,
-                    why: format!("it records endpoint {:?}", ep.name),
-                }),
-                ShelfEntry::Unreadable(e) => unreadable.push(Unreadable {
-                    shelf: ENDPOINTS_SHELF,
-                    name: file,
-                    why: e.to_string(),
-                }),
-            }
-        }
+        let endpoints = read_named(
+            &self.endpoints,
+            ENDPOINTS_SHELF,
+            |ep: &Endpoint| (endpoint_file(&ep.name), "endpoint", ep.name.clone()),
+            &mut unreadable,
+        )?
+        .into_iter()
+        .map(|ep| (ep.name.clone(), ep))
+        .collect();
         let mut ipam = head.ipam_rules();
         for (file, entry) in self.addresses.read_all::<String>()? {
             let result = match (file.parse::<Ipv4Addr>(), entry) {
@@ -218,38 +209,18 @@ impl Records {
                 });
             }
         }
-        let mut retired = Vec::new();
-        for (file, entry) in self.retired.read_all::<RetiredLink>()? {
-            match entry {
-                ShelfEntry::Ok(r) if r.name == file => retired.push(r),
-                ShelfEntry::Ok(r) => unreadable.push(Unreadable {
-                    shelf: RETIRED_SHELF,
-                    name: file,
-                    why: format!("it records link {:?}", r.name),
-                }),
-                ShelfEntry::Unreadable(e) => unreadable.push(Unreadable {
-                    shelf: RETIRED_SHELF,
-                    name: file,
-                    why: e.to_string(),
-                }),
-            }
-        }
-        let mut pool = Vec::new();
-        for (file, entry) in self.pool.read_all::<PooledTap>()? {
-            match entry {
-                ShelfEntry::Ok(p) if p.name == file => pool.push(p),
-                ShelfEntry::Ok(p) => unreadable.push(Unreadable {
-                    shelf: POOL_SHELF,
-                    name: file,
-                    why: format!("it records link {:?}", p.name),
-                }),
-                ShelfEntry::Unreadable(e) => unreadable.push(Unreadable {
-                    shelf: POOL_SHELF,
-                    name: file,
-                    why: e.to_string(),
-                }),
-            }
-        }
+        let retired = read_named(
+            &self.retired,
+            RETIRED_SHELF,
+            |r: &RetiredLink| (r.name.clone(), "link", r.name.clone()),
+            &mut unreadable,
+        )?;
+        let pool = read_named(
+            &self.pool,
+            POOL_SHELF,
+            |p: &PooledTap| (p.name.clone(), "link", p.name.clone()),
+            &mut unreadable,
+        )?;
         Ok((
             NetworkDoc {
                 head,
@@ -352,14 +323,9 @@ impl Records {
         owner: &str,
     ) -> Result<bool, NetworkError> {
         match self.owner(ip)? {
-            Some(held) if held == owner => {}
-            _ => return Ok(false),
+            Some(held) if held == owner => self.drop_address(lock, ip),
+            _ => Ok(false),
         }
-        // The bound first: it must never pass a free address.
-        if self.lowest_free(lock).is_some_and(|low| low > ip) {
-            self.set_lowest_free(lock, ip)?;
-        }
-        Ok(self.addresses.remove(lock, &ip.to_string())?)
     }
 
     /// Forgets endpoint `ep` and frees its address, in that order.
@@ -373,13 +339,17 @@ impl Records {
         Ok(())
     }
 
-    /// Frees an address whatever its record says (a leaked or unreadable one).
-    pub(super) fn drop_address(&self, lock: &StateLock, ip: Ipv4Addr) -> Result<(), NetworkError> {
+    /// Frees an address whatever its record says (a leaked or unreadable one); returns
+    /// whether it was recorded. The bound goes first: it must never pass a free address.
+    pub(super) fn drop_address(
+        &self,
+        lock: &StateLock,
+        ip: Ipv4Addr,
+    ) -> Result<bool, NetworkError> {
         if self.lowest_free(lock).is_some_and(|low| low > ip) {
             self.set_lowest_free(lock, ip)?;
         }
-        self.addresses.remove(lock, &ip.to_string())?;
-        Ok(())
+        Ok(self.addresses.remove(lock, &ip.to_string())?)
     }
 
     /// The network as last written, without the lock (for the refill, which takes the lock
@@ -438,6 +408,36 @@ impl Records {
         self.retired.remove(lock, name)?;
         Ok(())
     }
+}
+
+/// The documents of `shelf` whose file is named for what they record (`file_of` gives the
+/// file name, a word for what it names, and that name); the others go to `unreadable`.
+fn read_named<T: serde::de::DeserializeOwned>(
+    shelf: &Shelf,
+    shelf_name: &'static str,
+    file_of: impl Fn(&T) -> (String, &'static str, String),
+    unreadable: &mut Vec<Unreadable>,
+) -> Result<Vec<T>, NetworkError> {
+    let mut found = Vec::new();
+    for (file, entry) in shelf.read_all::<T>()? {
+        let why = match entry {
+            ShelfEntry::Ok(value) => {
+                let (expected, what, name) = file_of(&value);
+                if expected == file {
+                    found.push(value);
+                    continue;
+                }
+                format!("it records {what} {name:?}")
+            }
+            ShelfEntry::Unreadable(e) => e.to_string(),
+        };
+        unreadable.push(Unreadable {
+            shelf: shelf_name,
+            name: file,
+            why,
+        });
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -93,9 +93,7 @@ impl super::Network {
                 let mut doc = doc.clone();
                 if self.ensure(&nl, &doc.head).await? {
                     // A new bridge: the pooled TAPs were ports of the old one. Made afresh.
-                    let mut emptied = doc.clone();
-                    emptied.head.config.pool = 0;
-                    self.trim_pool(&nl, &lock, &emptied).await?;
+                    self.trim_pool(&nl, &lock, &doc.pool, 0).await?;
                     doc.pool.clear();
                 }
                 let before = (doc.head.active_datapath, doc.head.datapath_note.clone());
@@ -110,7 +108,8 @@ impl super::Network {
                     doc.head.phase = Phase::Ready;
                     self.records.write_head(&lock, &doc.head)?;
                 }
-                self.trim_pool(&nl, &lock, &doc).await?;
+                self.trim_pool(&nl, &lock, &doc.pool, config.pool as usize)
+                    .await?;
                 return Ok((UpOutcome::Unchanged, config));
             }
             if !doc.endpoints.is_empty() {
@@ -321,21 +320,18 @@ impl super::Network {
 }
 
 impl super::Network {
-    /// Deletes pooled TAPs beyond the pool's size (after `up --pool` made it smaller).
+    /// Deletes the pooled TAPs of `pool` beyond the first `keep` (after `up --pool` made the
+    /// pool smaller, or all of them when the bridge was made anew).
     async fn trim_pool(
         &self,
         nl: &Netlink,
         lock: &crate::state::StateLock,
-        doc: &NetworkDoc,
+        pool: &[PooledTap],
+        keep: usize,
     ) -> Result<(), NetworkError> {
-        for pooled in doc.pool.iter().skip(doc.head.config.pool as usize) {
+        for pooled in pool.iter().skip(keep) {
             self.records.remove_pooled(lock, &pooled.name)?;
-            link::delete_if_exists(nl, &pooled.name)
-                .await
-                .map_err(|source| NetworkError::DeleteLink {
-                    name: pooled.name.clone(),
-                    source: Box::new(source),
-                })?;
+            super::delete_link(nl, &pooled.name).await?;
         }
         Ok(())
     }
