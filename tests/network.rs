@@ -6,6 +6,7 @@ use std::{
     collections::HashSet,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::unix::fs::MetadataExt as _,
     time::Duration,
 };
 
@@ -1300,6 +1301,10 @@ fn the_pool_is_made_by_up_sized_by_pool_survives_up_again_and_is_emptied_by_down
     let pool = pooled_taps(&lab);
     assert_eq!(pool.len(), 4, "{pool:?}");
     let indexes: Vec<u64> = pool.iter().map(|n| ifindex_of(&lab, n)).collect();
+    // The refill also made the spare files that attaches write their records into (8 per
+    // pooled TAP), so that an attach makes no file.
+    let spares = spare_inodes(&lab);
+    assert_eq!(spares.len(), 32, "spare files after the refill");
     // `up` again (same settings, no --pool): the very same TAPs, and the same size.
     lab.up(&[]);
     assert_eq!(pooled_taps(&lab), pool);
@@ -1314,6 +1319,17 @@ fn the_pool_is_made_by_up_sized_by_pool_survives_up_again_and_is_emptied_by_down
         indexes.contains(&taken),
         "the endpoint's TAP is a pooled one"
     );
+    let ip = att["ip"].as_str().unwrap();
+    for record in [
+        format!("{}/vm.json", micropod::network::ENDPOINTS_SHELF),
+        format!("{}/{ip}", micropod::network::ADDRESSES_SHELF),
+    ] {
+        let ino = std::fs::metadata(lab.dirs.state.join(&record))
+            .unwrap()
+            .ino();
+        assert!(spares.contains(&ino), "{record} is not a former spare");
+    }
+    assert_eq!(spare_inodes(&lab).len(), 30);
     // Refilled once half used (one refill per burst of attaches, not one per attach).
     lab.wait_pool(false);
     assert_eq!(pooled_taps(&lab).len(), 3, "refilled too early");
@@ -1346,6 +1362,35 @@ fn the_pool_is_made_by_up_sized_by_pool_survives_up_again_and_is_emptied_by_down
     assert_eq!(pooled_taps(&lab).len(), 3);
     lab.ok(["network", "down", "--force"]);
     assert_eq!(pooled_taps(&lab), Vec::<String>::new());
+    assert!(!lab.dirs.state.join(micropod::state::SPARE_DIR).exists());
+}
+
+/// The inodes of the state dir's spare files.
+fn spare_inodes(lab: &NetLab) -> std::collections::BTreeSet<u64> {
+    match std::fs::read_dir(lab.dirs.state.join(micropod::state::SPARE_DIR)) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().metadata().unwrap().ino())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => panic!("listing the spares: {e}"),
+    }
+}
+
+/// The tests and the benchmark wait for refills by looking at the refill lock in
+/// `/proc/locks`; taking it, even for a moment, would make a refill starting then give up.
+#[test]
+fn a_held_refill_lock_is_seen_without_taking_it() {
+    let lab = NetLab::new("flock");
+    lab.up(&["--pool", "0"]);
+    let path = lab.dirs.state.join(micropod::network::REFILL_LOCK);
+    let _ = std::fs::File::create(&path).unwrap();
+    assert!(!micropod_tests::flock_held(&path).unwrap());
+    let held = hold_lock(&lab, micropod::network::REFILL_LOCK);
+    assert!(micropod_tests::flock_held(&path).unwrap());
+    // Another file's lock is not this one's.
+    let _state = hold_lock(&lab, "lock-probe");
+    drop(held);
+    assert!(!micropod_tests::flock_held(&path).unwrap());
 }
 
 #[test]

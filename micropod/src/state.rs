@@ -12,6 +12,9 @@
 //!   worst a stale `.<name>.tmp-<pid>` behind, which readers never look at and the next write
 //!   of `<name>` removes.
 //!
+//! - `spare/`: empty files made ahead of need ([`StateDir::make_spares`]), which shelf writes
+//!   rename into place instead of creating a file (see [`Shelf::write`] for why).
+//!
 //! Because writes are atomic renames, status commands may read without the lock
 //! ([`StateDir::read_json_unlocked`]); they just may see a state that is about to change.
 
@@ -20,6 +23,11 @@ use std::{
     io::{self, Write},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+        mpsc::RecvTimeoutError,
+    },
 };
 
 use nix::{
@@ -36,6 +44,12 @@ pub const SLOT_SIZE: usize = 4096;
 
 /// Size of a hint file ([`StateDir::write_hint`]).
 pub const HINT_WIDTH: usize = 32;
+
+/// How long a command waits for the state lock before it says so.
+const LOCK_WAIT_NOTICE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Where spare files wait to be taken ([`StateDir::make_spares`]).
+pub const SPARE_DIR: &str = "spare";
 
 /// Longest accepted document name, leaving room for the temp-file decoration within NAME_MAX.
 const MAX_NAME_LEN: usize = 200;
@@ -145,6 +159,8 @@ fn lock_hint(err: &io::Error) -> &'static str {
 #[derive(Clone, Debug)]
 pub struct StateDir {
     root: PathBuf,
+    /// Shelf writes (of this value and its clones' shelves) that found no spare file.
+    spare_misses: Arc<AtomicU32>,
 }
 
 /// Proof of holding the exclusive state lock. Unlocks when dropped.
@@ -166,7 +182,16 @@ pub struct FileLock {
 
 impl StateDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            spare_misses: Arc::default(),
+        }
+    }
+
+    /// Whether a shelf write of this state dir (or of a clone) had to make a file because no
+    /// spare was ready: time for a refill ([`Self::make_spares`]).
+    pub fn spares_ran_out(&self) -> bool {
+        self.spare_misses.load(Ordering::Relaxed) > 0
     }
 
     pub fn root(&self) -> &Path {
@@ -209,18 +234,24 @@ impl StateDir {
                     _file: locked,
                 }));
             }
-            Err((file, Errno::EWOULDBLOCK)) => {
-                log::info!(
-                    "waiting for {}: another micropod command holds the state lock",
-                    path.display()
-                );
-                file
-            }
+            Err((file, Errno::EWOULDBLOCK)) => file,
             Err((_, errno)) => return Err(lock_err(errno)),
         };
+        // Most waits are another command's few milliseconds; announce only a long one.
+        let (waited, long_wait) = std::sync::mpsc::channel::<()>();
+        let shown = path.clone();
+        std::thread::spawn(move || {
+            if long_wait.recv_timeout(LOCK_WAIT_NOTICE) == Err(RecvTimeoutError::Timeout) {
+                log::info!(
+                    "waiting for {}: another micropod command holds the state lock",
+                    shown.display()
+                );
+            }
+        });
         loop {
             match Flock::lock(file, FlockArg::LockExclusive) {
                 Ok(locked) => {
+                    let _ = waited.send(());
                     return Ok(Some(StateLock {
                         root: self.root.clone(),
                         _file: locked,
@@ -585,6 +616,7 @@ pub struct Shelf {
     /// The state dir's root, which the lock belongs to.
     root: PathBuf,
     dir: PathBuf,
+    spare_misses: Arc<AtomicU32>,
 }
 
 /// One document of a [`Shelf`], as read.
@@ -596,11 +628,73 @@ pub enum ShelfEntry<T> {
 }
 
 impl StateDir {
+    /// How many spare files are ready (one `readdir`; 0 if there is no spare dir).
+    pub fn spare_count(&self) -> usize {
+        fs::read_dir(self.root.join(SPARE_DIR))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Makes empty spare files until `target` are ready, for [`Shelf::write`] to take; returns
+    /// how many it made. Needs no lock: a spare is an empty file that is either taken whole
+    /// (renamed away under the state lock) or still there, and its content never matters, so
+    /// a maker killed at any point leaves only spares. Does nothing if the state dir is gone.
+    pub fn make_spares(&self, target: usize) -> Result<usize, StateError> {
+        if !self.root.is_dir() {
+            return Ok(0);
+        }
+        let dir = self.root.join(SPARE_DIR);
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(StateError::CreateDir { path: dir, source }),
+        }
+        let have = self.spare_count();
+        let pid = std::process::id();
+        let mut made = 0;
+        let mut serial = 0u32;
+        while have + made < target {
+            let path = dir.join(format!("{pid}-{serial}"));
+            serial += 1;
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(_) => made += 1,
+                // A spare of an earlier maker with our PID: take the next name.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => return Err(StateError::Write { path, source }),
+            }
+        }
+        Ok(made)
+    }
+
+    /// Removes every spare (`network down`); Ok if there are none.
+    pub fn remove_spares(&self, lock: &StateLock) -> Result<(), StateError> {
+        self.check_lock(lock);
+        let dir = self.root.join(SPARE_DIR);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Remove { path: dir, source }),
+        }
+    }
+}
+
+impl StateDir {
     /// The shelf `<root>/<dir>`; created on its first write.
     pub fn shelf(&self, dir: &str) -> Result<Shelf, StateError> {
         Ok(Shelf {
             root: self.root.clone(),
             dir: self.doc_path(dir)?,
+            spare_misses: Arc::clone(&self.spare_misses),
         })
     }
 }
@@ -682,12 +776,34 @@ impl Shelf {
         Ok(out)
     }
 
-    /// Atomically replaces `name` with `value` (unsynced; see [`Shelf`]).
+    /// Atomically replaces `name` with `value` (unsynced; see [`Shelf`]), through a spare
+    /// file if one is ready.
     pub fn write<T: Serialize>(
         &self,
         lock: &StateLock,
         name: &str,
         value: &T,
+    ) -> Result<(), StateError> {
+        self.write_with(lock, name, value, true)
+    }
+
+    /// [`Self::write`] for a writer off the commands' path (the pool refill): it makes its
+    /// own file and leaves the spares to the commands.
+    pub fn write_off_path<T: Serialize>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        self.write_with(lock, name, value, false)
+    }
+
+    fn write_with<T: Serialize>(
+        &self,
+        lock: &StateLock,
+        name: &str,
+        value: &T,
+        spare: bool,
     ) -> Result<(), StateError> {
         debug_assert_eq!(
             lock.root, self.root,
@@ -699,24 +815,17 @@ impl Shelf {
             source,
         })?;
         bytes.push(b'\n');
+        if spare && self.write_into_spare(&path, &bytes) {
+            return Ok(());
+        }
         let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let result = match write_new(&tmp, &bytes, false) {
             // No shelf yet: make it (0700, like the state dir) and try once more.
             Err(StateError::Write { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                DirBuilder::new()
-                    .mode(0o700)
-                    .create(&self.dir)
-                    .or_else(|e| {
-                        if e.kind() == io::ErrorKind::AlreadyExists {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })
-                    .map_err(|source| StateError::CreateDir {
-                        path: self.dir.clone(),
-                        source,
-                    })?;
+                self.create_dir().map_err(|source| StateError::CreateDir {
+                    path: self.dir.clone(),
+                    source,
+                })?;
                 write_new(&tmp, &bytes, false)
             }
             // A temp of a dead writer that had our PID (we hold the lock, so no live writer
@@ -730,6 +839,60 @@ impl Shelf {
             other => other,
         };
         rename_into_place(&tmp, &path, result)
+    }
+
+    /// Makes the shelf's dir (0700, like the state dir) if it is not there.
+    fn create_dir(&self) -> io::Result<()> {
+        match DirBuilder::new().mode(0o700).create(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::write`] through a spare file, if one is ready: its content, then a rename onto
+    /// `path`, as atomic as a temp file's, without making a file. On this kind of machine
+    /// (ext4 without a journal) making a file costs 0.3–0.6 ms, as the allocator skips every
+    /// recently freed inode of the group one by one; reusing one made ahead costs 0.05 ms.
+    /// False if no spare is ready or using it failed (the caller then makes a file).
+    fn write_into_spare(&self, path: &Path, bytes: &[u8]) -> bool {
+        use std::os::unix::fs::FileExt as _;
+        let spare = fs::read_dir(self.root.join(SPARE_DIR))
+            .ok()
+            .and_then(|mut entries| {
+                entries
+                    .find_map(|e| {
+                        e.ok()
+                            .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+                    })
+                    .map(|e| e.path())
+            });
+        let Some(spare) = spare else {
+            self.spare_misses.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let filled = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&spare)
+            .and_then(|file| {
+                file.write_all_at(bytes, 0)?;
+                file.set_len(bytes.len() as u64)
+            });
+        let placed = filled.and_then(|()| match fs::rename(&spare, path) {
+            // The shelf's first record: make the shelf, then place it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && spare.exists() => {
+                self.create_dir()?;
+                fs::rename(&spare, path)
+            }
+            other => other,
+        });
+        match placed {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("cannot use spare {}: {e}", spare.display());
+                false
+            }
+        }
     }
 
     /// Removes `name`; returns whether it was there.
@@ -855,11 +1018,7 @@ mod tests {
         net::Ipv4Addr,
         os::unix::fs::PermissionsExt,
         process::{Child, Command, Stdio},
-        sync::{
-            Barrier,
-            atomic::{AtomicBool, AtomicU32, Ordering},
-            mpsc,
-        },
+        sync::{Barrier, atomic::AtomicBool, mpsc},
         thread,
         time::{Duration, Instant},
     };
@@ -923,6 +1082,63 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn shelf_writes_take_spare_files_and_the_refill_path_leaves_them() {
+        use std::os::unix::fs::MetadataExt as _;
+        let tmp = TempDir::new("spares");
+        let dir = StateDir::new(&tmp.0);
+        let lock = dir.lock().unwrap();
+        let shelf = dir.shelf("things").unwrap();
+        // No spares yet: the write makes its file and says the spares ran out.
+        shelf.write(&lock, "a", &doc("a", vec![1])).unwrap();
+        assert!(dir.spares_ran_out());
+
+        let dir = StateDir::new(&tmp.0);
+        let shelf = dir.shelf("things").unwrap();
+        assert_eq!(dir.make_spares(3).unwrap(), 3);
+        assert_eq!(dir.make_spares(3).unwrap(), 0, "already 3 ready");
+        assert_eq!(dir.spare_count(), 3);
+        let spare_inodes: BTreeSet<u64> = fs::read_dir(tmp.0.join(SPARE_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().ino())
+            .collect();
+        // A spare with a longer leftover content (a writer killed after filling it): the
+        // record must hold exactly the new document.
+        let leftover = fs::read_dir(tmp.0.join(SPARE_DIR))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        fs::write(&leftover, vec![b'x'; 500]).unwrap();
+
+        shelf.write(&lock, "b", &doc("b", vec![2])).unwrap();
+        shelf.write(&lock, "a", &doc("a", vec![3])).unwrap();
+        assert_eq!(dir.spare_count(), 1);
+        assert!(!dir.spares_ran_out());
+        for (name, values) in [("a", vec![3]), ("b", vec![2])] {
+            let path = shelf.path().join(name);
+            assert!(spare_inodes.contains(&fs::metadata(&path).unwrap().ino()));
+            assert_eq!(mode(&path), 0o600);
+            match shelf.read::<Doc>(name).unwrap() {
+                Some(ShelfEntry::Ok(got)) => assert_eq!(got, doc(name, values)),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+
+        // The refill's own records never take one.
+        shelf
+            .write_off_path(&lock, "c", &doc("c", vec![4]))
+            .unwrap();
+        assert_eq!(dir.spare_count(), 1);
+        assert!(!spare_inodes.contains(&fs::metadata(shelf.path().join("c")).unwrap().ino()));
+        assert_eq!(shelf.names().unwrap(), ["a", "b", "c"]);
+
+        dir.remove_spares(&lock).unwrap();
+        assert!(!tmp.0.join(SPARE_DIR).exists());
+        dir.remove_spares(&lock).unwrap();
     }
 
     #[test]

@@ -57,6 +57,9 @@ const MAX_COUNT: usize = MAX_PER_NETWORK / 2;
 /// Processes per burst, by default, and in a `--quick` run.
 const DEFAULT_BURST: usize = 64;
 const QUICK_BURST: usize = 8;
+/// Bursts per side; the figures are their medians (one burst's rate moves by ±15 % here).
+const DEFAULT_ROUNDS: usize = 3;
+const MAX_ROUNDS: usize = 15;
 /// A burst goes into an empty network; keep it (and its namespaces) within reason.
 const MAX_BURST: usize = 500;
 /// The growth check compares the median of the first attaches with that of the last ones.
@@ -98,6 +101,10 @@ struct Cli {
     /// Processes started at once in each burst (default 64, 8 with --quick; at most 500)
     #[arg(long, value_name = "N")]
     burst: Option<usize>,
+    /// Bursts per side, rotated across the sides; the figures are the medians (default 3, 1
+    /// with --quick; at most 15)
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
     /// A development smoke run: 10 endpoints per side and bursts of 8 unless given
     #[arg(long)]
     quick: bool,
@@ -109,6 +116,7 @@ struct Cli {
 struct Args {
     count: usize,
     burst: usize,
+    rounds: usize,
     floor_runs: usize,
     json: bool,
 }
@@ -134,9 +142,15 @@ fn resolve(cli: Cli) -> anyhow::Result<Args> {
         (1..=MAX_BURST).contains(&burst),
         "--burst {burst}: between 1 and {MAX_BURST}"
     );
+    let rounds = cli.rounds.unwrap_or(if quick { 1 } else { DEFAULT_ROUNDS });
+    ensure!(
+        (1..=MAX_ROUNDS).contains(&rounds),
+        "--rounds {rounds}: between 1 and {MAX_ROUNDS}"
+    );
     Ok(Args {
         count,
         burst,
+        rounds,
         floor_runs: if quick { QUICK_FLOOR_RUNS } else { FLOOR_RUNS },
         json: cli.json,
     })
@@ -302,10 +316,24 @@ struct Burst {
     who: Who,
     /// One per process (netns endpoints), or empty.
     ns: Vec<NsGuard>,
+    /// Per round, then (after the last) their medians in `attach`, `detach`, `reaped`.
+    rounds: Vec<BurstRound>,
     attach: Duration,
     detach: Duration,
     /// From the last detach's exit until the reaper had deleted every retired link.
     reaped: Duration,
+}
+
+#[derive(Clone, Copy)]
+struct BurstRound {
+    attach: Duration,
+    detach: Duration,
+    reaped: Duration,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
 }
 
 /// Runs `step` on every side for endpoint `i`, starting with side `i mod K` and going round,
@@ -555,7 +583,9 @@ impl Micropod {
             }
             ensure!(
                 started.elapsed() < Duration::from_secs(30),
-                "the pool refill has not finished after 30 s ({pool:?})"
+                "the pool refill has not finished after 30 s ({pool:?}); its log: {}",
+                fs::read_to_string(self.dirs.state.join(micropod::network::REFILL_LOG))
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -885,6 +915,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             bursts.push(Burst {
                 who,
                 ns,
+                rounds: Vec::new(),
                 attach: Duration::ZERO,
                 detach: Duration::ZERO,
                 reaped: Duration::ZERO,
@@ -983,48 +1014,63 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let held = lab.cni.held()?;
     ensure!(held.is_empty(), "host-local still holds {held:?}");
 
-    for b in &mut bursts {
-        micropod_tests::interrupt::check()?;
-        let Who::Micropod(dp, kind) = b.who else {
-            continue;
-        };
-        eprintln!(
-            "burst: {burst} {} attaches at once, then detaches",
-            b.who.label()
-        );
-        let mp = lab.micropod(dp);
-        let names: Vec<String> = (0..burst)
-            .map(|i| b.who.name(&format!("burst-{i}")))
-            .collect();
-        let netns = |i: usize| b.ns.get(i).map(NsGuard::path);
-        let mut cmds: Vec<Command> = names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| mp.attach_command(name, kind, netns(i)))
-            .collect();
-        let (took, outs) = all_at_once(&mut cmds)?;
-        let mut ips = HashSet::with_capacity(burst);
-        for (i, (name, out)) in names.iter().zip(&outs).enumerate() {
-            let ip = mp.check_attach(name, kind, netns(i), out)?;
-            ensure!(
-                ips.insert(ip),
-                "{} gave {ip} twice in a burst (at {name})",
+    // Round r starts with side r: each side goes first as often as the others.
+    let (rounds, sides_n) = (args.rounds, bursts.len());
+    for round in 0..rounds {
+        for k in 0..sides_n {
+            let b = &mut bursts[(k + round) % sides_n];
+            micropod_tests::interrupt::check()?;
+            let Who::Micropod(dp, kind) = b.who else {
+                continue;
+            };
+            eprintln!(
+                "burst {}/{rounds}: {burst} {} attaches at once, then detaches",
+                round + 1,
                 b.who.label()
             );
-        }
-        mp.expect_endpoints(burst, &format!("after a burst of {burst} attaches"))?;
-        b.attach = took;
-        mp.wait_refilled()?;
+            let mp = lab.micropod(dp);
+            let names: Vec<String> = (0..burst)
+                .map(|i| b.who.name(&format!("burst-{i}")))
+                .collect();
+            let netns = |i: usize| b.ns.get(i).map(NsGuard::path);
+            let mut cmds: Vec<Command> = names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| mp.attach_command(name, kind, netns(i)))
+                .collect();
+            let (took, outs) = all_at_once(&mut cmds)?;
+            let mut ips = HashSet::with_capacity(burst);
+            for (i, (name, out)) in names.iter().zip(&outs).enumerate() {
+                let ip = mp.check_attach(name, kind, netns(i), out)?;
+                ensure!(
+                    ips.insert(ip),
+                    "{} gave {ip} twice in a burst (at {name})",
+                    b.who.label()
+                );
+            }
+            mp.expect_endpoints(burst, &format!("after a burst of {burst} attaches"))?;
+            let attach = took;
+            mp.wait_refilled()?;
 
-        micropod_tests::interrupt::check()?;
-        let mut cmds: Vec<Command> = names.iter().map(|n| mp.detach_command(n)).collect();
-        let (took, outs) = all_at_once(&mut cmds)?;
-        for (name, out) in names.iter().zip(&outs) {
-            check_success(&format!("micropod network detach {name}"), out)?;
+            micropod_tests::interrupt::check()?;
+            let mut cmds: Vec<Command> = names.iter().map(|n| mp.detach_command(n)).collect();
+            let (took, outs) = all_at_once(&mut cmds)?;
+            for (name, out) in names.iter().zip(&outs) {
+                check_success(&format!("micropod network detach {name}"), out)?;
+            }
+            mp.expect_endpoints(0, &format!("after a burst of {burst} detaches"))?;
+            let reaped = mp.wait_reaped()?;
+            b.rounds.push(BurstRound {
+                attach,
+                detach: took,
+                reaped,
+            });
         }
-        mp.expect_endpoints(0, &format!("after a burst of {burst} detaches"))?;
-        b.detach = took;
-        b.reaped = mp.wait_reaped()?;
+    }
+    for b in &mut bursts {
+        b.attach = median(b.rounds.iter().map(|r| r.attach).collect());
+        b.detach = median(b.rounds.iter().map(|r| r.detach).collect());
+        b.reaped = median(b.rounds.iter().map(|r| r.reaped).collect());
     }
 
     // Everything released: no endpoint link left, then each network down and the CNI bridge.
@@ -1369,6 +1415,10 @@ fn report(
                     "detach_wall_ms": round_to(ms(b.detach), 3),
                     "detach_per_s": round_to(rate(b.detach), 1),
                     "links_deleted_after_ms": round_to(ms(b.reaped), 3),
+                    "rounds": b.rounds.iter().map(|r| json!({
+                        "attach_per_s": round_to(rate(r.attach), 1),
+                        "detach_per_s": round_to(rate(r.detach), 1),
+                    })).collect::<Vec<_>>(),
                 }),
             );
         }
@@ -1461,7 +1511,8 @@ fn report(
     );
     println!();
     println!(
-        "burst: {burst} processes started at once (spawn all, then wait all), first spawn to last exit"
+        "burst: {burst} processes started at once (spawn all, then wait all), first spawn to last exit; median of {} round(s) per side",
+        args.rounds
     );
     println!(
         "{:<16} {:>10} {:>10} {:>10} {:>10} {:>14}",
@@ -1477,6 +1528,20 @@ fn report(
             rate(b.detach),
             ms(b.reaped)
         );
+    }
+    if args.rounds > 1 {
+        for b in bursts {
+            let each: Vec<String> = b
+                .rounds
+                .iter()
+                .map(|r| format!("{:.0}/{:.0}", rate(r.attach), rate(r.detach)))
+                .collect();
+            println!(
+                "  {} per round, attaches/s / detaches/s: {}",
+                b.who.label(),
+                each.join(", ")
+            );
+        }
     }
     println!();
     println!("goals (the eBPF sides; netfilter above for comparison):");

@@ -155,12 +155,7 @@ impl PoolState {
                 .count() as u64,
             Err(_) => 0,
         };
-        let refill_idle = match std::fs::File::open(state.join(micropod::network::REFILL_LOCK)) {
-            Ok(file) => {
-                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
-            }
-            Err(_) => true,
-        };
+        let refill_idle = !flock_held(&state.join(micropod::network::REFILL_LOCK))?;
         Ok(Self {
             ready,
             size,
@@ -174,6 +169,29 @@ impl PoolState {
     pub fn settled(&self, full: bool) -> bool {
         self.refill_idle && (self.ready >= self.size || (!full && self.ready > self.size / 2))
     }
+}
+
+/// Whether some process holds a `flock` on `path`, read from `/proc/locks` without taking
+/// the lock: a reader that took it, even for a moment, would make a refill that starts in
+/// that moment believe another one runs, and exit.
+pub fn flock_held(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // Lines read "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF" (major:minor in hex).
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        nix::sys::stat::major(meta.dev()),
+        nix::sys::stat::minor(meta.dev()),
+        meta.ino()
+    );
+    Ok(std::fs::read_to_string("/proc/locks")?.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some("FLOCK") && fields.nth(3) == Some(id.as_str())
+    }))
 }
 
 /// Runs a future to completion on a fresh current-thread runtime.

@@ -158,7 +158,8 @@ impl super::Network {
         later.reap = !self.records.retired_names()?.is_empty();
         // Refilled once half used, so that a burst of attaches starts one refill, not one each.
         later.refill = head.config.pool > 0
-            && self.records.pool_names()?.len() <= (head.config.pool as usize) / 2;
+            && (self.records.pool_names()?.len() <= (head.config.pool as usize) / 2
+                || self.state.spares_ran_out());
 
         let subnet = head.config.subnet;
         Ok(Attachment {
@@ -392,18 +393,28 @@ async fn configure_inside(
         step,
     };
     let inner = Netlink::connect_in(ns).map_err(|e| fail(NetnsStep::Netlink(Box::new(e))))?;
-    let index = link::index(&inner, &ns_ref.ifname)
-        .await
-        .map_err(|e| fail(NetnsStep::FindInterface(Box::new(e))))?;
-    // Up first: IPv4 adds the subnet route (which the gateway route needs) only on a live link.
-    link::set_up(&inner, &ns_ref.ifname)
-        .await
-        .map_err(|e| fail(NetnsStep::BringUp(Box::new(e))))?;
     let cidr = Ipv4Network::new(ep.ip, head.config.subnet.prefix())
         .expect("the prefix comes from a valid subnet");
-    addr::ensure(&inner, index, IpNetwork::V4(cidr))
-        .await
-        .map_err(|e| fail(NetnsStep::AddAddress(Box::new(e))))?;
+    // Up and the address in flight together (one socket: the kernel takes them in order);
+    // both must be done before the gateway route, which needs the subnet route that IPv4
+    // adds only for an address on a live link.
+    let up = async {
+        link::set_up(&inner, &ns_ref.ifname)
+            .await
+            .map_err(|e| fail(NetnsStep::BringUp(Box::new(e))))
+    };
+    let address = async {
+        let index = link::index(&inner, &ns_ref.ifname)
+            .await
+            .map_err(|e| fail(NetnsStep::FindInterface(Box::new(e))))?;
+        addr::ensure(&inner, index, IpNetwork::V4(cidr))
+            .await
+            .map_err(|e| fail(NetnsStep::AddAddress(Box::new(e))))?;
+        Ok::<_, NetworkError>(index)
+    };
+    let (up, index) = tokio::join!(up, address);
+    up?;
+    let index = index?;
     route::add_default(&inner, head.config.gateway, index)
         .await
         .map_err(|e| fail(NetnsStep::AddDefaultRoute(Box::new(e))))?;

@@ -40,6 +40,20 @@ pub const REFILL_LOG: &str = "refill.log";
 pub const DEFAULT_POOL: u32 = 16;
 /// The most `--pool` accepts (each pooled TAP is a bridge port, of at most 1023).
 pub const MAX_POOL: u32 = 256;
+
+/// Spare state files the refill keeps per pooled TAP ([`crate::state::StateDir::make_spares`]):
+/// an attach writes two records (its address and itself) and a detach one, so 8 per TAP lets
+/// a burst of four times the pool's size write its records without making a file.
+pub(super) const SPARES_PER_POOLED_TAP: usize = 8;
+
+/// At most this many spares (64 attaches' records): a bigger spare dir outgrows one block,
+/// and ext4 then hashes every name of a block on each listing.
+pub(super) const MAX_SPARES: usize = 128;
+
+/// How many spare files a network with a pool of `pool` TAPs keeps ready.
+pub(super) fn spare_target(pool: u32) -> usize {
+    (pool as usize * SPARES_PER_POOLED_TAP).min(MAX_SPARES)
+}
 /// A Linux bridge holds at most this many ports (`BR_MAX_PORTS` in net/bridge/br_private.h).
 pub const BR_MAX_PORTS: usize = 1023;
 /// Bumped when the document's meaning changes.

@@ -39,15 +39,22 @@ use crate::{
 pub const REFILL_COMMAND: &str = "refill";
 
 impl super::Network {
-    /// `micropod network refill`: makes pooled TAPs until the pool holds what `network up
-    /// --pool` asked for. One refill at a time (its own lock); returns at once if another
-    /// runs or no network is up. Returns how many it made.
+    /// `micropod network refill`: makes spare state files, then pooled TAPs until the pool
+    /// holds what `network up --pool` asked for. One refill at a time (its own lock);
+    /// returns at once if another runs or no network is up. Returns how many TAPs it made.
     pub async fn refill(&self) -> Result<usize, NetworkError> {
         let Some(_refill) = self.state.try_lock_file(REFILL_LOCK)? else {
             return Ok(0);
         };
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let probe = IndexProbe::new().map_err(NetworkError::Probe)?;
+        // Spares first: they are cheap, and every attach writes records, pooled or not.
+        if let Some(head) = self.records.head_unlocked()?
+            && head.phase == Phase::Ready
+        {
+            let spares = self.state.make_spares(spare_target(head.config.pool))?;
+            log::debug!("refill made {spares} spare state file(s)");
+        }
         let mut made = 0;
         loop {
             let Some(head) = self.records.head_unlocked()? else {

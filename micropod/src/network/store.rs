@@ -133,6 +133,7 @@ impl Records {
         for shelf in [&self.endpoints, &self.addresses, &self.retired, &self.pool] {
             shelf.remove_all(lock)?;
         }
+        self.state.remove_spares(lock)?;
         for file in [LOWEST_FREE, ATTACH_INTENT, DETACH_INTENT] {
             self.state.remove_unsynced(lock, file)?;
         }
@@ -379,7 +380,7 @@ impl Records {
     }
 
     pub(super) fn add_pooled(&self, lock: &StateLock, p: &PooledTap) -> Result<(), NetworkError> {
-        Ok(self.pool.write(lock, &p.name, p)?)
+        Ok(self.pool.write_off_path(lock, &p.name, p)?)
     }
 
     pub(super) fn remove_pooled(&self, lock: &StateLock, name: &str) -> Result<(), NetworkError> {
