@@ -531,6 +531,36 @@ fn bad_input_is_refused_and_leaves_nothing() {
         args(&["run", "--kernel", &kernel, "--initrd", "/tmp"]),
         "not a regular file",
     );
+    // A FIFO must be refused too, not opened and waited on for a writer that never comes.
+    let fifo = lab.net.dirs.state.join("kernel.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for (flag, other) in [("--kernel", "--initrd"), ("--initrd", "--kernel")] {
+        let file = if flag == "--kernel" { &initrd } else { &kernel };
+        let mut child = lab
+            .net
+            .micropod(["run", flag, fifo.to_str().unwrap(), other, file])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`run {flag} <fifo>` still waits after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "`run {flag} <fifo>` succeeded");
+        assert!(stderr.contains("not a regular file"), "{flag}: {stderr}");
+    }
+    std::fs::remove_file(&fifo).unwrap();
     refuse(
         args(&[
             "run",

@@ -4,7 +4,7 @@ use std::{
     fs::{self, DirBuilder, File},
     io,
     net::Ipv4Addr,
-    os::unix::fs::DirBuilderExt as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -377,9 +377,12 @@ fn check_file(what: &'static str, path: &Path, write: bool) -> Result<PathBuf, V
         path: path.to_path_buf(),
         source,
     };
+    // O_NONBLOCK: opening a FIFO (or a tty) would otherwise wait for its other end forever;
+    // it has no effect on a regular file.
     let file = File::options()
         .read(true)
         .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(err)?;
     if !file.metadata().map_err(err)?.is_file() {
