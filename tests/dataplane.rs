@@ -481,6 +481,17 @@ fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -
     packets::ethernet(dst_mac, src_mac, 0x0800, &packets::ipv4(src, dst, 17, &udp))
 }
 
+/// `frame` with two VLAN tags after its MACs: `outer`, then an 802.1Q one.
+fn stack_vlans(frame: Vec<u8>, outer: u16) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    for (tpid, vid) in [(outer, 100u16), (0x8100, 200)] {
+        out.extend_from_slice(&tpid.to_be_bytes());
+        out.extend_from_slice(&vid.to_be_bytes());
+    }
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
 #[test]
 fn spoofed_ip_mac_and_arp_are_dropped_and_counted_and_the_victim_is_unaffected() {
     let lab = Lab::new("spoof", "ebpf", 2, &[]);
@@ -502,9 +513,22 @@ fn spoofed_ip_mac_and_arp_are_dropped_and_counted_and_the_victim_is_unaffected()
     let spoofed_arp: Vec<_> = (0..5)
         .map(|_| packets::arp_request(attacker.mac, victim.ip, victim.ip))
         .collect();
+    // The attacker's own MAC, the victim's address inside stacked VLAN tags: the kernel
+    // strips the outer 802.1Q/802.1ad tag before TC, the inner one hides the IPv4 header.
+    // 0x9100 (pre-standard QinQ) is not stripped at all. One of each to the gateway (for the
+    // server) and to the victim's MAC directly.
+    let stacked: Vec<_> = [0x88a8u16, 0x8100, 0x9100]
+        .into_iter()
+        .flat_map(|outer| {
+            [gateway_mac, victim.mac]
+                .map(|dst| stack_vlans(udp_frame(attacker.mac, dst, victim.ip, SERVER_ADDR), outer))
+        })
+        .collect();
+    let victim_before = lab.counters(&victim.name);
     send_frames(&attacker.ns, &spoofed_ip);
     send_frames(&attacker.ns, &spoofed_mac);
     send_frames(&attacker.ns, &spoofed_arp);
+    send_frames(&attacker.ns, &stacked);
     thread::sleep(Duration::from_millis(300));
 
     let after = lab.counters(&attacker.name);
@@ -520,6 +544,16 @@ fn spoofed_ip_mac_and_arp_are_dropped_and_counted_and_the_victim_is_unaffected()
     assert_eq!(
         drops(&after, "spoofed_arp") - drops(&before, "spoofed_arp"),
         5
+    );
+    assert_eq!(
+        drops(&after, "stacked_vlan") - drops(&before, "stacked_vlan"),
+        6
+    );
+    let victim_after = lab.counters(&victim.name);
+    let rx = |v: &Value| counter(v, "rx_packets");
+    assert!(
+        rx(&victim_after) - rx(&victim_before) < 3,
+        "stacked frames reached the victim: {victim_before} -> {victim_after}"
     );
     assert_eq!(
         udp_peers.lock().unwrap().len(),

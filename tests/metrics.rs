@@ -381,6 +381,7 @@ fn scraped_counters_match_the_traffic_sent_and_the_ports_statistics() {
         "spoofed_arp",
         "nat_table_full",
         "nat_no_port",
+        "stacked_vlan",
     ] {
         let l = [("endpoint", "alpha"), ("reason", reason)];
         assert_eq!(

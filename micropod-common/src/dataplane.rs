@@ -68,16 +68,21 @@ pub enum DropReason {
     NatTableFull = 3,
     /// A new flow found no free port (or echo id) after the bounded probe.
     NatNoPort = 4,
+    /// A frame with stacked VLAN tags (802.1ad or 802.1Q in 802.1Q). The kernel strips the
+    /// outer tag before TC; what is left starts with another tag, which the port program does
+    /// not parse, so it cannot check the addresses inside.
+    StackedVlan = 5,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
     pub const ALL: [Self; Self::COUNT] = [
         Self::SpoofedMac,
         Self::SpoofedIp,
         Self::SpoofedArp,
         Self::NatTableFull,
         Self::NatNoPort,
+        Self::StackedVlan,
     ];
 
     /// A stable name for output and metrics labels.
@@ -89,6 +94,7 @@ impl DropReason {
             Self::SpoofedArp => "spoofed_arp",
             Self::NatTableFull => "nat_table_full",
             Self::NatNoPort => "nat_no_port",
+            Self::StackedVlan => "stacked_vlan",
         }
     }
 }
@@ -104,7 +110,9 @@ pub struct EndpointCounters {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub drops: [u64; DropReason::COUNT],
-    pub _pad: [u64; 3],
+    /// Room for more reasons without changing the map's value size (a reason added takes a
+    /// slot that older programs left zero).
+    pub _pad: [u64; 2],
 }
 
 const _: () = assert!(size_of::<EndpointCounters>() == 96);

@@ -47,6 +47,10 @@ static NAT_STATS: PerCpuArray<NatStats> = PerCpuArray::with_max_entries(1, 0);
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
+/// VLAN tag protocol identifiers: 802.1Q, 802.1ad, and the pre-standard QinQ one.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_QINQ1: u16 = 0x9100;
 const IP_OFF: usize = ETH_HLEN;
 const IP_HLEN: usize = 20;
 const L4_OFF: usize = IP_OFF + IP_HLEN;
@@ -198,6 +202,9 @@ fn from_endpoint(ctx: &TcContext, ep: &Endpoint) -> Verdict {
                 Verdict::Pass
             }
         }
+        // The kernel took the outer tag off before TC; another one means stacked tags,
+        // whose inner addresses this program does not check.
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ1 => Verdict::Drop(DropReason::StackedVlan),
         _ => Verdict::Pass,
     }
 }
