@@ -1546,3 +1546,118 @@ fn pooled_endpoints_carry_no_previous_tenants_state() {
         "the bridge still knows the old tenant's MAC: {fdb}"
     );
 }
+
+/// After a reboot the bridge's name may be someone else's link: `up` must not adopt it (add
+/// the gateway, enslave ports) and `down` must not delete it.
+#[test]
+fn up_adopts_and_down_deletes_only_the_bridge_micropod_made() {
+    let lab = NetLab::new("foreign");
+    lab.up(&[]);
+    let host = lab.host.path();
+    // As if the machine rebooted: the records stay, the bridge is gone, and a user made a
+    // link of that name: a veth, then a bridge of their own (its own MAC).
+    for make in [
+        &[
+            "link",
+            "add",
+            "micropod0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mine1",
+        ][..],
+        &["link", "add", "micropod0", "type", "bridge"][..],
+    ] {
+        query(host, "ip", &["link", "del", "micropod0"]);
+        query(host, "ip", make);
+        let out = lab.micropod(["network", "up"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{make:?}: up adopted it");
+        assert!(
+            stderr.contains("micropod did not make it"),
+            "{make:?}: {stderr}"
+        );
+        let addrs = ip_json(host, &["addr", "show", "micropod0"]);
+        assert_eq!(
+            addrs[0]["addr_info"],
+            serde_json::json!([]),
+            "{make:?}: the gateway was added to someone else's link"
+        );
+        lab.ok(["network", "down", "--force"]);
+        assert_eq!(
+            ip_json(host, &["link", "show", "micropod0"])
+                .as_array()
+                .unwrap()
+                .len(),
+            1,
+            "{make:?}: down deleted a link it did not make"
+        );
+        query(host, "ip", &["link", "del", "micropod0"]);
+        lab.up(&[]);
+    }
+    // micropod's own bridge (kind and MAC) is adopted by `up` again, and deleted by `down`.
+    let index = ifindex_of(&lab, "micropod0");
+    lab.up(&[]);
+    assert_eq!(ifindex_of(&lab, "micropod0"), index);
+    lab.ok(["network", "down"]);
+    assert!(
+        ip_json(host, &["link", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["ifname"] != "micropod0")
+    );
+}
+
+/// A record edited to name a link micropod did not make (here the uplink) must never make it
+/// rename or delete that link: not `detach`, not `gc`, not the reaper, not `down`.
+#[test]
+fn records_that_name_a_foreign_link_never_touch_it() {
+    let lab = NetLab::new("tamper");
+    lab.up(&[]);
+    let ns = NsGuard::new("tamper-ep");
+    let att = lab.attach_netns("ep", &ns, &[]);
+    let record = lab
+        .dirs
+        .state
+        .join(micropod::network::ENDPOINTS_SHELF)
+        .join("ep.json");
+    let mut ep: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    ep["link"] = UPLINK.into();
+    std::fs::write(&record, serde_json::to_vec(&ep).unwrap()).unwrap();
+    // A retired link on record named like the uplink, too.
+    let retired = lab.dirs.state.join(micropod::network::RETIRED_SHELF);
+    std::fs::create_dir_all(&retired).unwrap();
+    std::fs::write(
+        retired.join(UPLINK),
+        serde_json::to_vec(&serde_json::json!({"name": UPLINK, "ip": att["ip"]})).unwrap(),
+    )
+    .unwrap();
+    let uplink_index = ifindex_of(&lab, UPLINK);
+
+    let out = lab.micropod(["network", "detach", "ep"]).output().unwrap();
+    assert!(!out.status.success(), "detach used the edited record");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("names the link"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gc = lab.json(["gc", "--json"]);
+    assert!(
+        gc.to_string().contains("names the link"),
+        "gc reports it: {gc}"
+    );
+    lab.ok(["network", "up"]);
+    lab.ok(["network", "down", "--force"]);
+    assert_eq!(
+        ifindex_of(&lab, UPLINK),
+        uplink_index,
+        "the uplink is the same link"
+    );
+    let up = ip_json(lab.host.path(), &["link", "show", UPLINK]);
+    assert!(
+        up[0]["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+        "the uplink is still up: {up}"
+    );
+}

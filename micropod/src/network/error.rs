@@ -143,6 +143,14 @@ pub enum UpError {
     )]
     BridgeExists { name: String },
     #[error(
+        "a link named {name} exists but micropod did not make it ({why}); micropod adopts only the bridge it made (kind bridge, the gateway's MAC {mac}). Rename or delete that link, or choose another --bridge"
+    )]
+    ForeignBridge {
+        name: String,
+        why: String,
+        mac: String,
+    },
+    #[error(
         "the network is up with {current}, and {endpoints} endpoint(s) use it; detach them (or `network down --force`) before changing it to {requested}"
     )]
     Reconfigure {

@@ -262,6 +262,23 @@ pub struct Endpoint {
     pub netns: Option<NetnsRef>,
 }
 
+impl Endpoint {
+    /// Why the record's link is not one micropod names (and so may rename or delete), if it
+    /// is not: every endpoint's link is `link_name(kind, ip)`. A record edited by hand to
+    /// name another link (the uplink, say) must not make micropod touch that link.
+    pub fn foreign_link(&self) -> Option<String> {
+        let expected = link_name(self.kind, self.ip);
+        (self.link != expected).then(|| {
+            format!(
+                "it names the link {:?}, and micropod names the link of a {} endpoint at {} {expected:?}",
+                self.link,
+                self.kind,
+                self.ip
+            )
+        })
+    }
+}
+
 /// The nf_tables table of the network on `bridge`.
 pub fn nft_table_name(bridge: &str) -> String {
     format!("micropod_{bridge}")

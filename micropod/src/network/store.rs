@@ -190,6 +190,17 @@ impl Records {
             &mut unreadable,
         )?
         .into_iter()
+        .filter(|ep: &Endpoint| match ep.foreign_link() {
+            None => true,
+            Some(why) => {
+                unreadable.push(Unreadable {
+                    shelf: ENDPOINTS_SHELF,
+                    name: endpoint_file(&ep.name),
+                    why,
+                });
+                false
+            }
+        })
         .map(|ep| (ep.name.clone(), ep))
         .collect();
         let mut ipam = head.ipam_rules();
@@ -210,16 +221,17 @@ impl Records {
                 });
             }
         }
+        // A retired or pooled link is deleted by name: only names micropod gives count.
         let retired = read_named(
             &self.retired,
             RETIRED_SHELF,
-            |r: &RetiredLink| (r.name.clone(), "link", r.name.clone()),
+            |r: &RetiredLink| (ours(r.name.clone(), retired_link), "link", r.name.clone()),
             &mut unreadable,
         )?;
         let pool = read_named(
             &self.pool,
             POOL_SHELF,
-            |p: &PooledTap| (p.name.clone(), "link", p.name.clone()),
+            |p: &PooledTap| (ours(p.name.clone(), pool_link), "link", p.name.clone()),
             &mut unreadable,
         )?;
         Ok((
@@ -254,7 +266,15 @@ impl Records {
     pub(super) fn endpoint(&self, name: &str) -> Result<Option<Endpoint>, NetworkError> {
         Ok(
             match self.endpoints.read::<Endpoint>(&endpoint_file(name))? {
-                Some(ShelfEntry::Ok(ep)) if ep.name == name => Some(ep),
+                Some(ShelfEntry::Ok(ep)) if ep.name == name => match ep.foreign_link() {
+                    None => Some(ep),
+                    Some(why) => {
+                        log::warn!(
+                            "ignoring the record of endpoint {name}: {why} (`micropod gc` drops it)"
+                        );
+                        None
+                    }
+                },
                 _ => None,
             },
         )
@@ -362,9 +382,11 @@ impl Records {
             .map(|f| f.head))
     }
 
-    /// The pooled TAPs on record, by name (no lock needed).
+    /// The pooled TAPs on record, by name (no lock needed); only names micropod gives.
     pub(super) fn pool_names(&self) -> Result<Vec<String>, NetworkError> {
-        Ok(self.pool.names()?)
+        let mut names = self.pool.names()?;
+        names.retain(|n| pool_link(n).is_some());
+        Ok(names)
     }
 
     /// The pooled TAP `name`, if on record and readable.
@@ -388,9 +410,11 @@ impl Records {
         Ok(())
     }
 
-    /// The names of the retired links on record (no lock needed).
+    /// The names of the retired links on record (no lock needed); only names micropod gives.
     pub(super) fn retired_names(&self) -> Result<Vec<String>, NetworkError> {
-        Ok(self.retired.names()?)
+        let mut names = self.retired.names()?;
+        names.retain(|n| retired_link(n).is_some());
+        Ok(names)
     }
 
     pub(super) fn is_retired(&self, name: &str) -> Result<bool, NetworkError> {
@@ -408,6 +432,16 @@ impl Records {
     pub(super) fn remove_retired(&self, lock: &StateLock, name: &str) -> Result<(), NetworkError> {
         self.retired.remove(lock, name)?;
         Ok(())
+    }
+}
+
+/// `name`, if `parse` recognises it as a name micropod gives; otherwise one no file has, so
+/// that [`read_named`] reports the record.
+fn ours<T>(name: String, parse: impl Fn(&str) -> Option<T>) -> String {
+    if parse(&name).is_some() {
+        name
+    } else {
+        String::from("/")
     }
 }
 

@@ -197,6 +197,15 @@ impl super::Network {
             .map_err(|e| NetworkError::Links(Box::new(e)))?
         {
             Some(found) => {
+                // After a reboot (or a hand edit) the name may belong to someone else's link.
+                if let Err(why) = made_by_us(&found, cfg.gateway) {
+                    return Err(UpError::ForeignBridge {
+                        name: cfg.bridge.clone(),
+                        why,
+                        mac: Mac::for_ip(cfg.gateway).to_string(),
+                    }
+                    .into());
+                }
                 link::set_up(nl, &cfg.bridge)
                     .await
                     .map_err(|source| UpError::BridgeUp {
@@ -292,11 +301,23 @@ impl super::Network {
             }
             Err(e) => problems.push(TeardownError::PoolList(Box::new(e))),
         }
-        if let Err(source) = link::delete_if_exists(nl, &doc.head.config.bridge).await {
-            problems.push(TeardownError::Bridge {
-                name: doc.head.config.bridge.clone(),
+        let bridge = &doc.head.config.bridge;
+        match link::find(nl, bridge).await {
+            Ok(Some(found)) => {
+                if let Err(why) = made_by_us(&found, doc.head.config.gateway) {
+                    log::warn!("left the link {bridge} alone: micropod did not make it ({why})");
+                } else if let Err(source) = link::delete_if_exists(nl, bridge).await {
+                    problems.push(TeardownError::Bridge {
+                        name: bridge.clone(),
+                        source,
+                    });
+                }
+            }
+            Ok(None) => {}
+            Err(source) => problems.push(TeardownError::Bridge {
+                name: bridge.clone(),
                 source,
-            });
+            }),
         }
         if let Err(source) = nftables::delete(&doc.head.nft_table) {
             problems.push(TeardownError::NftTable {
@@ -446,6 +467,28 @@ async fn check_overlap(
             }
             .into());
         }
+    }
+    Ok(())
+}
+
+/// Whether `link` is the bridge micropod made for the network with `gateway`: a bridge whose
+/// MAC is the one `up` gives it (`02:6d:` and the gateway's address); otherwise why not.
+fn made_by_us(
+    link: &rtnetlink::packet_route::link::LinkMessage,
+    gateway: std::net::Ipv4Addr,
+) -> Result<(), String> {
+    let found = link::LinkSummary::from_message(link);
+    let kind = found.kind.as_deref().unwrap_or("no kind");
+    if kind != "bridge" {
+        return Err(format!("it is a {kind} link, not a bridge"));
+    }
+    if found.mac != Some(Mac::for_ip(gateway).0) {
+        return Err(format!(
+            "its MAC is {}",
+            found
+                .mac
+                .map_or_else(|| "unknown".into(), |m| Mac(m).to_string())
+        ));
     }
     Ok(())
 }
