@@ -1661,3 +1661,27 @@ fn records_that_name_a_foreign_link_never_touch_it() {
         "the uplink is still up: {up}"
     );
 }
+
+/// A bridge deleted by hand: `up` makes it again and puts every endpoint back on it (and the
+/// data path's settings follow the new bridge).
+#[test]
+fn up_after_the_bridge_was_deleted_puts_the_endpoints_back() {
+    let lab = NetLab::new("rebridge");
+    lab.up(&[]);
+    let ns = NsGuard::new("rebridge-ep");
+    let att = lab.attach_netns("ep", &ns, &[]);
+    let tap = lab.json(["network", "attach", "vm", "--kind", "tap", "--json"]);
+    assert!(ping(&ns, SERVER_ADDR));
+    let host = lab.host.path();
+    query(host, "ip", &["link", "del", "micropod0"]);
+    assert!(!ping(&ns, SERVER_ADDR), "no bridge, no way out");
+    lab.up(&[]);
+    for port in [att["link"].as_str().unwrap(), tap["link"].as_str().unwrap()] {
+        let l = ip_json(host, &["link", "show", "dev", port]);
+        assert_eq!(l[0]["master"], "micropod0", "{port} is on the bridge: {l}");
+    }
+    assert!(ping(&ns, SERVER_ADDR), "the endpoint reaches out again");
+    assert!(ping(&ns, "10.10.0.1".parse().unwrap()), "and its gateway");
+    let stats = lab.json(["stats", "--json"]);
+    assert_eq!(stats["datapath"], "ebpf");
+}

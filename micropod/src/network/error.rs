@@ -150,6 +150,13 @@ pub enum UpError {
         why: String,
         mac: String,
     },
+    #[error("cannot put the link {link} of endpoint {endpoint} back on the bridge")]
+    PortBack {
+        endpoint: String,
+        link: String,
+        #[source]
+        source: Box<LinkError>,
+    },
     #[error(
         "the network is up with {current}, and {endpoints} endpoint(s) use it; detach them (or `network down --force`) before changing it to {requested}"
     )]

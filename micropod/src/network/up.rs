@@ -110,6 +110,7 @@ impl super::Network {
                 }
                 self.trim_pool(&nl, &lock, &doc.pool, config.pool as usize)
                     .await?;
+                self.ports_back_on_bridge(&nl, &doc).await?;
                 return Ok((UpOutcome::Unchanged, config));
             }
             if !doc.endpoints.is_empty() {
@@ -185,6 +186,48 @@ impl super::Network {
         doc.head.phase = Phase::Ready;
         self.records.write_head(&lock, &doc.head)?;
         Ok((outcome, config))
+    }
+
+    /// Puts every endpoint's link that is not a port of the bridge (the bridge was deleted
+    /// and made anew, or a link was released by hand) back on it, and up: one link dump.
+    async fn ports_back_on_bridge(
+        &self,
+        nl: &Netlink,
+        doc: &NetworkDoc,
+    ) -> Result<(), NetworkError> {
+        if doc.endpoints.is_empty() {
+            return Ok(());
+        }
+        let links = link::list(nl)
+            .await
+            .map_err(|e| NetworkError::Links(Box::new(e)))?;
+        let Some(bridge) = links.iter().find(|l| l.name == doc.head.config.bridge) else {
+            return Ok(());
+        };
+        let mut moved = 0;
+        for ep in doc.endpoints.values() {
+            let Some(port) = links.iter().find(|l| l.name == ep.link) else {
+                continue;
+            };
+            if port.controller == Some(bridge.index) {
+                continue;
+            }
+            link::set_controller_up(nl, &ep.link, bridge.index)
+                .await
+                .map_err(|source| UpError::PortBack {
+                    endpoint: ep.name.clone(),
+                    link: ep.link.clone(),
+                    source: Box::new(source),
+                })?;
+            moved += 1;
+        }
+        if moved > 0 {
+            log::info!(
+                "put {moved} endpoint link(s) back on {}",
+                doc.head.config.bridge
+            );
+        }
+        Ok(())
     }
 
     /// Makes the kernel match `doc` (network level); creates only what is missing.
