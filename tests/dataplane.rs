@@ -686,7 +686,7 @@ fn tcx_programs(ns: &NsGuard, iface: &str, direction: aya::programs::TcAttachTyp
 }
 
 #[test]
-fn up_hooks_again_a_port_that_lost_its_programs() {
+fn up_and_gc_hook_again_a_port_that_lost_its_programs() {
     let lab = Lab::new("rehook", "ebpf", 2, &[]);
     let host = &lab.net.host;
     let (lost, kept) = (&lab.eps[0], &lab.eps[1]);
@@ -727,6 +727,20 @@ fn up_hooks_again_a_port_that_lost_its_programs() {
         counter(&lab.counters(&lost.name), "tx_packets") > before,
         "the port counts again"
     );
+
+    // `gc` does the same.
+    for hook in ["ingress", "egress"] {
+        query(
+            host.path(),
+            "tc",
+            &[
+                "filter", "del", "dev", &lost.port, hook, "pref", "1", "handle", "0x6d70", "bpf",
+            ],
+        );
+    }
+    lab.net.ok(["gc"]);
+    assert_eq!(hooked(&lost.port), expected);
+    assert_eq!(hooked(&kept.port), expected);
 }
 
 #[test]

@@ -86,25 +86,7 @@ impl super::Network {
         if plane.is_installed() {
             plane.configure(&settings).map_err(datapath)?;
             plane.attach_network_hooks(&settings).map_err(datapath)?;
-            // A port whose filters were removed (by hand, or by another tool replacing the
-            // qdisc) passes unaccounted and unchecked frames: hook it again.
-            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
-            for ep in doc.endpoints.values() {
-                let Some(ifindex) = probe.index(&ep.link).map_err(NetworkError::Probe)? else {
-                    continue;
-                };
-                let port_err = |source| AttachError::DatapathPort {
-                    name: ep.name.clone(),
-                    source: Box::new(source),
-                };
-                if !plane.port_hooked(nl, ifindex).await.map_err(port_err)? {
-                    log::info!("{} had lost its port programs; hooked them again", ep.link);
-                    plane
-                        .hook_port(nl, &port_spec(ep, ifindex))
-                        .await
-                        .map_err(port_err)?;
-                }
-            }
+            self.rehook_ports(nl, doc).await?;
         } else {
             plane.install(&settings).map_err(datapath)?;
             // A repair (pins removed by hand, or eBPF newly working under `auto`): the
@@ -145,6 +127,37 @@ impl super::Network {
 
     /// Registers a new endpoint with the eBPF data plane and attaches its port programs (a
     /// no-op on the netfilter data path).
+    /// Hooks the port programs again on every endpoint port that lost them: a port whose
+    /// filters were removed (by hand, or by another tool replacing the qdisc) passes
+    /// unaccounted and unchecked frames. `up` and `gc` run it; returns how many it hooked.
+    pub(super) async fn rehook_ports(
+        &self,
+        nl: &Netlink,
+        doc: &NetworkDoc,
+    ) -> Result<usize, NetworkError> {
+        let plane = DataPlane::new(&self.bpf_dir);
+        let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+        let mut hooked = 0;
+        for ep in doc.endpoints.values() {
+            let Some(ifindex) = probe.index(&ep.link).map_err(NetworkError::Probe)? else {
+                continue;
+            };
+            let port_err = |source| AttachError::DatapathPort {
+                name: ep.name.clone(),
+                source: Box::new(source),
+            };
+            if !plane.port_hooked(nl, ifindex).await.map_err(port_err)? {
+                log::info!("{} had lost its port programs; hooked them again", ep.link);
+                plane
+                    .hook_port(nl, &port_spec(ep, ifindex))
+                    .await
+                    .map_err(port_err)?;
+                hooked += 1;
+            }
+        }
+        Ok(hooked)
+    }
+
     pub(super) async fn attach_datapath(
         &self,
         nl: &Netlink,

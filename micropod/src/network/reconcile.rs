@@ -22,6 +22,9 @@ impl super::Network {
         };
         let released = seen.released;
         if doc.head.active_datapath == ActiveDatapath::Ebpf {
+            if DataPlane::new(&self.bpf_dir).is_installed() {
+                self.rehook_ports(&nl, &doc).await?;
+            }
             match DataPlane::new(&self.bpf_dir).sweep_nat() {
                 Ok(n) if n > 0 => log::info!("removed {n} expired NAT entries"),
                 Ok(_) => {}
