@@ -964,3 +964,40 @@ fn a_new_default_route_moves_the_uplink_program_and_the_snat_address() {
         "through the eBPF SNAT: {nat}"
     );
 }
+
+/// `network up` is idempotent: run again and again under `auto` it keeps the uplink's TCX
+/// link as it is (the kernel releases a replaced link later, on a workqueue, and attaching
+/// the program again before that failed with EEXIST, which `auto` took as "eBPF does not
+/// work here" and fell back to netfilter under running endpoints).
+#[test]
+fn repeated_up_keeps_the_ebpf_data_path_and_the_uplink_link() {
+    use aya::programs::TcAttachType::Ingress;
+    let net = NetLab::new("repeat");
+    net.up(&[]);
+    let ns = NsGuard::new("repeat-ep");
+    net.attach_netns("ep", &ns, &[]);
+    let link_pin = net
+        .dirs
+        .pins
+        .join("micropod/links")
+        .join(format!("{UPLINK}-ingress"));
+    let pinned =
+        |what: &str| std::fs::metadata(&link_pin).unwrap_or_else(|e| panic!("{what}: {e}"));
+    use std::os::unix::fs::MetadataExt as _;
+    let first = pinned("after the first up").ino();
+    for i in 0..20 {
+        let status = net.json(["network", "up", "--json"]);
+        assert_eq!(status["network"]["datapath"], "ebpf", "up #{i}: {status}");
+        assert!(
+            status["network"]["datapath_note"].is_null(),
+            "up #{i}: {status}"
+        );
+        assert_eq!(tcx_programs(&net.host, UPLINK, Ingress), 1, "up #{i}");
+        assert_eq!(
+            pinned("after up").ino(),
+            first,
+            "up #{i} replaced the uplink's link"
+        );
+    }
+    assert!(ping(&ns, SERVER_ADDR), "SNAT still serves");
+}

@@ -586,19 +586,42 @@ impl DataPlane {
         direction: Direction,
     ) -> Result<(), DatapathError> {
         let link_path = self.link_path(iface, direction);
+        let mut program = self.program(name)?;
+        // The link this plane pinned there before, if it still runs this very program on this
+        // device: kept. Replacing it would leave the device without the program for a moment
+        // and, since the kernel releases an unpinned link later, on a workqueue, could find
+        // the program still attached (EEXIST).
+        let tcx_type = match direction {
+            Direction::Ingress => BPF_TCX_INGRESS,
+            Direction::Egress => BPF_TCX_EGRESS,
+        };
+        if let Ok(info) = program.info()
+            && let Ok(c_path) = std::ffi::CString::new(link_path.as_os_str().as_encoded_bytes())
+            && crate::sys::bpf::pinned_link(&c_path).ok() == Some((info.id(), ifindex, tcx_type))
+        {
+            return Ok(());
+        }
         if let Err(e) = remove_file(&link_path) {
             log::warn!("replacing link pin: {e}");
         }
-        let mut program = self.program(name)?;
         let attach_err = |source| DatapathError::Attach {
             name,
             iface: iface.into(),
             direction,
             source,
         };
-        let id = program
-            .attach(ifindex, TcAttachType::from(direction))
-            .map_err(attach_err)?;
+        // An older link of the same program that is on its way out (see above): wait for the
+        // kernel to release it, a few milliseconds, rather than fail.
+        let mut tries = 0;
+        let id = loop {
+            match program.attach(ifindex, TcAttachType::from(direction)) {
+                Err(e) if tries < ATTACH_RETRIES && is_exists(&e) => {
+                    tries += 1;
+                    std::thread::sleep(ATTACH_RETRY_WAIT);
+                }
+                other => break other.map_err(attach_err)?,
+            }
+        };
         let link = program.take_link(id).map_err(attach_err)?;
         let link = FdLink::try_from(link).map_err(|source| DatapathError::LinkKind {
             iface: iface.into(),
@@ -694,6 +717,28 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 fn remove_file(path: &Path) -> Result<(), String> {
     remove_pin(path).map_err(|e| crate::error_chain(&e))
+}
+
+/// `enum bpf_attach_type` in linux/bpf.h.
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+/// How often, and how far apart, a TCX attach that found its program still attached (by a
+/// link being released) is tried again: 1 s in all.
+const ATTACH_RETRIES: u32 = 100;
+const ATTACH_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Whether a program attach failed because the program is attached there already.
+fn is_exists(e: &aya::programs::ProgramError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::EEXIST)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Removes a pin; one that is not there is removed already.

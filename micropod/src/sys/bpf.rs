@@ -1,15 +1,101 @@
-//! `BPF_MAP_LOOKUP_BATCH` (Linux 5.6), which aya 0.16 does not wrap, and reading map
-//! elements out of the bytes it copies.
+//! `BPF_MAP_LOOKUP_BATCH` (Linux 5.6), which aya 0.16 does not wrap, reading map elements
+//! out of the bytes it copies, and what a pinned TCX link is attached to (aya's `LinkInfo`
+//! has the program but not the device).
 
 use std::{
+    ffi::CStr,
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
 use aya::Pod;
 
 /// `enum bpf_cmd` in linux/bpf.h.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The `obj` member of `union bpf_attr` (`BPF_OBJ_GET`).
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// The `info` member of `union bpf_attr` (`BPF_OBJ_GET_INFO_BY_FD`).
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info` with its `tcx` member: type, id, prog_id, then the
+/// union (8-byte aligned, at offset 16), of which `tcx` is `{ ifindex, attach_type }`. The
+/// kernel copies at most `info_len` bytes and zero-fills nothing beyond.
+#[repr(C)]
+#[derive(Default)]
+struct TcxLinkInfo {
+    kind: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    ifindex: u32,
+    attach_type: u32,
+}
+
+const _: () = assert!(size_of::<TcxLinkInfo>() == 24);
+
+/// What the link pinned at `path` is: its program's id, and for a TCX link the device
+/// (ifindex, 0 once the device is gone) and the attach type (`BPF_TCX_INGRESS` 46,
+/// `BPF_TCX_EGRESS` 47).
+pub(crate) fn pinned_link(path: &CStr) -> io::Result<(u32, u32, u32)> {
+    let mut get = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..ObjAttr::default()
+    };
+    // SAFETY: `get` is a valid `bpf_attr.obj` of the size passed, naming a NUL-terminated
+    // path that outlives the call; the kernel only reads it and returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut get,
+            size_of::<ObjAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).expect("fds fit an int");
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut info = TcxLinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).expect("fds are not negative"),
+        info_len: size_of::<TcxLinkInfo>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.info` of the size passed; `info` is a live buffer
+    // of `info_len` bytes, the most the kernel writes; `fd` is open for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.prog_id, info.ifindex, info.attach_type))
+}
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
