@@ -46,6 +46,9 @@ pub const SUPERVISE_COMMAND: &str = "vm-supervise";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const VMM_LOG: &str = "vmm.log";
 pub const SUPERVISOR_LOG: &str = "supervisor.log";
+/// In a VM's run dir until its record is written: the name its endpoint is attached under,
+/// so that a reconcile can release the endpoint of a `run` that died before recording it.
+pub const ATTACHING_FILE: &str = "attaching";
 pub const DEFAULT_CPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
 pub const MAX_CPUS: u8 = 64;

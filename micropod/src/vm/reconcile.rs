@@ -1,10 +1,18 @@
 //! Reconcile: records the end of VMs whose supervisor and VMM are both gone, and releases
 //! their endpoints.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashSet, fs, net::Ipv4Addr};
 
-use super::{LazyRuntime, VmError, VmRecord, VmState, Vms};
-use crate::{network::NetworkError, state::StateLock};
+use super::{ATTACHING_FILE, LazyRuntime, VmError, VmRecord, VmState, Vms};
+use crate::{net::naming::EndpointKind, network::NetworkError, state::StateLock};
+
+/// Whether `name` looks like a run dir's name ([`super::run`]'s `new_id`: lowercase hex).
+fn is_run_id(name: &str) -> bool {
+    name.len() >= 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
 
 /// A VM whose end a reconcile recorded.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -72,7 +80,77 @@ impl Vms {
                 Err(e) => log::warn!("{e}"),
             }
         }
+        self.reconcile_unrecorded(lock, &mut rt, &mut done)?;
         Ok(done)
+    }
+
+    /// Run dirs without a record: a `micropod run` that died between making its dir and
+    /// writing its record (a live one would hold the lock we hold). Releases the endpoint it
+    /// attached, if it got that far (a TAP endpoint under the name it left in
+    /// [`ATTACHING_FILE`]), and removes the dir.
+    fn reconcile_unrecorded(
+        &self,
+        lock: &StateLock,
+        rt: &mut LazyRuntime,
+        done: &mut Vec<Reconciled>,
+    ) -> Result<(), VmError> {
+        let ids: HashSet<String> = self
+            .read_all(Some(lock))?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        let Ok(entries) = fs::read_dir(self.state.root()) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let Ok(id) = entry.file_name().into_string() else {
+                continue;
+            };
+            if ids.contains(&id) || !entry.file_type().is_ok_and(|t| t.is_dir()) || !is_run_id(&id)
+            {
+                continue;
+            }
+            let dir = entry.path();
+            let name = fs::read_to_string(dir.join(ATTACHING_FILE)).ok();
+            let mut ip = None;
+            if let Some(name) = &name {
+                let fail = |source| VmError::Release {
+                    name: name.clone(),
+                    source,
+                };
+                let endpoint = self
+                    .network
+                    .list()
+                    .map_err(fail)?
+                    .into_iter()
+                    .find(|ep| &ep.name == name && ep.kind == EndpointKind::Tap);
+                if let Some(ep) = endpoint {
+                    match rt.block_on(self.network.detach(name))? {
+                        Ok(_)
+                        | Err(NetworkError::UnknownEndpoint { .. } | NetworkError::NotUp { .. }) => {
+                        }
+                        Err(e) => return Err(fail(e)),
+                    }
+                    ip = Some(ep.ip);
+                }
+            }
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                log::warn!("cannot remove {}: {e}", dir.display());
+                continue;
+            }
+            log::info!(
+                "removed the run dir {} of a `micropod run` that died before recording its VM",
+                dir.display()
+            );
+            if let (Some(name), Some(ip)) = (name, ip) {
+                done.push(Reconciled {
+                    name,
+                    ip,
+                    reason: "the `micropod run` starting it died before recording it (found by reconcile)".into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Detaches the VM's endpoint if it is still the one the VM got, and notes it released.

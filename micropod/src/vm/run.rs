@@ -11,10 +11,10 @@ use std::{
 };
 
 use super::{
-    CONSOLE_LOG, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, LazyRuntime, MAX_CMDLINE, MAX_CPUS,
-    MIN_MEMORY_MIB, POLL, ProcessRef, RECORD_VERSION, SUPERVISE_COMMAND, SUPERVISOR_LOG, VMM_LOG,
-    VmError, VmNetwork, VmRecord, VmState, Vms, control::kill_and_wait, record, supervisor,
-    vmm_name,
+    ATTACHING_FILE, CONSOLE_LOG, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, LazyRuntime, MAX_CMDLINE,
+    MAX_CPUS, MIN_MEMORY_MIB, POLL, ProcessRef, RECORD_VERSION, SUPERVISE_COMMAND, SUPERVISOR_LOG,
+    VMM_LOG, VmError, VmNetwork, VmRecord, VmState, Vms, control::kill_and_wait, record,
+    supervisor, vmm_name,
 };
 use crate::{
     net::naming::check_endpoint_name,
@@ -103,6 +103,15 @@ impl Vms {
                 path: dir.clone(),
                 source,
             })?;
+        // Before the endpoint: a `run` killed from here until its record is written leaves
+        // the dir and this name, which the next reconcile releases (see `reconcile.rs`).
+        if let Err(source) = fs::write(dir.join(ATTACHING_FILE), &name) {
+            remove_dir(&dir);
+            return Err(VmError::CreateDir {
+                path: dir.join(ATTACHING_FILE),
+                source,
+            });
+        }
         let mut rt = LazyRuntime::default();
         let attached = rt
             .block_on(self.network.attach(&AttachRequest {
@@ -179,6 +188,7 @@ impl Vms {
             remove_dir(&dir);
             return Err(e);
         }
+        let _ = fs::remove_file(dir.join(ATTACHING_FILE));
         drop(lock);
 
         let child = match self.spawn_supervisor(&rec) {
