@@ -1685,3 +1685,69 @@ fn up_after_the_bridge_was_deleted_puts_the_endpoints_back() {
     let stats = lab.json(["stats", "--json"]);
     assert_eq!(stats["datapath"], "ebpf");
 }
+
+/// A state dir on a tmpfs of its own, unmounted on drop (the test's, not the machine's).
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount_on(path: &std::path::Path, size: &str) -> Self {
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .expect("mounting a tmpfs for the state dir");
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A full disk while an attach writes its record: the attach fails, says why, and undoes its
+/// own work (the TAP, its address, its intent) instead of leaving it to the next command.
+#[test]
+fn a_full_state_disk_fails_the_attach_and_leaves_nothing() {
+    let lab = NetLab::new("enospc");
+    let _fs = SmallFs::mount_on(&lab.dirs.state, "1m");
+    lab.up(&["--pool", "0", "--datapath", "ebpf"]);
+    // The first attach makes the shelves and the slots; its record pages exist from then on.
+    lab.ok(["network", "attach", "first", "--kind", "tap"]);
+    // Fill the disk, then give back exactly one page: the address record takes it, and the
+    // endpoint record finds none.
+    let reserve = lab.dirs.state.join("reserve");
+    std::fs::write(&reserve, [0u8; 4096]).unwrap();
+    let mut filler = std::fs::File::create(lab.dirs.state.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut filler, &[0u8; 4096]).is_ok() {}
+    drop(filler);
+    std::fs::remove_file(&reserve).unwrap();
+    let links_before = snapshot(lab.host.path());
+
+    let out = lab
+        .micropod(["network", "attach", "full", "--kind", "tap"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the attach succeeded on a full disk");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert_eq!(
+        snapshot(lab.host.path()),
+        links_before,
+        "the failed attach left a link behind"
+    );
+    let ls = lab.json(["network", "ls", "--json"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+
+    std::fs::remove_file(lab.dirs.state.join("filler")).unwrap();
+    // Nothing for gc to finish, and the address the failed attach had is handed out again.
+    let gc = lab.json(["gc", "--json"]);
+    assert_eq!(gc, serde_json::json!([]), "nothing left to release: {gc}");
+    let again = lab.json(["network", "attach", "full", "--kind", "tap", "--json"]);
+    assert_eq!(again["ip"], "10.10.0.3");
+    lab.ok(["network", "down", "--force"]);
+}

@@ -137,22 +137,15 @@ impl super::Network {
                 .await;
         }
         if let Err(err) = plumbed {
-            self.forget_datapath(&head, ep.ip, &ep.link, None);
-            // Removing the link undoes everything (a veth's peer and its addresses and routes
-            // go with it); if that fails, the intent stays for reconcile.
-            match link::delete_if_exists(&nl, &ep.link).await {
-                Ok(_) => {
-                    self.records.release_address(&lock, ip, &ep.name)?;
-                    self.state.clear_slot(&lock, ATTACH_INTENT)?;
-                }
-                Err(e) => log::warn!(
-                    "while undoing a failed attach: {}; `micropod gc` will retry",
-                    crate::error_chain(&e)
-                ),
-            }
+            self.undo_attach(&nl, &lock, &head, &ep).await;
             return Err(err);
         }
-        self.records.put_endpoint(&lock, &ep)?;
+        // The record can fail too (a full disk): the command undoes its own work then, rather
+        // than leave the link and its map entries to the next one.
+        if let Err(err) = self.records.put_endpoint(&lock, &ep) {
+            self.undo_attach(&nl, &lock, &head, &ep).await;
+            return Err(err);
+        }
         failpoint::hit("attach:recorded");
         self.state.clear_slot(&lock, ATTACH_INTENT)?;
         later.reap = !self.records.retired_names()?.is_empty();
@@ -282,6 +275,37 @@ impl super::Network {
                 Ok(())
             }
             (EndpointKind::Netns, _, _) => unreachable!("netns endpoints carry their namespace"),
+        }
+    }
+
+    /// Undoes an attach of `ep` that failed after its intent was recorded: map entries, the
+    /// link (a veth's peer, addresses and routes go with it), the address, the intent. What
+    /// fails is logged and left to the intent, which the next command (or `gc`) finishes.
+    async fn undo_attach(
+        &self,
+        nl: &Netlink,
+        lock: &crate::state::StateLock,
+        head: &NetworkHead,
+        ep: &Endpoint,
+    ) {
+        self.forget_datapath(head, ep.ip, &ep.link, None);
+        if let Err(e) = link::delete_if_exists(nl, &ep.link).await {
+            log::warn!(
+                "while undoing a failed attach: {}; `micropod gc` will retry",
+                crate::error_chain(&e)
+            );
+            return;
+        }
+        let cleared = self
+            .records
+            .release_address(lock, ep.ip, &ep.name)
+            .map(drop)
+            .and_then(|()| Ok(self.state.clear_slot(lock, ATTACH_INTENT)?));
+        if let Err(e) = cleared {
+            log::warn!(
+                "while undoing a failed attach: {}; `micropod gc` will finish it",
+                crate::error_chain(&e)
+            );
         }
     }
 
