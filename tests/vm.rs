@@ -14,7 +14,7 @@ use std::{
 
 use micropod::vm::{ProcessRef, VmState};
 use micropod_tests::{
-    netlab::{SERVER_ADDR, UPLINK_ADDR, snapshot},
+    netlab::{SERVER_ADDR, UPLINK_ADDR, ip_json, query, snapshot},
     vmlab::{HttpServer, VmLab, http_get_retry},
 };
 use serde_json::Value;
@@ -467,8 +467,6 @@ fn bad_input_is_refused_and_leaves_nothing() {
         all
     };
 
-    // No network yet.
-    refuse(run(&[]), "network up");
     lab.net.up(&["--datapath", "netfilter"]);
     // One VM, to take a name.
     lab.run_vm("taken", &[]);
@@ -689,4 +687,48 @@ fn kill_9_of_run_before_its_record_leaves_nothing_behind() {
         );
     }
     lab.net.ok(["network", "down"]);
+}
+
+/// `micropod run` on a bare host brings the network up with the defaults and says so; after
+/// its bridge vanished (as after a reboot, the records kept) it brings it up again with the
+/// recorded settings.
+#[test]
+fn run_on_a_bare_host_brings_the_network_up() {
+    let _serial = serial();
+    let lab = VmLab::without_network("vm-bare");
+    let run = |name: &str| {
+        // The note is at the info level (the lab's default is warnings only).
+        let out = lab
+            .run_command(name, &[])
+            .env("MICROPOD_LOG", "info")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "run {name}: {stderr}");
+        stderr
+    };
+    let said = run("first");
+    assert!(
+        said.contains("the network was not up: brought it up with the defaults"),
+        "{said}"
+    );
+    assert_eq!(
+        said.lines().filter(|l| l.contains("brought it up")).count(),
+        1
+    );
+    let status = lab.net.json(["network", "status", "--json"]);
+    assert_eq!(status["network"]["bridge"], "micropod0", "{status}");
+    assert_eq!(lab.endpoint_names(), ["first"]);
+    // Up already: nothing said.
+    let said = run("second");
+    assert!(!said.contains("brought it up"), "{said}");
+    lab.net.ok(["stop", "first"]);
+    lab.net.ok(["stop", "second"]);
+
+    query(lab.net.host.path(), "ip", &["link", "del", "micropod0"]);
+    let said = run("third");
+    assert!(said.contains("brought it up again"), "{said}");
+    let links = ip_json(lab.net.host.path(), &["link", "show", "micropod0"]);
+    assert_eq!(links.as_array().unwrap().len(), 1);
+    lab.net.ok(["stop", "third"]);
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask setup | test | demo | bench attach|datapath|metrics | guest`: the project's tasks.
+//! `cargo xtask setup | test | demo | run | bench attach|datapath|metrics | guest`: the
+//! project's tasks.
 //!
 //! `setup` installs toolchains, bpf-linker and Debian packages (scripts/setup.sh, which `./dev`
 //! also runs before anything else, since cargo itself may not exist yet).
@@ -42,6 +43,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the eBPF object and the CLI, then run `micropod ARGS` as root (via sudo when not
+    /// root): the development loop, as in aya's project template.
+    Run {
+        /// Arguments for micropod (`cargo xtask run -- network status`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the test guest (Debian kernel + busybox initramfs) into target/guest/, cached.
     Guest,
 }
@@ -65,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => test(&root, &filter),
         Task::Demo => demo(&root),
         Task::Bench { what, args } => bench(what, &args),
+        Task::Run { args } => run_micropod(&root, &args),
         Task::Guest => guest::build(&root).map(drop),
     }
 }
@@ -109,6 +118,31 @@ where
     let mut cmd = Command::new("cargo");
     cmd.args(args);
     cmd
+}
+
+/// `cargo xtask run -- ARGS`: the debug build (micropod's build script builds the eBPF
+/// object), then `micropod ARGS` as root; its exit status is ours.
+fn run_micropod(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    step("building micropod (and its eBPF object)");
+    run(cargo(["build", "-p", "micropod", "--bins"]))?;
+    let bin = root.join("target/debug/micropod");
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        let mut sudo = Command::new("sudo");
+        // Keep where the state and pins are, if the caller chose.
+        sudo.args(["--preserve-env=MICROPOD_STATE_DIR,MICROPOD_BPF_DIR,MICROPOD_LOG"])
+            .arg(&bin);
+        sudo
+    };
+    cmd.args(args);
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {

@@ -188,6 +188,52 @@ impl super::Network {
         Ok((outcome, config))
     }
 
+    /// For commands that need the network (`micropod run`): brings it up when it is not —
+    /// with the defaults when none is on record, with the recorded settings when its bridge
+    /// is gone (a reboot: the records survive, the kernel's objects do not). Returns what it
+    /// did, in one line, or `None` if the network was up (one read and one `ioctl`).
+    pub async fn ensure_up(&self) -> Result<Option<String>, NetworkError> {
+        let req = match self.records.head_unlocked()? {
+            None => UpRequest::default(),
+            Some(head) => {
+                let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+                if head.phase == Phase::Ready
+                    && probe
+                        .index(&head.config.bridge)
+                        .map_err(NetworkError::Probe)?
+                        .is_some()
+                {
+                    return Ok(None);
+                }
+                let cfg = &head.config;
+                UpRequest {
+                    bridge: cfg.bridge.clone(),
+                    subnet: cfg.subnet.to_string(),
+                    uplink: cfg
+                        .uplink
+                        .clone()
+                        .map_or(UplinkChoice::Auto, UplinkChoice::Named),
+                    datapath: cfg.datapath,
+                    nat_entries: Some(cfg.nat_entries),
+                    pool: Some(cfg.pool),
+                }
+            }
+        };
+        let (outcome, config) = self.up(&req).await?;
+        let active = self
+            .records
+            .head_unlocked()?
+            .map_or_else(|| "?".to_owned(), |h| h.active_datapath.to_string());
+        Ok(Some(match outcome {
+            UpOutcome::Created => format!(
+                "the network was not up: brought it up with the defaults ({config}, data path {active}); `micropod network up --help` to choose"
+            ),
+            UpOutcome::Unchanged | UpOutcome::Replaced => format!(
+                "the network on record was not in the kernel (a reboot?): brought it up again ({config}, data path {active})"
+            ),
+        }))
+    }
+
     /// Puts every endpoint's link that is not a port of the bridge (the bridge was deleted
     /// and made anew, or a link was released by hand) back on it, and up: one link dump.
     async fn ports_back_on_bridge(

@@ -59,6 +59,13 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the network is not up and bringing it up failed; fix what follows, or run `micropod network up` with settings that work here"
+    )]
+    NetworkUp {
+        #[source]
+        source: NetworkError,
+    },
     #[error("cannot attach the network endpoint of VM {name}")]
     Attach {
         name: String,

@@ -113,6 +113,19 @@ impl Vms {
             });
         }
         let mut rt = LazyRuntime::default();
+        // "On startup, micropod ensures a persistent bridge exists": a bare host, or one just
+        // rebooted, gets its network here rather than a refusal.
+        match rt
+            .block_on(self.network.ensure_up())
+            .and_then(|r| r.map_err(|source| VmError::NetworkUp { source }))
+        {
+            Ok(Some(note)) => log::info!("{note}"),
+            Ok(None) => {}
+            Err(e) => {
+                remove_dir(&dir);
+                return Err(e);
+            }
+        }
         let attached = rt
             .block_on(self.network.attach(&AttachRequest {
                 name: name.clone(),
