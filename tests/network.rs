@@ -1751,3 +1751,55 @@ fn a_full_state_disk_fails_the_attach_and_leaves_nothing() {
     assert_eq!(again["ip"], "10.10.0.3");
     lab.ok(["network", "down", "--force"]);
 }
+
+/// A reboot keeps the state dir and loses the kernel's objects and the bpffs pins: `network
+/// up --restore` (the boot unit's command) brings the network back with its recorded
+/// settings, not the defaults, and releases the endpoints whose links are gone.
+#[test]
+fn up_restore_after_a_reboot_uses_the_recorded_settings() {
+    let lab = NetLab::new("reboot");
+    lab.up(&["--subnet", "10.77.0.0/24", "--pool", "2"]);
+    lab.ok(["network", "attach", "vm", "--kind", "tap"]);
+    lab.wait_pool(false);
+    let host = lab.host.path();
+    // The "reboot": every link micropod made, its nft table and its pins go.
+    let links = ip_json(host, &["link", "show"]);
+    for l in links.as_array().unwrap() {
+        let name = l["ifname"].as_str().unwrap();
+        if name == "micropod0" || name.starts_with("mp") {
+            query(host, "ip", &["link", "del", name]);
+        }
+    }
+    query(
+        host,
+        "nft",
+        &["delete", "table", "ip", "micropod_micropod0"],
+    );
+    std::fs::remove_dir_all(lab.dirs.pins.join("micropod")).unwrap();
+
+    let conflict = lab
+        .micropod(["network", "up", "--restore", "--subnet", "10.1.0.0/24"])
+        .output()
+        .unwrap();
+    assert!(!conflict.status.success(), "--restore takes no settings");
+    let up = lab.json(["network", "up", "--restore", "--json"]);
+    assert_eq!(up["network"]["subnet"], "10.77.0.0/24", "{up}");
+    assert_eq!(up["network"]["datapath"], "ebpf", "{up}");
+    let ls = lab.json(["network", "ls", "--json"]);
+    assert_eq!(
+        ls,
+        serde_json::json!([]),
+        "the endpoint's link is gone: {ls}"
+    );
+    lab.wait_pool(true);
+    assert_eq!(
+        lab.json(["network", "status", "--json"])["network"]["pool"],
+        serde_json::json!({"size": 2, "ready": 2})
+    );
+    let att = lab.json(["network", "attach", "vm", "--kind", "tap", "--json"]);
+    assert_eq!(att["ip"], "10.77.0.2");
+    // No network on record: --restore is a plain `up` with the defaults.
+    lab.ok(["network", "down", "--force"]);
+    let up = lab.json(["network", "up", "--restore", "--json"]);
+    assert_eq!(up["network"]["subnet"], "10.10.0.0/24", "{up}");
+}

@@ -64,6 +64,11 @@ pub(super) struct UpArgs {
     /// (16 for a new one).
     #[arg(long, value_name = "N")]
     pool: Option<u32>,
+    /// Bring up the network on record with its recorded settings (after a reboot the
+    /// records survive, the kernel's objects do not), or with the defaults if none is on
+    /// record: for boot units. Takes no settings of its own.
+    #[arg(long, conflicts_with_all = ["bridge", "subnet", "uplink", "datapath", "nat_table_size", "pool"])]
+    restore: bool,
     /// Print the resulting status as JSON.
     #[arg(long)]
     json: bool,
@@ -108,6 +113,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
     let rt = runtime()?;
     match command {
+        Command::Up(args) if args.restore => {
+            let req = network.recorded_request()?.unwrap_or_default();
+            up(network, &rt, &req, args.json)?;
+        }
         Command::Up(args) => {
             let req = UpRequest {
                 bridge: args.bridge,
@@ -121,42 +130,7 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                 nat_entries: args.nat_table_size,
                 pool: args.pool,
             };
-            let (outcome, config) = rt.block_on(network.up(&req))?;
-            let status = rt.block_on(network.status())?;
-            if args.json {
-                let mut value = serde_json::to_value(status)?;
-                value["outcome"] = serde_json::to_value(outcome)?;
-                println!("{value}");
-            } else {
-                let what = match outcome {
-                    UpOutcome::Created => "up",
-                    UpOutcome::Unchanged => "already up",
-                    UpOutcome::Replaced => "reconfigured",
-                };
-                println!(
-                    "network {what}: bridge {} gateway {}/{} uplink {}",
-                    config.bridge,
-                    config.gateway,
-                    config.subnet.prefix(),
-                    config
-                        .uplink
-                        .as_deref()
-                        .unwrap_or("none (no default route)")
-                );
-                if let Some(n) = &status.network {
-                    println!("datapath {}", n.datapath);
-                    if let Some(note) = &n.datapath_note {
-                        println!("  {note}");
-                    }
-                }
-            }
-            let capacity = Ipam::new(config.subnet, config.gateway)?.capacity();
-            if capacity as usize > BR_MAX_PORTS {
-                eprintln!(
-                    "note: {} has {capacity} addresses, but one bridge holds at most {BR_MAX_PORTS} endpoints",
-                    config.subnet
-                );
-            }
+            up(network, &rt, &req, args.json)?;
         }
         Command::Down { force } => {
             if rt.block_on(network.down(force))? {
@@ -365,6 +339,52 @@ pub(super) fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> an
             nat.counters.no_port,
             nat.counters.outbound_packets,
             nat.counters.inbound_packets
+        );
+    }
+    Ok(())
+}
+
+/// `network up` with `req`, then its report (text or `--json`).
+fn up(
+    network: &Network,
+    rt: &tokio::runtime::Runtime,
+    req: &UpRequest,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (outcome, config) = rt.block_on(network.up(req))?;
+    let status = rt.block_on(network.status())?;
+    if json {
+        let mut value = serde_json::to_value(status)?;
+        value["outcome"] = serde_json::to_value(outcome)?;
+        println!("{value}");
+    } else {
+        let what = match outcome {
+            UpOutcome::Created => "up",
+            UpOutcome::Unchanged => "already up",
+            UpOutcome::Replaced => "reconfigured",
+        };
+        println!(
+            "network {what}: bridge {} gateway {}/{} uplink {}",
+            config.bridge,
+            config.gateway,
+            config.subnet.prefix(),
+            config
+                .uplink
+                .as_deref()
+                .unwrap_or("none (no default route)")
+        );
+        if let Some(n) = &status.network {
+            println!("datapath {}", n.datapath);
+            if let Some(note) = &n.datapath_note {
+                println!("  {note}");
+            }
+        }
+    }
+    let capacity = Ipam::new(config.subnet, config.gateway)?.capacity();
+    if capacity as usize > BR_MAX_PORTS {
+        eprintln!(
+            "note: {} has {capacity} addresses, but one bridge holds at most {BR_MAX_PORTS} endpoints",
+            config.subnet
         );
     }
     Ok(())

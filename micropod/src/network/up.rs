@@ -193,32 +193,18 @@ impl super::Network {
     /// is gone (a reboot: the records survive, the kernel's objects do not). Returns what it
     /// did, in one line, or `None` if the network was up (one read and one `ioctl`).
     pub async fn ensure_up(&self) -> Result<Option<String>, NetworkError> {
-        let req = match self.records.head_unlocked()? {
-            None => UpRequest::default(),
-            Some(head) => {
-                let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
-                if head.phase == Phase::Ready
-                    && probe
-                        .index(&head.config.bridge)
-                        .map_err(NetworkError::Probe)?
-                        .is_some()
-                {
-                    return Ok(None);
-                }
-                let cfg = &head.config;
-                UpRequest {
-                    bridge: cfg.bridge.clone(),
-                    subnet: cfg.subnet.to_string(),
-                    uplink: cfg
-                        .uplink
-                        .clone()
-                        .map_or(UplinkChoice::Auto, UplinkChoice::Named),
-                    datapath: cfg.datapath,
-                    nat_entries: Some(cfg.nat_entries),
-                    pool: Some(cfg.pool),
-                }
+        if let Some(head) = self.records.head_unlocked()? {
+            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+            if head.phase == Phase::Ready
+                && probe
+                    .index(&head.config.bridge)
+                    .map_err(NetworkError::Probe)?
+                    .is_some()
+            {
+                return Ok(None);
             }
-        };
+        }
+        let req = self.recorded_request()?.unwrap_or_default();
         let (outcome, config) = self.up(&req).await?;
         let active = self
             .records
@@ -231,6 +217,22 @@ impl super::Network {
             UpOutcome::Unchanged | UpOutcome::Replaced => format!(
                 "the network on record was not in the kernel (a reboot?): brought it up again ({config}, data path {active})"
             ),
+        }))
+    }
+
+    /// The `up` request that brings the network on record back as it was (`network up
+    /// --restore`, after a reboot); `None` when there is none on record.
+    pub fn recorded_request(&self) -> Result<Option<UpRequest>, NetworkError> {
+        Ok(self.records.head_unlocked()?.map(|head| {
+            let cfg = head.config;
+            UpRequest {
+                bridge: cfg.bridge,
+                subnet: cfg.subnet.to_string(),
+                uplink: cfg.uplink.map_or(UplinkChoice::Auto, UplinkChoice::Named),
+                datapath: cfg.datapath,
+                nat_entries: Some(cfg.nat_entries),
+                pool: Some(cfg.pool),
+            }
         }))
     }
 
