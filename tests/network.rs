@@ -1803,3 +1803,52 @@ fn up_restore_after_a_reboot_uses_the_recorded_settings() {
     let up = lab.json(["network", "up", "--restore", "--json"]);
     assert_eq!(up["network"]["subnet"], "10.10.0.0/24", "{up}");
 }
+
+/// Two networks in one namespace (own state dirs, bridges and subnets): the first one's
+/// `down` must not turn forwarding off under the second.
+#[test]
+fn down_leaves_forwarding_on_for_another_network_in_the_namespace() {
+    let lab = NetLab::new("twonets");
+    let host = lab.host.path();
+    let forwarding = || {
+        query(host, "cat", &["/proc/sys/net/ipv4/ip_forward"])
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(forwarding(), "0", "a fresh namespace forwards nothing");
+    lab.up(&["--pool", "0"]);
+    let other = micropod_tests::TestDirs::new("twonets-b");
+    let second = |args: &[&str]| {
+        let out = lab
+            .micropod_bare(
+                [
+                    "--state-dir",
+                    other.state.to_str().unwrap(),
+                    "--bpf-dir",
+                    other.pins.join("micropod").to_str().unwrap(),
+                ]
+                .iter()
+                .chain(args),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    second(&[
+        "network",
+        "up",
+        "--bridge",
+        "mpnetb",
+        "--subnet",
+        "10.11.0.0/24",
+        "--pool",
+        "0",
+    ]);
+    lab.ok(["network", "down"]);
+    assert_eq!(forwarding(), "1", "the second network still forwards");
+    second(&["network", "down"]);
+}

@@ -416,10 +416,20 @@ impl super::Network {
                 source,
             });
         }
-        if doc.head.ip_forward_was_off
-            && let Err(source) = sysctl::set_ip_forward(false)
-        {
-            problems.push(TeardownError::IpForward(source));
+        // Forwarding is per namespace: another micropod network here (its own state dir,
+        // bridge and subnet) still needs it.
+        if doc.head.ip_forward_was_off {
+            match other_networks_here(nl, &doc.head.config.bridge).await {
+                Ok(others) if !others.is_empty() => log::info!(
+                    "left ip_forward on: {} in this namespace still route(s) through it",
+                    others.join(", ")
+                ),
+                _ => {
+                    if let Err(source) = sysctl::set_ip_forward(false) {
+                        problems.push(TeardownError::IpForward(source));
+                    }
+                }
+            }
         }
         problems.extend(
             DataPlane::new(&self.bpf_dir)
@@ -582,4 +592,19 @@ fn made_by_us(
         ));
     }
     Ok(())
+}
+
+/// The bridges of other micropod networks in this namespace (bridges with micropod's MAC
+/// prefix `02:6d`, which `up` gives every bridge it makes), other than `own`.
+async fn other_networks_here(nl: &Netlink, own: &str) -> Result<Vec<String>, link::LinkError> {
+    Ok(link::list(nl)
+        .await?
+        .into_iter()
+        .filter(|l| {
+            l.name != own
+                && l.kind.as_deref() == Some("bridge")
+                && l.mac.is_some_and(|m| m[..2] == [0x02, 0x6d])
+        })
+        .map(|l| l.name)
+        .collect())
 }
