@@ -1001,3 +1001,91 @@ fn repeated_up_keeps_the_ebpf_data_path_and_the_uplink_link() {
     }
     assert!(ping(&ns, SERVER_ADDR), "SNAT still serves");
 }
+
+/// A micropod of another data path layout (another version) must not misread the pins: every
+/// command that opens them refuses and says to run `network up`, which replaces them while the
+/// endpoints stay attached and keep working.
+#[test]
+fn pins_of_another_layout_are_refused_and_replaced_by_up() {
+    let net = NetLab::new("layout");
+    net.up(&[]);
+    let ns = NsGuard::new("layout-ep");
+    net.attach_netns("ep", &ns, &[]);
+    assert!(ping(&ns, SERVER_ADDR));
+    let env = micropod::datapath::LAYOUT_ENV;
+    let pins = net.dirs.pins.join("micropod");
+    let layout = || -> Vec<String> {
+        std::fs::read_dir(&pins)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(micropod::datapath::LAYOUT_PREFIX))
+            .collect()
+    };
+    assert_eq!(layout(), ["layout-1"]);
+    let refused = |layout: &str, args: &[&str], found: &str| {
+        let out = net.micropod(args).env(env, layout).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?} with layout {layout} succeeded"
+        );
+        assert!(
+            stderr.contains(&format!("has layout {found}")) && stderr.contains("network up"),
+            "{args:?}: {stderr}"
+        );
+    };
+    // A newer micropod (layout 2) meets the pins of layout 1.
+    refused("2", &["stats", "--json"], "1");
+    refused("2", &["network", "attach", "b", "--kind", "tap"], "1");
+    let names: Vec<Value> = net
+        .json(["network", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(names.len(), 1, "the refused attach left nothing: {names:?}");
+
+    let out = net
+        .micropod(["network", "up", "--json"])
+        .env(env, "2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let up: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(up["network"]["datapath"], "ebpf", "{up}");
+    assert!(
+        up["network"]["datapath_note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("replaced the data path of layout 1"),
+        "{up}"
+    );
+    assert_eq!(layout(), ["layout-2"]);
+    assert!(
+        ping(&ns, SERVER_ADDR),
+        "the endpoint works on the new data path"
+    );
+    let out = net
+        .micropod(["stats", "--json"])
+        .env(env, "2")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ep = &stats["endpoints"][0];
+    assert_eq!(ep["name"], "ep");
+    assert!(
+        counter(ep, "tx_packets") > 0,
+        "counted on the new maps: {ep}"
+    );
+
+    // The older micropod (a downgrade) refuses the newer pins, and its `up` puts its own back.
+    refused("1", &["stats", "--json"], "2");
+    net.up(&[]);
+    assert_eq!(layout(), ["layout-1"]);
+    assert!(ping(&ns, SERVER_ADDR));
+}

@@ -29,6 +29,12 @@ pub const MAX_ENDPOINTS: u32 = 1024;
 /// Default capacity of [`NAT_MAP`], in entries (two per flow).
 pub const NAT_DEFAULT_ENTRIES: u32 = 131_072;
 
+/// The data path's layout: the maps' names, kinds, key and value types shared with the
+/// programs. Recorded with the pins by `network up`; a micropod whose layout differs refuses
+/// to open them (it would misread them) and `network up` replaces them. Bump it with any
+/// change to a map or a type below that is not a spare field taking a meaning.
+pub const DATAPATH_LAYOUT: u32 = 1;
+
 /// An IPv4 address as a map key, network order (as on the wire): the key of the endpoint maps
 /// and of [`SRC_COUNTERS_MAP`](crate::SRC_COUNTERS_MAP).
 #[repr(C)]

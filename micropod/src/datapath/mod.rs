@@ -6,8 +6,8 @@ mod plane;
 
 pub use counter::{Direction, SourceCounter, read_pinned_counters};
 pub use plane::{
-    DataPlane, EndpointStats, NatTableStats, OBJECT_ENV, PORT_FILTER, PlaneSettings, PortSpec,
-    RemoveError,
+    DataPlane, EndpointStats, LAYOUT_ENV, LAYOUT_PREFIX, NatTableStats, OBJECT_ENV, PORT_FILTER,
+    PlaneSettings, PortSpec, RemoveError,
 };
 
 use aya::{Ebpf, EbpfLoader};
@@ -26,6 +26,20 @@ pub enum DatapathError {
         "cannot load the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BTF)"
     )]
     Load(#[source] aya::EbpfError),
+    #[error(
+        "the data path pinned in {dir} has layout {found} and this micropod uses layout {expected} (another version of micropod made it); run `micropod network up` to replace it"
+    )]
+    Layout {
+        dir: std::path::PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("cannot record the data path's layout in {path}")]
+    WriteLayout {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("the eBPF object has no map {0}")]

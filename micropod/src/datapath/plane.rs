@@ -26,10 +26,10 @@ use aya::{
 };
 use ipnetwork::Ipv4Network;
 use micropod_common::{
-    CONFIG_MAP, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP, Endpoint, EndpointCounters,
-    ICMP_TIMEOUT_S, Ipv4Key, NAT_INBOUND, NAT_MAP, NAT_OUTBOUND, NAT_STATS_MAP, NatEntry, NatKey,
-    NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP, TCP_CLOSING_TIMEOUT_S,
-    TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
+    CONFIG_MAP, DATAPATH_LAYOUT, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP, Endpoint,
+    EndpointCounters, ICMP_TIMEOUT_S, Ipv4Key, NAT_INBOUND, NAT_MAP, NAT_OUTBOUND, NAT_STATS_MAP,
+    NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP,
+    TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
 };
 use serde::Serialize;
 
@@ -142,6 +142,25 @@ pub enum RemoveError {
 #[derive(Clone, Debug)]
 pub struct DataPlane {
     dir: PathBuf,
+    /// Set once the pinned layout was found to be this build's (see [`Self::check_layout`]).
+    layout_ok: std::cell::OnceCell<()>,
+}
+
+/// The pin dir records the data path's layout ([`DATAPATH_LAYOUT`]) as an empty directory
+/// `layout-<N>`: bpffs holds pins and directories, not regular files.
+pub const LAYOUT_PREFIX: &str = "layout-";
+
+/// Test-only: makes this process believe its data path has another layout (for upgrade
+/// tests, which need two builds whose layouts differ).
+#[doc(hidden)]
+pub const LAYOUT_ENV: &str = "MICROPOD_TEST_LAYOUT";
+
+/// The layout this process uses: [`DATAPATH_LAYOUT`], unless [`LAYOUT_ENV`] says otherwise.
+fn own_layout() -> u32 {
+    std::env::var(LAYOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DATAPATH_LAYOUT)
 }
 
 /// Counters of one endpoint, summed over CPUs.
@@ -172,6 +191,49 @@ impl DataPlane {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            layout_ok: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The layout of the data path pinned here: what `up` recorded, 1 for pins made before
+    /// layouts were recorded, `None` if nothing is installed.
+    #[must_use]
+    pub fn installed_layout(&self) -> Option<u32> {
+        // One `stat` when it is ours; a listing only when it is not.
+        let own = own_layout();
+        if self.dir.join(format!("{LAYOUT_PREFIX}{own}")).is_dir() {
+            return Some(own);
+        }
+        let recorded = std::fs::read_dir(&self.dir).ok()?.flatten().find_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix(LAYOUT_PREFIX)
+                .map(|n| n.parse().unwrap_or(0))
+        });
+        recorded.or_else(|| self.is_installed().then_some(1))
+    }
+
+    /// Whether what is pinned here (if anything) has this build's layout.
+    #[must_use]
+    pub fn layout_matches(&self) -> bool {
+        self.installed_layout().is_none_or(|l| l == own_layout())
+    }
+
+    /// Refuses pins of another layout: they would be misread. Checked once per value.
+    fn check_layout(&self) -> Result<(), DatapathError> {
+        if self.layout_ok.get().is_some() {
+            return Ok(());
+        }
+        match self.installed_layout() {
+            Some(found) if found != own_layout() => Err(DatapathError::Layout {
+                dir: self.dir.clone(),
+                found,
+                expected: own_layout(),
+            }),
+            _ => {
+                let _ = self.layout_ok.set(());
+                Ok(())
+            }
         }
     }
 
@@ -231,6 +293,9 @@ impl DataPlane {
                 .pin(&path)
                 .map_err(|source| DatapathError::Pin { path, source })?;
         }
+        let path = self.dir.join(format!("{LAYOUT_PREFIX}{}", own_layout()));
+        std::fs::create_dir_all(&path)
+            .map_err(|source| DatapathError::WriteLayout { path, source })?;
         self.configure(settings)?;
         self.attach_network_hooks(settings)
     }
@@ -636,12 +701,14 @@ impl DataPlane {
     }
 
     fn program(&self, name: &'static str) -> Result<SchedClassifier, DatapathError> {
+        self.check_layout()?;
         let path = self.prog_path(name);
         SchedClassifier::from_pin(&path)
             .map_err(|source| DatapathError::OpenProgram { path, source })
     }
 
     fn open_data(&self, name: &'static str) -> Result<MapData, DatapathError> {
+        self.check_layout()?;
         let path = self.map_path(name);
         MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned { path, source })
     }
@@ -650,6 +717,7 @@ impl DataPlane {
     where
         M: TryFrom<Map, Error = MapError>,
     {
+        self.check_layout()?;
         let path = self.map_path(name);
         let open_err = |source| DatapathError::OpenPinned {
             path: path.clone(),

@@ -83,6 +83,24 @@ impl super::Network {
             nat_entries: cfg.nat_entries,
         };
         let datapath = |e| UpError::Datapath(Box::new(e));
+        // Pins of another layout (made by another version of micropod) would be misread:
+        // replaced whole. The endpoints stay attached (their ports are hooked again below),
+        // but their counters and the NAT flows start afresh.
+        let mut note = note;
+        if plane.is_installed() && !plane.layout_matches() {
+            let found = plane.installed_layout().unwrap_or(0);
+            for problem in plane.remove() {
+                log::warn!(
+                    "while replacing the data path of layout {found}: {}",
+                    crate::error_chain(&problem)
+                );
+            }
+            let said = format!(
+                "replaced the data path of layout {found} (another micropod's): endpoint counters and NAT flows were not kept"
+            );
+            log::info!("{said}");
+            note = Some(note.map_or_else(|| said.clone(), |n| format!("{n}; {said}")));
+        }
         if plane.is_installed() {
             plane.configure(&settings).map_err(datapath)?;
             plane.attach_network_hooks(&settings).map_err(datapath)?;
