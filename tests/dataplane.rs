@@ -524,7 +524,6 @@ fn spoofed_ip_mac_and_arp_are_dropped_and_counted_and_the_victim_is_unaffected()
                 .map(|dst| stack_vlans(udp_frame(attacker.mac, dst, victim.ip, SERVER_ADDR), outer))
         })
         .collect();
-    let victim_before = lab.counters(&victim.name);
     send_frames(&attacker.ns, &spoofed_ip);
     send_frames(&attacker.ns, &spoofed_mac);
     send_frames(&attacker.ns, &spoofed_arp);
@@ -545,15 +544,11 @@ fn spoofed_ip_mac_and_arp_are_dropped_and_counted_and_the_victim_is_unaffected()
         drops(&after, "spoofed_arp") - drops(&before, "spoofed_arp"),
         5
     );
+    // All six were shot at the attacker's own port, before the bridge: none reached the host
+    // or the victim. (The victim's rx counters are no witness: the host talks to it too.)
     assert_eq!(
         drops(&after, "stacked_vlan") - drops(&before, "stacked_vlan"),
         6
-    );
-    let victim_after = lab.counters(&victim.name);
-    let rx = |v: &Value| counter(v, "rx_packets");
-    assert!(
-        rx(&victim_after) - rx(&victim_before) < 3,
-        "stacked frames reached the victim: {victim_before} -> {victim_after}"
     );
     assert_eq!(
         udp_peers.lock().unwrap().len(),
