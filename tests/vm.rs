@@ -732,3 +732,28 @@ fn run_on_a_bare_host_brings_the_network_up() {
     assert_eq!(links.as_array().unwrap().len(), 1);
     lab.net.ok(["stop", "third"]);
 }
+
+/// After a reboot the VMs on record are gone with everything else: `network up --restore`
+/// (the boot unit's command) records their end, releases their addresses and says so.
+#[test]
+fn up_restore_records_the_end_of_vms_that_did_not_survive() {
+    let _serial = serial();
+    let lab = VmLab::new("vm-restore", "netfilter");
+    let run = lab.run_vm("lost", &[]);
+    kill_supervisor(&run);
+    let out = lab
+        .net
+        .micropod(["network", "up", "--restore"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("VM lost") && stderr.contains("supervisor and VMM are gone"),
+        "{stderr}"
+    );
+    assert_eq!(lab.records()[0].state, VmState::Exited);
+    assert!(lab.records()[0].network.released);
+    assert!(lab.endpoint_names().is_empty(), "address released");
+    lab.net.ok(["rm", "lost"]);
+}

@@ -116,6 +116,11 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
         Command::Up(args) if args.restore => {
             let req = network.recorded_request()?.unwrap_or_default();
             up(network, &rt, &req, args.json)?;
+            // After a reboot the VMs on record are gone too: record their end (and say so).
+            let ended = micropod::vm::Vms::new(network.clone()).reconcile()?;
+            for r in &ended {
+                eprintln!("VM {} ({}): {}", r.name, r.ip, r.reason);
+            }
         }
         Command::Up(args) => {
             let req = UpRequest {
