@@ -51,12 +51,17 @@ fn wait_reaped(lab: &NetLab) {
 
 /// The `mpr…` links of the lab's host namespace.
 fn retired_links(lab: &NetLab) -> Vec<String> {
+    links_named(lab, |n| micropod::network::retired_link(n).is_some())
+}
+
+/// The links of the lab's host namespace whose name `recognised` accepts (read with `ip`).
+fn links_named(lab: &NetLab, recognised: impl Fn(&str) -> bool) -> Vec<String> {
     ip_json(lab.host.path(), &["link", "show"])
         .as_array()
         .expect("link list")
         .iter()
         .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| micropod::network::retired_link(n).is_some())
+        .filter(|n| recognised(n))
         .map(str::to_owned)
         .collect()
 }
@@ -693,35 +698,6 @@ fn assert_consistent(lab: &NetLab, namespaces: &[NsGuard]) -> Vec<Value> {
     records
 }
 
-/// Starts `micropod ARGS` with a failpoint armed, waits until it is frozen there, kills it
-/// with SIGKILL (our own child, by PID).
-#[track_caller]
-fn kill_at(lab: &NetLab, point: &str, args: &[&std::ffi::OsStr]) {
-    use std::io::BufRead as _;
-    let mut child = lab
-        .micropod(args)
-        .env(micropod::failpoint::ENV, point)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            let status = child.wait().unwrap();
-            panic!("micropod {args:?} ended ({status}) before failpoint {point}:\n{seen}");
-        }
-        if line.trim() == format!("micropod: failpoint {point}") {
-            break;
-        }
-        seen += &line;
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
-
 #[test]
 fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
     use std::ffi::OsStr;
@@ -771,17 +747,16 @@ fn kill_9_at_every_step_of_attach_and_detach_then_gc_leaves_no_orphans() {
         }
         if point.starts_with("detach") {
             lab.ok(&attach);
-            kill_at(
-                &lab,
+            lab.kill_at(
                 point,
-                &[
+                [
                     OsStr::new("network"),
                     OsStr::new("detach"),
                     OsStr::new(&name),
                 ],
             );
         } else {
-            kill_at(&lab, point, &attach);
+            lab.kill_at(point, &attach);
         }
         namespaces.push(ns);
         lab.ok(["gc"]);
@@ -816,7 +791,7 @@ fn kill_9_of_the_reaper_then_gc_leaves_no_orphans() {
         assert_eq!(status["network"]["retired_links"], 2, "{point}");
         assert_eq!(retired_links(&lab).len(), 2, "{point}");
         drop(held);
-        kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("reap")]);
+        lab.kill_at(point, [OsStr::new("network"), OsStr::new("reap")]);
         lab.ok(["gc"]);
         let records = assert_consistent(&lab, &namespaces);
         assert!(records.is_empty(), "{point}: {records:?}");
@@ -951,7 +926,7 @@ fn kill_9_during_up_then_up_finishes_and_down_restores_the_namespace() {
     let made = snapshot(host);
     lab.ok(["network", "down"]);
     for point in ["up:recorded", "up:made"] {
-        kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("up")]);
+        lab.kill_at(point, [OsStr::new("network"), OsStr::new("up")]);
         let status = lab.json(["network", "status", "--json"]);
         assert_eq!(status["network"]["phase"], "creating", "{point}");
         // Attaching to a half-made network is refused...
@@ -974,7 +949,7 @@ fn kill_9_during_up_then_up_finishes_and_down_restores_the_namespace() {
         lab.ok(["network", "down"]);
         assert_eq!(snapshot(host), before, "{point}");
         // ...and `down` alone cleans up after a killed `up` too.
-        kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("up")]);
+        lab.kill_at(point, [OsStr::new("network"), OsStr::new("up")]);
         lab.ok(["network", "down"]);
         assert_eq!(snapshot(host), before, "{point}: down after a killed up");
     }
@@ -1273,14 +1248,7 @@ fn bridge_fdb(lab: &NetLab) -> Value {
 
 /// The pooled TAPs of the lab's host namespace, by name.
 fn pooled_taps(lab: &NetLab) -> Vec<String> {
-    ip_json(lab.host.path(), &["link", "show"])
-        .as_array()
-        .expect("link list")
-        .iter()
-        .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| micropod::network::pool_link(n).is_some())
-        .map(str::to_owned)
-        .collect()
+    links_named(lab, |n| micropod::network::pool_link(n).is_some())
 }
 
 fn ifindex_of(lab: &NetLab, name: &str) -> u64 {
@@ -1404,7 +1372,7 @@ fn kill_9_during_pool_refill_then_gc_leaves_no_orphans() {
             let _held = hold_lock(&lab, micropod::network::REFILL_LOCK);
             lab.ok(["network", "up", "--pool", "2"]);
         }
-        kill_at(&lab, point, &[OsStr::new("network"), OsStr::new("refill")]);
+        lab.kill_at(point, [OsStr::new("network"), OsStr::new("refill")]);
         // What the killed refill made: one TAP, recorded or not.
         assert!(
             !pooled_taps(&lab).is_empty(),

@@ -645,33 +645,17 @@ fn vm_dirs(lab: &VmLab) -> Vec<String> {
 /// `network down` no longer finds an endpoint in its way.
 #[test]
 fn kill_9_of_run_before_its_record_leaves_nothing_behind() {
-    use std::io::BufRead as _;
     let _serial = serial();
     let lab = VmLab::new("vm-kill", "netfilter");
     let kernel = lab.guest.kernel.to_str().unwrap().to_owned();
     let initrd = lab.guest.initrd.to_str().unwrap().to_owned();
     for (point, reconcile) in [("attach:recorded", "ps"), ("attach:locked", "gc")] {
-        let mut child = lab
-            .net
-            .micropod([
+        lab.net.kill_at(
+            point,
+            [
                 "run", "--name", "killed", "--kernel", &kernel, "--initrd", &initrd,
-            ])
-            .env(micropod::failpoint::ENV, point)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains(&format!("failpoint {point}")) {
-            line.clear();
-            assert!(
-                stderr.read_line(&mut line).unwrap() > 0,
-                "run ended before {point}"
-            );
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
+            ],
+        );
         assert!(!vm_dirs(&lab).is_empty(), "{point}: the run dir is there");
         lab.net.ok([reconcile]);
         assert!(

@@ -95,6 +95,41 @@ impl NetLab {
         }
     }
 
+    /// Starts `micropod ARGS` with failpoint `point` armed, waits until it is frozen there and
+    /// kills it with SIGKILL (our own child, by PID).
+    #[track_caller]
+    pub fn kill_at<I, S>(&self, point: &str, args: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        use std::io::BufRead as _;
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let mut child = self
+            .micropod(&args)
+            .env(micropod::failpoint::ENV, point)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                let status = child.wait().unwrap();
+                panic!("micropod {args:?} ended ({status}) before failpoint {point}:\n{seen}");
+            }
+            if line.trim() == format!("micropod: failpoint {point}") {
+                break;
+            }
+            seen += &line;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// `micropod ARGS` inside the host namespace, with no state or pin dir given at all.
     pub fn micropod_bare<I, S>(&self, args: I) -> Command
     where

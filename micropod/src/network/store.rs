@@ -187,20 +187,10 @@ impl Records {
             &self.endpoints,
             ENDPOINTS_SHELF,
             |ep: &Endpoint| (endpoint_file(&ep.name), "endpoint", ep.name.clone()),
+            Endpoint::foreign_link,
             &mut unreadable,
         )?
         .into_iter()
-        .filter(|ep: &Endpoint| match ep.foreign_link() {
-            None => true,
-            Some(why) => {
-                unreadable.push(Unreadable {
-                    shelf: ENDPOINTS_SHELF,
-                    name: endpoint_file(&ep.name),
-                    why,
-                });
-                false
-            }
-        })
         .map(|ep| (ep.name.clone(), ep))
         .collect();
         let mut ipam = head.ipam_rules();
@@ -225,13 +215,15 @@ impl Records {
         let retired = read_named(
             &self.retired,
             RETIRED_SHELF,
-            |r: &RetiredLink| (ours(r.name.clone(), retired_link), "link", r.name.clone()),
+            |r: &RetiredLink| (r.name.clone(), "link", r.name.clone()),
+            |r| not_ours(&r.name, retired_link(&r.name).is_some()),
             &mut unreadable,
         )?;
         let pool = read_named(
             &self.pool,
             POOL_SHELF,
-            |p: &PooledTap| (ours(p.name.clone(), pool_link), "link", p.name.clone()),
+            |p: &PooledTap| (p.name.clone(), "link", p.name.clone()),
+            |p| not_ours(&p.name, pool_link(&p.name).is_some()),
             &mut unreadable,
         )?;
         Ok((
@@ -435,22 +427,20 @@ impl Records {
     }
 }
 
-/// `name`, if `parse` recognises it as a name micropod gives; otherwise one no file has, so
-/// that [`read_named`] reports the record.
-fn ours<T>(name: String, parse: impl Fn(&str) -> Option<T>) -> String {
-    if parse(&name).is_some() {
-        name
-    } else {
-        String::from("/")
-    }
+/// Why a record naming the link `name` is refused, unless `ours` (micropod gives that name).
+fn not_ours(name: &str, ours: bool) -> Option<String> {
+    (!ours).then(|| format!("it names the link {name:?}, which micropod does not name so"))
 }
 
 /// The documents of `shelf` whose file is named for what they record (`file_of` gives the
-/// file name, a word for what it names, and that name); the others go to `unreadable`.
+/// file name, a word for what it names, and that name) and that `refused` does not refuse
+/// (it says why: a record naming a link micropod did not make); the others go to
+/// `unreadable`.
 fn read_named<T: serde::de::DeserializeOwned>(
     shelf: &Shelf,
     shelf_name: &'static str,
     file_of: impl Fn(&T) -> (String, &'static str, String),
+    refused: impl Fn(&T) -> Option<String>,
     unreadable: &mut Vec<Unreadable>,
 ) -> Result<Vec<T>, NetworkError> {
     let mut found = Vec::new();
@@ -458,11 +448,14 @@ fn read_named<T: serde::de::DeserializeOwned>(
         let why = match entry {
             ShelfEntry::Ok(value) => {
                 let (expected, what, name) = file_of(&value);
-                if expected == file {
+                if expected != file {
+                    format!("it records {what} {name:?}")
+                } else if let Some(why) = refused(&value) {
+                    why
+                } else {
                     found.push(value);
                     continue;
                 }
-                format!("it records {what} {name:?}")
             }
             ShelfEntry::Unreadable(e) => e.to_string(),
         };

@@ -49,7 +49,9 @@ impl Vms {
         let mut done = Vec::new();
         // One runtime for every release of this pass.
         let mut rt = LazyRuntime::default();
-        for mut rec in self.read_all(Some(lock))? {
+        let records = self.read_all(Some(lock))?;
+        let ids: HashSet<String> = records.iter().map(|r| r.id.clone()).collect();
+        for mut rec in records {
             if rec.state == VmState::Exited && rec.network.released {
                 continue;
             }
@@ -80,7 +82,7 @@ impl Vms {
                 Err(e) => log::warn!("{e}"),
             }
         }
-        self.reconcile_unrecorded(lock, &mut rt, &mut done)?;
+        self.reconcile_unrecorded(&ids, &mut rt, &mut done)?;
         Ok(done)
     }
 
@@ -88,17 +90,13 @@ impl Vms {
     /// writing its record (a live one would hold the lock we hold). Releases the endpoint it
     /// attached, if it got that far (a TAP endpoint under the name it left in
     /// [`ATTACHING_FILE`]), and removes the dir.
+    /// `ids`: the run dirs the records name; call with the VM lock held.
     fn reconcile_unrecorded(
         &self,
-        lock: &StateLock,
+        ids: &HashSet<String>,
         rt: &mut LazyRuntime,
         done: &mut Vec<Reconciled>,
     ) -> Result<(), VmError> {
-        let ids: HashSet<String> = self
-            .read_all(Some(lock))?
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
         let Ok(entries) = fs::read_dir(self.state.root()) else {
             return Ok(());
         };
