@@ -1071,6 +1071,26 @@ fn bad_subnet_overlaps_host_address_or_route() {
     );
 }
 
+/// Loopback, "this network", link-local, multicast and reserved ranges: the overlap check
+/// looks at the namespace's addresses and routes (and skips loopback), which know none of them.
+#[test]
+fn bad_subnet_special_purpose() {
+    let lab = NetLab::new("bad4s");
+    for (subnet, range) in [
+        ("127.0.0.0/24", "127.0.0.0/8 (loopback"),
+        ("0.0.0.0/24", "0.0.0.0/8"),
+        ("169.254.0.0/24", "169.254.0.0/16"),
+        ("224.0.0.0/24", "224.0.0.0/4"),
+        ("255.255.255.0/24", "240.0.0.0/4"),
+    ] {
+        refused(
+            &lab,
+            &["network", "up", "--subnet", subnet],
+            &format!("invalid subnet \"{subnet}\": it overlaps {range}"),
+        );
+    }
+}
+
 #[test]
 fn bad_bridge_name() {
     let lab = NetLab::new("bad5");

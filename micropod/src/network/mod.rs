@@ -357,6 +357,11 @@ pub fn parse_subnet(input: &str) -> Result<ipnetwork::Ipv4Network, NetworkError>
     }
     match input.parse::<ipnetwork::IpNetwork>() {
         Ok(ipnetwork::IpNetwork::V4(net)) => {
+            if let Some(why) = special_purpose(net) {
+                return Err(invalid(&format!(
+                    "it overlaps {why}; use a private range such as 10.10.0.0/24"
+                )));
+            }
             // Ipam::new checks the prefix size and that this is the network address.
             crate::ipam::Ipam::new(
                 net,
@@ -367,5 +372,88 @@ pub fn parse_subnet(input: &str) -> Result<ipnetwork::Ipv4Network, NetworkError>
         }
         Ok(ipnetwork::IpNetwork::V6(_)) => Err(invalid("only IPv4 subnets are supported")),
         Err(_) => Err(invalid("not CIDR notation such as 10.10.0.0/24")),
+    }
+}
+
+/// The IPv4 ranges an endpoint subnet must not touch, and why (RFC 6890). The overlap check of
+/// `up` looks at this namespace's addresses and routes, which say nothing about these (and
+/// skips loopback): a bridge on one of them either breaks the host or never forwards.
+const SPECIAL_PURPOSE: [(Ipv4Addr, u8, &str); 5] = [
+    (
+        Ipv4Addr::new(0, 0, 0, 0),
+        8,
+        "0.0.0.0/8 (\"this network\": not a source or destination address)",
+    ),
+    (
+        Ipv4Addr::new(127, 0, 0, 0),
+        8,
+        "127.0.0.0/8 (loopback: never leaves the host)",
+    ),
+    (
+        Ipv4Addr::new(169, 254, 0, 0),
+        16,
+        "169.254.0.0/16 (link-local: not routed, and home of the cloud metadata service)",
+    ),
+    (
+        Ipv4Addr::new(224, 0, 0, 0),
+        4,
+        "224.0.0.0/4 (multicast: not a unicast address)",
+    ),
+    (
+        Ipv4Addr::new(240, 0, 0, 0),
+        4,
+        "240.0.0.0/4 (reserved, with the broadcast address 255.255.255.255)",
+    ),
+];
+
+/// The special-purpose range `subnet` overlaps, in words, if any.
+fn special_purpose(subnet: ipnetwork::Ipv4Network) -> Option<&'static str> {
+    SPECIAL_PURPOSE.iter().find_map(|&(ip, prefix, why)| {
+        let range = ipnetwork::Ipv4Network::new(ip, prefix).expect("a valid constant range");
+        (range.contains(subnet.network()) || subnet.contains(range.network())).then_some(why)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_purpose_subnets_are_refused_with_the_range_they_overlap() {
+        for (input, range) in [
+            ("127.0.0.0/24", "127.0.0.0/8 (loopback"),
+            ("127.255.255.0/24", "127.0.0.0/8"),
+            ("0.0.0.0/24", "0.0.0.0/8"),
+            ("169.254.0.0/24", "169.254.0.0/16"),
+            ("224.0.0.0/24", "224.0.0.0/4"),
+            ("239.255.0.0/16", "224.0.0.0/4"),
+            ("240.0.0.0/24", "240.0.0.0/4"),
+            ("255.255.255.0/24", "240.0.0.0/4"),
+            // Wider than the range, and containing it.
+            ("0.0.0.0/4", "0.0.0.0/8"),
+            ("169.254.0.0/15", "169.254.0.0/16"),
+        ] {
+            let err = parse_subnet(input).expect_err(input).to_string();
+            assert!(err.contains(range), "{input}: {err}");
+            assert!(err.contains("use a private range"), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn ordinary_subnets_are_accepted() {
+        for input in [
+            "10.10.0.0/24",
+            "172.16.0.0/12",
+            "192.168.100.0/24",
+            "100.64.0.0/24",
+            "1.0.0.0/24",
+            "126.255.255.0/24",
+            "128.0.0.0/24",
+            "169.253.0.0/16",
+            "169.255.0.0/16",
+            "223.255.255.0/24",
+        ] {
+            assert!(parse_subnet(input).is_ok(), "{input}");
+        }
     }
 }
