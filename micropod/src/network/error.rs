@@ -77,6 +77,24 @@ pub enum NetworkError {
     },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(
+        "{path} is of state version {found}, written by a newer micropod (this one understands versions {oldest} to {newest}); use that micropod, or the newest one"
+    )]
+    StateTooNew {
+        path: PathBuf,
+        found: u32,
+        oldest: u32,
+        newest: u32,
+    },
+    #[error(
+        "{path} has the unknown state version {found} (this micropod understands versions {oldest} to {newest}); restore the document, or move the state dir aside to start afresh"
+    )]
+    StateVersionUnknown {
+        path: PathBuf,
+        found: u32,
+        oldest: u32,
+        newest: u32,
+    },
     #[error("cannot talk to the kernel over netlink")]
     Netlink(#[source] NetlinkError),
     #[error("cannot read this namespace's links")]

@@ -60,6 +60,36 @@ impl HeadFile {
     }
 }
 
+/// The oldest [`STATE_DOC`] version this build reads (version 1 is migrated when read under
+/// the lock); [`STATE_VERSION`] is the newest.
+pub(super) const OLDEST_STATE_VERSION: u32 = 1;
+
+/// Checks the version of the [`STATE_DOC`] at `path` before its fields are read: another
+/// version's fields may mean something else (or not parse), and a newer micropod's document
+/// must not be rewritten by an older one.
+fn check_version(path: std::path::PathBuf, raw: &serde_json::Value) -> Result<(), NetworkError> {
+    let found = raw.get("version").and_then(serde_json::Value::as_u64);
+    let found = found.map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
+    let (oldest, newest) = (OLDEST_STATE_VERSION, STATE_VERSION);
+    if found > newest {
+        Err(NetworkError::StateTooNew {
+            path,
+            found,
+            oldest,
+            newest,
+        })
+    } else if found < oldest {
+        Err(NetworkError::StateVersionUnknown {
+            path,
+            found,
+            oldest,
+            newest,
+        })
+    } else {
+        Ok(())
+    }
+}
+
 /// The records of one state dir.
 #[derive(Clone, Debug)]
 pub(super) struct Records {
@@ -86,9 +116,25 @@ impl Records {
         }
     }
 
+    /// [`STATE_DOC`] as it is, its version checked; `lock` if the caller holds it.
+    fn head_file(&self, lock: Option<&StateLock>) -> Result<Option<HeadFile>, NetworkError> {
+        let raw: Option<serde_json::Value> = match lock {
+            Some(lock) => self.state.read_json(lock, STATE_DOC)?,
+            None => self.state.read_json_unlocked(STATE_DOC)?,
+        };
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let path = self.state.root().join(STATE_DOC);
+        check_version(path.clone(), &raw)?;
+        Ok(Some(serde_json::from_value(raw).map_err(|source| {
+            crate::state::StateError::Parse { path, source }
+        })?))
+    }
+
     /// The network, under the lock; a version 1 document has its records moved out first.
     pub(super) fn head(&self, lock: &StateLock) -> Result<Option<NetworkHead>, NetworkError> {
-        let Some(file) = self.state.read_json::<HeadFile>(lock, STATE_DOC)? else {
+        let Some(file) = self.head_file(Some(lock))? else {
             return Ok(None);
         };
         if !file.is_legacy() {
@@ -144,7 +190,7 @@ impl Records {
     /// Everything, read without the lock (status, stats, metrics): `None` if no network is up.
     /// Unreadable records are left out, with a warning.
     pub(super) fn load_unlocked(&self) -> Result<Option<NetworkDoc>, NetworkError> {
-        let Some(file) = self.state.read_json_unlocked::<HeadFile>(STATE_DOC)? else {
+        let Some(file) = self.head_file(None)? else {
             return Ok(None);
         };
         if file.is_legacy() {
@@ -368,10 +414,7 @@ impl Records {
     /// The network as last written, without the lock (for the refill, which takes the lock
     /// only to record a TAP it made).
     pub(super) fn head_unlocked(&self) -> Result<Option<NetworkHead>, NetworkError> {
-        Ok(self
-            .state
-            .read_json_unlocked::<HeadFile>(STATE_DOC)?
-            .map(|f| f.head))
+        Ok(self.head_file(None)?.map(|f| f.head))
     }
 
     /// The pooled TAPs on record, by name (no lock needed); only names micropod gives.
@@ -521,6 +564,50 @@ mod tests {
         assert_eq!(doc.endpoints["vm1"].link, "mpt-0a0a0002");
         assert_eq!(doc.ipam.owner("10.10.0.2".parse().unwrap()), Some("vm1"));
         assert_eq!(doc.retired[0].name, "mpr0a0a00030000");
+    }
+
+    #[test]
+    fn a_document_of_an_unknown_version_is_refused_by_every_reader() {
+        let Dir(_tmp, state) = dir();
+        let lock = state.lock().unwrap();
+        let records = Records::new(&state);
+        let mut doc = v1_doc();
+        doc["version"] = (STATE_VERSION + 1).into();
+        state.write_json(&lock, STATE_DOC, &doc).unwrap();
+        let understood = format!("versions {OLDEST_STATE_VERSION} to {STATE_VERSION}");
+        for err in [
+            records.head(&lock).map(|_| ()).unwrap_err(),
+            records.head_unlocked().map(|_| ()).unwrap_err(),
+            records.load_unlocked().map(|_| ()).unwrap_err(),
+        ] {
+            let NetworkError::StateTooNew { found, .. } = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(*found, STATE_VERSION + 1);
+            let said = err.to_string();
+            assert!(said.contains("written by a newer micropod"), "{said}");
+            assert!(said.contains(&understood), "{said}");
+        }
+        // Nothing was migrated or rewritten.
+        let raw: serde_json::Value = state.read_json(&lock, STATE_DOC).unwrap().unwrap();
+        assert_eq!(raw, doc);
+
+        // Older than any micropod wrote, or no version at all.
+        doc["version"] = 0.into();
+        state.write_json(&lock, STATE_DOC, &doc).unwrap();
+        let err = records.head(&lock).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(err, NetworkError::StateVersionUnknown { found: 0, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&understood), "{err}");
+        doc.as_object_mut().unwrap().remove("version");
+        state.write_json(&lock, STATE_DOC, &doc).unwrap();
+        let err = records.head_unlocked().map(|_| ()).unwrap_err();
+        assert!(
+            matches!(err, NetworkError::StateVersionUnknown { .. }),
+            "{err:?}"
+        );
     }
 
     fn ip(s: &str) -> Ipv4Addr {
