@@ -1840,3 +1840,65 @@ fn down_leaves_forwarding_on_for_another_network_in_the_namespace() {
     assert_eq!(forwarding(), "1", "the second network still forwards");
     second(&["network", "down"]);
 }
+
+/// `auto` with a pin dir eBPF cannot use (here a regular file, which bpffs never holds):
+/// netfilter, with the reason on the data path's line of `up` and `status` and in `--json`,
+/// and `down` still works and leaves the file alone.
+#[test]
+fn auto_with_an_unusable_pin_dir_says_why_and_down_still_works() {
+    let lab = NetLab::new("badpins");
+    let pins = lab.dirs.state.join("not-a-pin-dir");
+    std::fs::write(&pins, b"someone's file").unwrap();
+    let run = |args: &[&str]| {
+        let out = lab
+            .micropod_bare(
+                [
+                    "--state-dir",
+                    lab.dirs.state.to_str().unwrap(),
+                    "--bpf-dir",
+                    pins.to_str().unwrap(),
+                ]
+                .iter()
+                .chain(args),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let pin_path = pins.display().to_string();
+    let up = run(&["network", "up", "--pool", "0"]);
+    assert!(
+        up.contains("datapath netfilter (auto: eBPF unavailable: ") && up.contains(&pin_path),
+        "{up}"
+    );
+    assert!(
+        !up.contains("--datapath auto"),
+        "no advice to use what was used: {up}"
+    );
+    let text = run(&["network", "status"]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("datapath"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("datapath   netfilter (auto: eBPF unavailable: ")
+            && line.contains(&pin_path),
+        "{text}"
+    );
+    let status: Value = serde_json::from_str(&run(&["network", "status", "--json"])).unwrap();
+    assert_eq!(status["network"]["datapath"], "netfilter");
+    assert_eq!(status["network"]["datapath_requested"], "auto");
+    let note = status["network"]["datapath_note"].as_str().unwrap();
+    assert!(
+        note.starts_with("eBPF unavailable: ") && note.contains(&pin_path),
+        "{note}"
+    );
+    run(&["network", "down"]);
+    assert_eq!(std::fs::read(&pins).unwrap(), b"someone's file");
+    assert!(lab.state_doc().is_none());
+}

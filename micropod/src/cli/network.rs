@@ -160,12 +160,17 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                 );
                 println!("subnet     {} (gateway {})", n.subnet, n.gateway);
                 println!("uplink     {}", n.uplink.as_deref().unwrap_or("none"));
-                println!(
-                    "datapath   {} (requested {})",
-                    n.datapath, n.datapath_requested
-                );
-                if let Some(note) = &n.datapath_note {
-                    println!("           {note}");
+                match (fallback(n), &n.datapath_note) {
+                    (Some(why), _) => println!("datapath   {} ({why})", n.datapath),
+                    (None, note) => {
+                        println!(
+                            "datapath   {} (requested {})",
+                            n.datapath, n.datapath_requested
+                        );
+                        if let Some(note) = note {
+                            println!("           {note}");
+                        }
+                    }
                 }
                 println!("nat table  ip {}", n.nft_table);
                 println!(
@@ -379,9 +384,14 @@ fn up(
                 .unwrap_or("none (no default route)")
         );
         if let Some(n) = &status.network {
-            println!("datapath {}", n.datapath);
-            if let Some(note) = &n.datapath_note {
-                println!("  {note}");
+            match (fallback(n), &n.datapath_note) {
+                (Some(why), _) => println!("datapath {} ({why})", n.datapath),
+                (None, note) => {
+                    println!("datapath {}", n.datapath);
+                    if let Some(note) = note {
+                        println!("  {note}");
+                    }
+                }
             }
         }
     }
@@ -393,4 +403,13 @@ fn up(
         );
     }
     Ok(())
+}
+
+/// `auto: <why>` when `auto` fell back to netfilter (its note says why), for the data path's
+/// line: the reason belongs with the choice, not on a line of its own.
+fn fallback(n: &micropod::network::NetworkStatus) -> Option<String> {
+    (n.datapath_requested == DatapathMode::Auto
+        && n.datapath == micropod::network::ActiveDatapath::Netfilter)
+        .then(|| n.datapath_note.as_ref().map(|note| format!("auto: {note}")))
+        .flatten()
 }

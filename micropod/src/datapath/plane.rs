@@ -626,13 +626,15 @@ impl DataPlane {
                         }
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Not a directory: the pin dir is some other file (an unusable `--bpf-dir`
+                // under `auto`, which fell back to netfilter), not ours to remove.
+                Err(e) if is_absent(&e) => {}
                 Err(source) => problems.push(RemoveError::ReadPinDir { path: dir, source }),
             }
         }
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if is_absent(&e) => {}
             Err(source) => problems.push(RemoveError::RemovePinDir {
                 path: self.dir.clone(),
                 source,
@@ -807,6 +809,14 @@ fn is_exists(e: &aya::programs::ProgramError) -> bool {
         source = err.source();
     }
     false
+}
+
+/// Whether a pin dir lookup failed because there is no such directory.
+fn is_absent(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
 }
 
 /// Removes a pin; one that is not there is removed already.

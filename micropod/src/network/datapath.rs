@@ -28,7 +28,11 @@ impl super::Network {
                 Ok(())
             }
             Err(err) if doc.head.config.datapath == DatapathMode::Auto => {
-                let why = crate::error_chain(&err);
+                // The reason, without the advice to use `auto` that `--datapath ebpf` gets.
+                let why = match &err {
+                    NetworkError::Up(UpError::Datapath(source)) => crate::error_chain(source),
+                    other => crate::error_chain(other),
+                };
                 log::warn!("eBPF data path unavailable, using netfilter only: {why}");
                 for p in plane.remove() {
                     log::warn!(

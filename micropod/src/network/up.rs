@@ -206,10 +206,18 @@ impl super::Network {
         }
         let req = self.recorded_request()?.unwrap_or_default();
         let (outcome, config) = self.up(&req).await?;
-        let active = self
-            .records
-            .head_unlocked()?
-            .map_or_else(|| "?".to_owned(), |h| h.active_datapath.to_string());
+        let active = self.records.head_unlocked()?.map_or_else(
+            || "?".to_owned(),
+            |h| match (h.active_datapath, &h.datapath_note) {
+                // `auto` fell back: say why here too, `micropod run` prints no status.
+                (ActiveDatapath::Netfilter, Some(note))
+                    if h.config.datapath == DatapathMode::Auto =>
+                {
+                    format!("netfilter (auto: {note})")
+                }
+                (active, _) => active.to_string(),
+            },
+        );
         Ok(Some(match outcome {
             UpOutcome::Created => format!(
                 "the network was not up: brought it up with the defaults ({config}, data path {active}); `micropod network up --help` to choose"
