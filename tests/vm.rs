@@ -741,3 +741,61 @@ fn up_restore_records_the_end_of_vms_that_did_not_survive() {
     assert!(lab.endpoint_names().is_empty(), "address released");
     lab.net.ok(["rm", "lost"]);
 }
+
+/// `network detach` of a running VM's TAP would leave it running without a network and hand
+/// its address to the next endpoint: refused, naming the VM and the ways out; `--force`
+/// detaches and marks the VM (record, `ps`, `inspect`), whose later stop releases nothing more.
+#[test]
+fn detach_of_a_running_vms_endpoint_is_refused_unless_forced_and_then_marked() {
+    let _serial = serial();
+    let lab = VmLab::new("vm-detach", "netfilter");
+    let run = lab.run_vm("owned", &[]);
+    let tap = run["tap"].as_str().unwrap().to_owned();
+    lab.net.wait_pool(false);
+
+    let before = lab.net.state_doc();
+    let out = lab.net.run(["network", "detach", "owned"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "detach of a running VM's endpoint succeeded"
+    );
+    assert!(
+        stderr.contains("the network of VM owned (running)")
+            && stderr.contains("micropod stop owned")
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(lab.net.state_doc(), before, "nothing changed");
+    assert_eq!(lab.endpoint_names(), ["owned"]);
+    assert!(lab.link_exists(&tap));
+
+    let said = lab.net.ok(["network", "detach", "--force", "owned"]);
+    assert!(
+        said.contains("detached owned from VM owned") && said.contains("without a network"),
+        "{said}"
+    );
+    assert!(lab.endpoint_names().is_empty(), "the endpoint is gone");
+    let rec = &lab.records()[0];
+    assert_eq!(rec.state, VmState::Running, "the VM runs on");
+    assert!(rec.network.released && rec.network.detached_at.is_some());
+    assert!(lab.inspect("owned")["network"]["detached_at"].is_u64());
+    assert!(ps_entry(&lab, "owned")["network_detached_at"].is_u64());
+    let table = lab.net.ok(["ps"]);
+    assert!(table.contains("network detached"), "{table}");
+
+    // Its address is free now: another endpoint may take it, and the VM's end leaves it be.
+    let att = lab
+        .net
+        .json(["network", "attach", "next", "--kind", "tap", "--json"]);
+    assert_eq!(att["ip"], run["ip"]);
+    lab.net.ok(["stop", "--timeout", "0", "owned"]);
+    assert_eq!(lab.records()[0].state, VmState::Exited);
+    assert_eq!(
+        lab.endpoint_names(),
+        ["next"],
+        "the VM's end released nothing more"
+    );
+    lab.net.ok(["network", "detach", "next"]);
+    lab.net.ok(["rm", "owned"]);
+}

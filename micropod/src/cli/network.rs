@@ -29,7 +29,13 @@ pub(super) enum Command {
     Attach(AttachArgs),
     /// Release an endpoint's address and take its link off the bridge; the kernel deletes
     /// the link in the background (`network status` counts those still waiting).
-    Detach { name: String },
+    Detach {
+        name: String,
+        /// Also take the endpoint of a VM that runs: the VM runs on without a network
+        /// (`micropod ps` says so); `micropod stop` or `rm --force` is the way to end a VM.
+        #[arg(long)]
+        force: bool,
+    },
     /// List endpoints.
     Ls {
         #[arg(long)]
@@ -208,10 +214,17 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                 print_attachment(&att);
             }
         }
-        Command::Detach { name } => match rt.block_on(network.detach(&name))? {
-            None => println!("detached {name}"),
-            Some(gone) => println!("{name} was already gone ({}); released", gone.reason),
-        },
+        Command::Detach { name, force } => {
+            // Through the VMs, which know whether a running VM owns the endpoint.
+            let done = micropod::vm::Vms::new(network.clone()).detach_endpoint(&name, force)?;
+            match (&done.gone, &done.vm) {
+                (Some(gone), _) => println!("{name} was already gone ({}); released", gone.reason),
+                (None, Some(vm)) => println!(
+                    "detached {name} from VM {vm}, which runs on without a network (`micropod ps` shows it)"
+                ),
+                (None, None) => println!("detached {name}"),
+            }
+        }
         Command::Reap => {
             let deleted = rt.block_on(network.reap())?;
             log::debug!("reaper deleted {deleted} retired link(s)");

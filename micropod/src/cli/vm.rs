@@ -98,6 +98,9 @@ struct Summary<'a> {
     cpus: u8,
     memory_mib: u32,
     created_at: u64,
+    /// When `network detach --force` took the VM's endpoint while it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_detached_at: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     exit: Option<&'a micropod::vm::VmExit>,
     console_log: &'a std::path::Path,
@@ -121,6 +124,7 @@ impl<'a> Summary<'a> {
             cpus: r.spec.cpus,
             memory_mib: r.spec.memory_mib,
             created_at: r.created_at,
+            network_detached_at: r.network.detached_at,
             exit: r.exit.as_ref(),
             console_log: &r.spec.console_log,
         }
@@ -223,6 +227,17 @@ fn print_table(recs: &[VmRecord]) {
                 format!("up {}", ago(now, r.started_at.unwrap_or(r.created_at)))
             }
             _ => String::new(),
+        };
+        let status = match r.network.detached_at {
+            Some(at) if r.state != VmState::Exited => {
+                let detached = format!("network detached {} ago", ago(now, at));
+                if status.is_empty() {
+                    detached
+                } else {
+                    format!("{status}, {detached}")
+                }
+            }
+            _ => status,
         };
         println!(
             "{:<20} {:<16} {:<9} {:<18} {:<13} {:<6} {:<8} {status}",

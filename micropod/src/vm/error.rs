@@ -104,6 +104,17 @@ pub enum VmError {
         timeout: Duration,
         log: String,
     },
+    #[error(
+        "endpoint {endpoint} is the network of VM {vm} ({state}): `micropod stop {vm}` or `micropod rm --force {vm}` ends the VM and releases it; `network detach --force {endpoint}` takes it and leaves the VM running without a network"
+    )]
+    EndpointInUse {
+        endpoint: String,
+        vm: String,
+        state: VmState,
+    },
+    /// `network detach` itself failed (or refused): the network's error as it is.
+    #[error(transparent)]
+    Detach(NetworkError),
     #[error("VM {name} is {state}; stop it first or use `rm --force`")]
     Running { name: String, state: VmState },
     #[error("VM {name} is not starting (it is {state}); a supervisor only starts a new VM")]

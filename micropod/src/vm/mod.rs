@@ -17,6 +17,7 @@
 //! compares start times, so a reused pid does not count) and does the release instead.
 
 mod control;
+mod detach;
 mod error;
 mod process;
 mod reconcile;
@@ -27,6 +28,7 @@ mod supervisor;
 use std::{fs, io, path::PathBuf, time::Duration};
 
 pub use control::StopOutcome;
+pub use detach::EndpointDetached;
 pub use error::{SupervisorError, VmError};
 pub use process::ProcessRef;
 pub use reconcile::Reconciled;

@@ -52,6 +52,10 @@ pub struct VmNetwork {
     pub mac: Mac,
     /// Whether the endpoint (TAP and address) has been given back.
     pub released: bool,
+    /// When `network detach --force` took the endpoint from the VM while it ran (Unix
+    /// seconds): it runs on without a network, and its address may be someone else's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_at: Option<u64>,
 }
 
 /// How the VM ended.

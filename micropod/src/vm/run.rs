@@ -180,6 +180,7 @@ impl Vms {
                 gateway: attachment.gateway,
                 mac: attachment.mac,
                 released: false,
+                detached_at: None,
             },
             created_at: record::now(),
             started_at: None,
