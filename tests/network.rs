@@ -1740,17 +1740,10 @@ fn a_full_state_disk_fails_the_attach_and_leaves_nothing() {
     lab.ok(["network", "down", "--force"]);
 }
 
-/// A reboot keeps the state dir and loses the kernel's objects and the bpffs pins: `network
-/// up --restore` (the boot unit's command) brings the network back with its recorded
-/// settings, not the defaults, and releases the endpoints whose links are gone.
-#[test]
-fn up_restore_after_a_reboot_uses_the_recorded_settings() {
-    let lab = NetLab::new("reboot");
-    lab.up(&["--subnet", "10.77.0.0/24", "--pool", "2"]);
-    lab.ok(["network", "attach", "vm", "--kind", "tap"]);
-    lab.wait_pool(false);
+/// What a reboot does to a lab's network: every link micropod made, its nft table and its
+/// pins go; the state dir stays.
+fn reboot(lab: &NetLab) {
     let host = lab.host.path();
-    // The "reboot": every link micropod made, its nft table and its pins go.
     let links = ip_json(host, &["link", "show"]);
     for l in links.as_array().unwrap() {
         let name = l["ifname"].as_str().unwrap();
@@ -1764,6 +1757,47 @@ fn up_restore_after_a_reboot_uses_the_recorded_settings() {
         &["delete", "table", "ip", "micropod_micropod0"],
     );
     std::fs::remove_dir_all(lab.dirs.pins.join("micropod")).unwrap();
+}
+
+/// After a reboot, `network up --restore` says which endpoints it released, one line each.
+#[test]
+fn up_restore_prints_a_line_per_endpoint_it_released() {
+    let lab = NetLab::new("reboot-sum");
+    lab.up(&["--pool", "0"]);
+    lab.ok(["network", "attach", "a", "--kind", "tap"]);
+    lab.ok(["network", "attach", "b", "--kind", "tap"]);
+    reboot(&lab);
+    let out = lab.run(["network", "up", "--restore"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for line in [
+        "released endpoint a (10.10.0.2): its link vanished",
+        "released endpoint b (10.10.0.3): its link vanished",
+    ] {
+        assert_eq!(
+            stderr.lines().filter(|l| *l == line).count(),
+            1,
+            "{line:?} once in:\n{stderr}"
+        );
+    }
+    assert!(
+        lab.json(["network", "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A reboot keeps the state dir and loses the kernel's objects and the bpffs pins: `network
+/// up --restore` (the boot unit's command) brings the network back with its recorded
+/// settings, not the defaults, and releases the endpoints whose links are gone.
+#[test]
+fn up_restore_after_a_reboot_uses_the_recorded_settings() {
+    let lab = NetLab::new("reboot");
+    lab.up(&["--subnet", "10.77.0.0/24", "--pool", "2"]);
+    lab.ok(["network", "attach", "vm", "--kind", "tap"]);
+    lab.wait_pool(false);
+    reboot(&lab);
 
     let conflict = lab
         .micropod(["network", "up", "--restore", "--subnet", "10.1.0.0/24"])
@@ -1773,6 +1807,12 @@ fn up_restore_after_a_reboot_uses_the_recorded_settings() {
     let up = lab.json(["network", "up", "--restore", "--json"]);
     assert_eq!(up["network"]["subnet"], "10.77.0.0/24", "{up}");
     assert_eq!(up["network"]["datapath"], "ebpf", "{up}");
+    assert_eq!(
+        up["released"],
+        serde_json::json!([{"name": "vm", "ip": "10.77.0.2", "link": "mpt-0a4d0002", "reason": "its link vanished"}]),
+        "{up}"
+    );
+    assert_eq!(up["vms_ended"], serde_json::json!([]), "{up}");
     let ls = lab.json(["network", "ls", "--json"]);
     assert_eq!(
         ls,

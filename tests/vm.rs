@@ -724,6 +724,15 @@ fn up_restore_records_the_end_of_vms_that_did_not_survive() {
     let _serial = serial();
     let lab = VmLab::new("vm-restore", "netfilter");
     let run = lab.run_vm("lost", &[]);
+    // And an endpoint of no VM whose link went too.
+    let side = lab
+        .net
+        .json(["network", "attach", "side", "--kind", "tap", "--json"]);
+    query(
+        lab.net.host.path(),
+        "ip",
+        &["link", "del", side["link"].as_str().unwrap()],
+    );
     kill_supervisor(&run);
     let out = lab
         .net
@@ -735,6 +744,15 @@ fn up_restore_records_the_end_of_vms_that_did_not_survive() {
     assert!(
         stderr.contains("VM lost") && stderr.contains("supervisor and VMM are gone"),
         "{stderr}"
+    );
+    let once = |needle: &str| stderr.lines().filter(|l| l.contains(needle)).count() == 1;
+    assert!(
+        once(&format!(
+            "released endpoint side ({}): its link vanished",
+            side["ip"].as_str().unwrap()
+        )) && once("VM lost")
+            && !stderr.contains("released endpoint lost"),
+        "one line per VM and per other endpoint:\n{stderr}"
     );
     assert_eq!(lab.records()[0].state, VmState::Exited);
     assert!(lab.records()[0].network.released);

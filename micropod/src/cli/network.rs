@@ -6,7 +6,7 @@ use micropod::{
     ipam::Ipam,
     network::{
         AttachRequest, Attachment, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_SUBNET, DatapathMode,
-        EndpointKind, EndpointView, Network, Released, UpOutcome, UpRequest, UplinkChoice,
+        EndpointKind, EndpointView, Network, Released, UpDone, UpOutcome, UpRequest, UplinkChoice,
     },
 };
 
@@ -121,12 +121,18 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) if args.restore => {
             let req = network.recorded_request()?.unwrap_or_default();
-            up(network, &rt, &req, args.json)?;
+            let done = rt.block_on(network.up_reporting(&req))?;
             // After a reboot the VMs on record are gone too: record their end (and say so).
-            let ended = micropod::vm::Vms::new(network.clone()).reconcile()?;
-            for r in &ended {
-                eprintln!("VM {} ({}): {}", r.name, r.ip, r.reason);
-            }
+            let ended = micropod::vm::Vms::new(network.clone()).reconcile();
+            // The network is up whatever the VM reconcile says: its report first.
+            up_report(
+                network,
+                &rt,
+                &done,
+                ended.as_deref().unwrap_or_default(),
+                args.json,
+            )?;
+            ended?;
         }
         Command::Up(args) => {
             let req = UpRequest {
@@ -141,7 +147,8 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                 nat_entries: args.nat_table_size,
                 pool: args.pool,
             };
-            up(network, &rt, &req, args.json)?;
+            let done = rt.block_on(network.up_reporting(&req))?;
+            up_report(network, &rt, &done, &[], args.json)?;
         }
         Command::Down { force } => {
             if rt.block_on(network.down(force))? {
@@ -367,18 +374,25 @@ pub(super) fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> an
     Ok(())
 }
 
-/// `network up` with `req`, then its report (text or `--json`).
-fn up(
+/// The report of a `network up` (text or `--json`): the network, then one line (on stderr)
+/// per endpoint its reconcile released and per VM whose end `--restore` recorded (`ended`);
+/// a VM's endpoint gets its VM's line only.
+fn up_report(
     network: &Network,
     rt: &tokio::runtime::Runtime,
-    req: &UpRequest,
+    done: &UpDone,
+    ended: &[micropod::vm::Reconciled],
     json: bool,
 ) -> anyhow::Result<()> {
-    let (outcome, config) = rt.block_on(network.up(req))?;
+    let UpDone {
+        outcome, config, ..
+    } = done;
     let status = rt.block_on(network.status())?;
     if json {
         let mut value = serde_json::to_value(status)?;
         value["outcome"] = serde_json::to_value(outcome)?;
+        value["released"] = serde_json::to_value(&done.released)?;
+        value["vms_ended"] = serde_json::to_value(ended)?;
         println!("{value}");
     } else {
         let what = match outcome {
@@ -407,6 +421,19 @@ fn up(
                 }
             }
         }
+    }
+    for r in &done.released {
+        if ended
+            .iter()
+            .any(|vm| vm.name == r.name && Some(vm.ip) == r.ip)
+        {
+            continue;
+        }
+        let ip = r.ip.map_or_else(|| "-".into(), |ip| ip.to_string());
+        eprintln!("released endpoint {} ({ip}): {}", r.name, r.reason);
+    }
+    for r in ended {
+        eprintln!("VM {} ({}): {}", r.name, r.ip, r.reason);
     }
     let capacity = Ipam::new(config.subnet, config.gateway)?.capacity();
     if capacity as usize > BR_MAX_PORTS {

@@ -110,6 +110,15 @@ pub enum UpOutcome {
     Replaced,
 }
 
+/// What `network up` did.
+#[derive(Clone, Debug)]
+pub struct UpDone {
+    pub outcome: UpOutcome,
+    pub config: NetworkConfig,
+    /// The endpoints its reconcile released: owners gone, links vanished (a reboot).
+    pub released: Vec<Released>,
+}
+
 /// What `network attach` was asked for.
 #[derive(Clone, Debug)]
 pub struct AttachRequest {

@@ -5,8 +5,8 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use micropod_common::NAT_DEFAULT_ENTRIES;
 
 use super::{
-    InputError, NetworkError, TeardownError, UpError, UpOutcome, UpRequest, check_privileges,
-    model::*, parse_subnet,
+    InputError, NetworkError, TeardownError, UpDone, UpError, UpOutcome, UpRequest,
+    check_privileges, model::*, parse_subnet,
 };
 use crate::{
     datapath::DataPlane,
@@ -19,6 +19,12 @@ impl super::Network {
     /// `network up`: the bridge with the gateway address, forwarding, the MASQUERADE fallback.
     /// Idempotent; refuses to change the settings of a network that has endpoints.
     pub async fn up(&self, req: &UpRequest) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
+        let done = self.up_reporting(req).await?;
+        Ok((done.outcome, done.config))
+    }
+
+    /// [`Self::up`], with the endpoints its reconcile released (after a reboot: all of them).
+    pub async fn up_reporting(&self, req: &UpRequest) -> Result<UpDone, NetworkError> {
         self.reaping(async |later| self.up_locked(req, later).await)
             .await
     }
@@ -28,7 +34,7 @@ impl super::Network {
         &self,
         req: &UpRequest,
         later: &mut super::retire::Later,
-    ) -> Result<(UpOutcome, NetworkConfig), NetworkError> {
+    ) -> Result<UpDone, NetworkError> {
         check_privileges()?;
         link::validate_name(&req.bridge).map_err(|e| InputError::BridgeName(Box::new(e)))?;
         let subnet = parse_subnet(&req.subnet)?;
@@ -57,9 +63,11 @@ impl super::Network {
         // made it for, and deletes it otherwise. The refill lock comes before the state lock.
         let _refill = self.state.try_lock_file(REFILL_LOCK)?;
         let lock = self.state.lock()?;
+        let mut released = Vec::new();
         let existing: Option<NetworkDoc> = match self.reconcile_all(&nl, &lock, false).await? {
             Some((doc, seen)) => {
                 later.reap = seen.retired_pending;
+                released = seen.released;
                 Some(doc)
             }
             None => None,
@@ -111,7 +119,11 @@ impl super::Network {
                 self.trim_pool(&nl, &lock, &doc.pool, config.pool as usize)
                     .await?;
                 self.ports_back_on_bridge(&nl, &doc).await?;
-                return Ok((UpOutcome::Unchanged, config));
+                return Ok(UpDone {
+                    outcome: UpOutcome::Unchanged,
+                    config,
+                    released,
+                });
             }
             if !doc.endpoints.is_empty() {
                 return Err(UpError::Reconfigure {
@@ -185,7 +197,11 @@ impl super::Network {
         failpoint::hit("up:made");
         doc.head.phase = Phase::Ready;
         self.records.write_head(&lock, &doc.head)?;
-        Ok((outcome, config))
+        Ok(UpDone {
+            outcome,
+            config,
+            released,
+        })
     }
 
     /// For commands that need the network (`micropod run`): brings it up when it is not —
