@@ -330,7 +330,8 @@ fn parallel_connections_from_two_endpoints_on_the_same_ports_do_not_collide() {
     let lab = Lab::new("collide", "ebpf", 2, &[]);
     // An echo server: each connection sends a token and expects it back.
     let peers = tcp_echo(&lab.net.internet, HTTP_PORT + 1);
-    const PORTS: std::ops::Range<u16> = 40000..40024;
+    // Inside the network's NAT ports (1024-32767 here), so that one endpoint can keep them.
+    const PORTS: std::ops::Range<u16> = 20000..20024;
     let streams: Vec<(String, TcpStream)> = PORTS
         .flat_map(|port| lab.eps.iter().map(move |ep| (ep, port)))
         .map(|(ep, port)| {
@@ -860,8 +861,9 @@ fn closed_tcp_flows_expire_are_reclaimed_by_new_flows_and_swept_by_gc() {
     let lab = Lab::new("expire", "ebpf", 2, &[]);
     let peers = tcp_echo(&lab.net.internet, HTTP_PORT + 1);
     let (a, b) = (&lab.eps[0], &lab.eps[1]);
-    exchange(&a.ns, 41000);
-    exchange(&a.ns, 41001);
+    // Ports inside the network's NAT ports (1024-32767 here), which a flow may keep.
+    exchange(&a.ns, 21000);
+    exchange(&a.ns, 21001);
     // Let the FINs through, then wait out the closing timeout (10 s).
     thread::sleep(Duration::from_millis(500));
     let nat = &lab.stats()["nat"];
@@ -869,13 +871,13 @@ fn closed_tcp_flows_expire_are_reclaimed_by_new_flows_and_swept_by_gc() {
     thread::sleep(Duration::from_secs(11));
 
     // b on a's old port: the reply slot is a's stale flow, which b takes over, keeping the port.
-    exchange(&b.ns, 41000);
+    exchange(&b.ns, 21000);
     let nat = &lab.stats()["nat"];
     assert_eq!(counter(nat, "reclaimed"), 1, "{nat}");
     let last = *peers.lock().unwrap().last().unwrap();
     assert_eq!(
         last.port(),
-        41000,
+        21000,
         "the stale slot was reused, so b kept its port"
     );
 
@@ -1083,4 +1085,191 @@ fn pins_of_another_layout_are_refused_and_replaced_by_up() {
     net.up(&[]);
     assert_eq!(layout(), ["layout-1"]);
     assert!(ping(&ns, SERVER_ADDR));
+}
+
+/// The NAT ports `network status` reports.
+fn nat_ports(net: &NetLab) -> std::ops::RangeInclusive<u16> {
+    let status = net.json(["network", "status", "--json"]);
+    let text = status["network"]["nat_ports"].as_str().unwrap().to_owned();
+    let (a, b) = text.split_once('-').unwrap();
+    a.parse().unwrap()..=b.parse().unwrap()
+}
+
+/// A host connection to the server from its ephemeral port P, then an endpoint connecting to
+/// the same server port from P too: the endpoint's flow is translated to a port of the
+/// network's NAT range (never the host's P, which the SNAT would otherwise keep, taking the
+/// host connection's 5-tuple), and both connections keep working.
+fn translated_flows_keep_off_the_hosts_ports(datapath: &str) {
+    let lab = Lab::new(&format!("hostports-{datapath}"), datapath, 1, &[]);
+    let ports = nat_ports(&lab.net);
+    let ephemeral: Vec<u16> = query(
+        lab.net.host.path(),
+        "cat",
+        &["/proc/sys/net/ipv4/ip_local_port_range"],
+    )
+    .split_whitespace()
+    .map(|p| p.parse().unwrap())
+    .collect();
+    assert_eq!(ephemeral, [32768, 60999], "the kernel's default");
+    assert_eq!(
+        ports,
+        1024..=32767,
+        "the largest run the host's ports leave"
+    );
+    let peers = tcp_echo(&lab.net.internet, HTTP_PORT + 1);
+    let mut host = lab
+        .net
+        .host
+        .run(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((SERVER_ADDR, HTTP_PORT + 1)),
+                Duration::from_secs(5),
+            )
+        })
+        .expect("the host connects to the server");
+    let p = host.local_addr().unwrap().port();
+    assert!((32768..=60999).contains(&p), "an ephemeral port: {p}");
+    let mut ep = connect_from(&lab.eps[0].ns, p);
+    for (what, s) in [("host", &mut host), ("endpoint", &mut ep)] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for round in 0..3 {
+            let msg = format!("{what} round {round}");
+            s.write_all(msg.as_bytes()).unwrap();
+            let mut buf = vec![0u8; msg.len()];
+            s.read_exact(&mut buf)
+                .unwrap_or_else(|e| panic!("{what}'s connection, round {round}: {e}"));
+            assert_eq!(buf, msg.as_bytes());
+        }
+    }
+    let peers = peers.lock().unwrap().clone();
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert_eq!(
+        peers[0],
+        SocketAddr::from((UPLINK_ADDR, p)),
+        "the host's own"
+    );
+    assert_eq!(peers[1].ip(), std::net::IpAddr::V4(UPLINK_ADDR));
+    assert!(
+        ports.contains(&peers[1].port()),
+        "the endpoint's flow got port {}, outside the NAT ports {ports:?}",
+        peers[1].port()
+    );
+}
+
+#[test]
+fn ebpf_translated_flows_keep_off_the_hosts_ports() {
+    translated_flows_keep_off_the_hosts_ports("ebpf");
+}
+
+#[test]
+fn netfilter_translated_flows_keep_off_the_hosts_ports() {
+    translated_flows_keep_off_the_hosts_ports("netfilter");
+}
+
+/// Two eBPF networks in one namespace translate to the same uplink address, each with its
+/// own NAT table: their NAT ports are disjoint, so endpoints of both connecting from the same
+/// port to the same server both get through.
+#[test]
+fn two_networks_on_one_uplink_translate_to_disjoint_ports() {
+    let lab = Lab::new("twonat", "ebpf", 1, &[]);
+    let other = micropod_tests::TestDirs::new("twonat-b");
+    let second = |args: &[&str]| -> Value {
+        let out = lab
+            .net
+            .micropod_bare(
+                [
+                    "--state-dir",
+                    other.state.to_str().unwrap(),
+                    "--bpf-dir",
+                    other.pins.join("micropod").to_str().unwrap(),
+                ]
+                .iter()
+                .chain(args),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    // Asking for ports of the first network is refused, naming it.
+    let out = lab
+        .net
+        .micropod_bare([
+            "--state-dir",
+            other.state.to_str().unwrap(),
+            "--bpf-dir",
+            other.pins.join("micropod").to_str().unwrap(),
+            "network",
+            "up",
+            "--bridge",
+            "mpnetb",
+            "--subnet",
+            "10.11.0.0/24",
+            "--nat-ports",
+            "30000-31000",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("overlaps 1024-32767, the NAT ports of network micropod0"),
+        "{err}"
+    );
+    second(&[
+        "network",
+        "up",
+        "--bridge",
+        "mpnetb",
+        "--subnet",
+        "10.11.0.0/24",
+        "--pool",
+        "0",
+    ]);
+    let status = second(&["network", "status", "--json"]);
+    assert_eq!(status["network"]["nat_ports"], "61000-65535");
+    assert_eq!(status["network"]["datapath"], "ebpf");
+    assert_eq!(nat_ports(&lab.net), 1024..=32767);
+
+    let b_ns = NsGuard::new("twonat-b-ep");
+    b_ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"))
+        .unwrap();
+    second(&[
+        "network",
+        "attach",
+        "b0",
+        "--kind",
+        "netns",
+        "--netns",
+        b_ns.path().to_str().unwrap(),
+        "--json",
+    ]);
+    let peers = tcp_echo(&lab.net.internet, HTTP_PORT + 1);
+    // A port inside the first network's range, which its endpoint keeps; the second
+    // network's endpoint must not get it too.
+    let mut a = connect_from(&lab.eps[0].ns, 22000);
+    let mut b = connect_from(&b_ns, 22000);
+    for (what, s) in [("a", &mut a), ("b", &mut b)] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = format!("from {what}");
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{what}'s connection: {e}"));
+        assert_eq!(buf, msg.as_bytes());
+    }
+    let peers = peers.lock().unwrap().clone();
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert_eq!(peers[0], SocketAddr::from((UPLINK_ADDR, 22000)));
+    assert!(
+        (61000..=65535).contains(&peers[1].port()),
+        "the second network's flow: {}",
+        peers[1]
+    );
+    drop((a, b));
+    second(&["network", "down", "--force"]);
 }

@@ -9,7 +9,10 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use micropod::net::nftables::{self, Masquerade, NftError, Step};
+use micropod::net::{
+    nftables::{self, Masquerade, NftError, Step},
+    ports::PortRange,
+};
 use micropod_tests::NsGuard;
 use serde_json::{Value, json};
 
@@ -21,8 +24,14 @@ fn masquerade(subnet: &str) -> Masquerade<'static> {
         table: TABLE,
         subnet: subnet.parse().expect("test subnet"),
         bridge: BRIDGE,
+        ports: PORTS,
     }
 }
+
+const PORTS: PortRange = PortRange {
+    min: 1024,
+    max: 32767,
+};
 
 fn apply(guard: &NsGuard, m: &Masquerade<'_>) {
     guard
@@ -121,20 +130,33 @@ fn expected_ruleset(subnet: Value) -> Vec<Value> {
             "family": "ip", "table": TABLE, "name": "postrouting",
             "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept",
         }}),
-        json!({"rule": {
-            "family": "ip", "table": TABLE, "chain": "postrouting",
-            "expr": [
-                {"match": {
-                    "op": "==",
-                    "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-                    "right": subnet,
-                }},
-                {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": BRIDGE}},
-                {"counter": {"packets": 0, "bytes": 0}},
-                {"masquerade": null},
-            ],
-        }}),
+        rule(&subnet, Some("tcp")),
+        rule(&subnet, Some("udp")),
+        rule(&subnet, None),
     ]
+}
+
+/// One of the three rules: TCP or UDP with micropod's port range, or the rest.
+fn rule(subnet: &Value, proto: Option<&str>) -> Value {
+    let mut expr = vec![
+        json!({"match": {
+            "op": "==",
+            "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+            "right": subnet,
+        }}),
+        json!({"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": BRIDGE}}),
+    ];
+    if let Some(proto) = proto {
+        expr.push(
+            json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto}}),
+        );
+    }
+    expr.push(json!({"counter": {"packets": 0, "bytes": 0}}));
+    expr.push(match proto {
+        Some(_) => json!({"masquerade": {"port": {"range": [PORTS.min, PORTS.max]}}}),
+        None => json!({"masquerade": null}),
+    });
+    json!({"rule": {"family": "ip", "table": TABLE, "chain": "postrouting", "expr": expr}})
 }
 
 fn prefix(addr: &str, len: u8) -> Value {
@@ -161,7 +183,14 @@ fn apply_creates_exactly_the_table_chain_and_rule() {
     assert!(
         text.contains("type nat hook postrouting priority srcnat; policy accept;")
             && text.contains(
-                r#"ip saddr 10.10.0.0/24 oifname != "micropod0" counter packets 0 bytes 0 masquerade"#
+                r#"ip saddr 10.10.0.0/24 oifname != "micropod0" meta l4proto tcp counter packets 0 bytes 0 masquerade to :1024-32767"#
+            )
+            && text.contains(
+                r#"ip saddr 10.10.0.0/24 oifname != "micropod0" meta l4proto udp counter packets 0 bytes 0 masquerade to :1024-32767"#
+            )
+            && text.contains(
+                r#"ip saddr 10.10.0.0/24 oifname != "micropod0" counter packets 0 bytes 0 masquerade
+"#
             ),
         "unexpected ruleset:\n{text}"
     );

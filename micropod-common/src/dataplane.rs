@@ -33,7 +33,8 @@ pub const NAT_DEFAULT_ENTRIES: u32 = 131_072;
 /// programs. Recorded with the pins by `network up`; a micropod whose layout differs refuses
 /// to open them (it would misread them) and `network up` replaces them. Bump it with any
 /// change to a map or a type below that is not a spare field taking a meaning.
-pub const DATAPATH_LAYOUT: u32 = 1;
+/// 2: [`DatapathConfig`] gained the NAT port range (48 bytes).
+pub const DATAPATH_LAYOUT: u32 = 2;
 
 /// An IPv4 address as a map key, network order (as on the wire): the key of the endpoint maps
 /// and of [`SRC_COUNTERS_MAP`](crate::SRC_COUNTERS_MAP).
@@ -246,9 +247,33 @@ pub struct DatapathConfig {
     pub tcp_closing_timeout_s: u32,
     pub udp_timeout_s: u32,
     pub icmp_timeout_s: u32,
+    /// The ports TCP and UDP flows are translated to, inclusive, host order: a range the
+    /// host's own sockets do not pick from (`ip_local_port_range`) and no other network in
+    /// the namespace uses, so a translated flow never takes a host connection's 5-tuple.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
 }
 
-const _: () = assert!(size_of::<DatapathConfig>() == 44);
+const _: () = assert!(size_of::<DatapathConfig>() == 48);
+
+impl DatapathConfig {
+    /// Whether `port` (network order) is one flows may be translated to.
+    #[inline(always)]
+    #[must_use]
+    pub fn nat_port_ok(&self, port: u16) -> bool {
+        let port = u16::from_be(port);
+        self.nat_port_min <= port && port <= self.nat_port_max
+    }
+
+    /// The translated port for the random number `r`, host order.
+    #[inline(always)]
+    #[must_use]
+    pub fn nat_port(&self, r: u32) -> u16 {
+        // `max < min` never comes from userspace; the span is then 1 and `min` is used.
+        let span = u32::from(self.nat_port_max.saturating_sub(self.nat_port_min)) + 1;
+        (self.nat_port_min as u32 + r % span) as u16
+    }
+}
 
 /// Default idle timeouts (seconds). TCP follows RFC 5382's "not less than 2 h 4 min"; UDP
 /// RFC 4787's 2 min; a closed TCP flow lingers briefly for its last ACKs and retransmissions.
@@ -387,5 +412,28 @@ mod tests {
         assert!(e.is_stale(IPPROTO_TCP, 11 * s, &cfg));
         assert!(!e.is_stale(IPPROTO_UDP, 49 * s, &cfg));
         assert!(e.is_stale(IPPROTO_ICMP, 6 * s, &cfg));
+    }
+
+    #[test]
+    fn nat_ports_stay_in_the_range() {
+        let cfg = DatapathConfig {
+            nat_port_min: 1024,
+            nat_port_max: 32767,
+            ..Default::default()
+        };
+        for r in [0, 1, 31_743, 31_744, u32::MAX, 0x8000_0000] {
+            let p = cfg.nat_port(r);
+            assert!((1024..=32767).contains(&p), "{r} gave {p}");
+            assert!(cfg.nat_port_ok(p.to_be()));
+        }
+        assert_eq!(cfg.nat_port(31_744), 1024);
+        assert!(!cfg.nat_port_ok(40_000u16.to_be()));
+        assert!(!cfg.nat_port_ok(1023u16.to_be()));
+        let one = DatapathConfig {
+            nat_port_min: 5000,
+            nat_port_max: 5000,
+            ..Default::default()
+        };
+        assert_eq!(one.nat_port(12345), 5000);
     }
 }

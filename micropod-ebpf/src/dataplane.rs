@@ -475,7 +475,9 @@ fn outbound_port(flow: &Flow, cfg: &DatapathConfig) -> Option<u16> {
         direction: NAT_INBOUND,
         tcp_state: state,
     };
-    // The reply slot for our own port first.
+    // The reply slot for our own port first, if it is one we may use (ICMP ids are not
+    // ranged: the host's ping sockets pick theirs from the whole space anyway).
+    let own_ok = flow.ip.proto == IPPROTO_ICMP || cfg.nat_port_ok(flow.sport);
     let mut translated = NatEntry {
         last_seen_ns: now,
         addr: cfg.uplink_ip,
@@ -486,14 +488,13 @@ fn outbound_port(flow: &Flow, cfg: &DatapathConfig) -> Option<u16> {
     let mut reply = NatKey::reply_of(&key, &translated);
     let mut found = false;
     for i in 0..=NAT_PROBES {
-        if i > 0 {
+        if i > 0 || !own_ok {
             // SAFETY: plain helper call.
             let r = unsafe { bpf_get_prandom_u32() };
             reply.dst_port = if flow.ip.proto == IPPROTO_ICMP {
                 r as u16
             } else {
-                // Above the well-known ports.
-                (1024 + r % (65536 - 1024)) as u16
+                cfg.nat_port(r)
             }
             .to_be();
         }

@@ -66,6 +66,12 @@ pub(super) struct UpArgs {
     /// Capacity of the eBPF NAT table, in entries (two per flow).
     #[arg(long, value_name = "ENTRIES")]
     nat_table_size: Option<u32>,
+    /// Source ports translated flows get, MIN-MAX; apart from the host's ephemeral ports
+    /// (net.ipv4.ip_local_port_range) and other micropod networks' here. Omitted: the
+    /// network's own, or for a new one the longest free run above 1023 (1024-32767 with
+    /// the kernel's default sysctl).
+    #[arg(long, value_name = "MIN-MAX")]
+    nat_ports: Option<micropod::network::PortRange>,
     /// TAPs to keep ready for attaches (0: none); omitted, a network keeps its size
     /// (16 for a new one).
     #[arg(long, value_name = "N")]
@@ -73,7 +79,7 @@ pub(super) struct UpArgs {
     /// Bring up the network on record with its recorded settings (after a reboot the
     /// records survive, the kernel's objects do not), or with the defaults if none is on
     /// record: for boot units. Takes no settings of its own.
-    #[arg(long, conflicts_with_all = ["bridge", "subnet", "uplink", "datapath", "nat_table_size", "pool"])]
+    #[arg(long, conflicts_with_all = ["bridge", "subnet", "uplink", "datapath", "nat_table_size", "nat_ports", "pool"])]
     restore: bool,
     /// Print the resulting status as JSON.
     #[arg(long)]
@@ -146,6 +152,7 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                 },
                 nat_entries: args.nat_table_size,
                 pool: args.pool,
+                nat_ports: args.nat_ports,
             };
             let done = rt.block_on(network.up_reporting(&req))?;
             up_report(network, &rt, &done, &[], args.json)?;
@@ -186,6 +193,7 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                     }
                 }
                 println!("nat table  ip {}", n.nft_table);
+                println!("nat ports  {}", n.nat_ports);
                 println!(
                     "addresses  {} used, {} free of {}",
                     n.ipam.used, n.ipam.free, n.ipam.capacity

@@ -36,6 +36,7 @@ use serde::Serialize;
 use super::{DatapathError, Direction, batch};
 use crate::net::{
     Netlink,
+    ports::PortRange,
     tc::{self, FilterSlot, Hook},
 };
 
@@ -77,6 +78,8 @@ pub struct PlaneSettings {
     pub uplink: Option<(String, u32, Ipv4Addr)>,
     /// Capacity of the NAT table in entries (two per flow).
     pub nat_entries: u32,
+    /// The ports TCP and UDP flows are translated to.
+    pub nat_ports: PortRange,
 }
 
 /// One endpoint as `network attach` hands it to the data plane.
@@ -318,6 +321,8 @@ impl DataPlane {
             tcp_closing_timeout_s: TCP_CLOSING_TIMEOUT_S,
             udp_timeout_s: UDP_TIMEOUT_S,
             icmp_timeout_s: ICMP_TIMEOUT_S,
+            nat_port_min: settings.nat_ports.min,
+            nat_port_max: settings.nat_ports.max,
         };
         let mut map: Array<MapData, DatapathConfig> = self.open(CONFIG_MAP)?;
         map.set(0, &config, 0).map_err(map_err(CONFIG_MAP))

@@ -44,6 +44,12 @@ pub enum LinkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("cannot set the alias of interface index {index}")]
+    SetAlias {
+        index: u32,
+        #[source]
+        source: rtnetlink::Error,
+    },
     #[error("cannot list interfaces")]
     List {
         #[source]
@@ -113,6 +119,8 @@ pub struct LinkSummary {
     pub kind: Option<String>,
     pub mac: Option<[u8; 6]>,
     pub up: bool,
+    /// `IFLA_IFALIAS`, if set.
+    pub alias: Option<String>,
 }
 
 impl LinkSummary {
@@ -124,12 +132,14 @@ impl LinkSummary {
             kind: None,
             mac: None,
             up: msg.header.flags.contains(LinkFlags::Up),
+            alias: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => summary.name.clone_from(name),
                 LinkAttribute::Controller(index) => summary.controller = Some(*index),
                 LinkAttribute::Address(mac) => summary.mac = <[u8; 6]>::try_from(&mac[..]).ok(),
+                LinkAttribute::IfAlias(alias) => summary.alias = Some(alias.clone()),
                 LinkAttribute::LinkInfo(infos) => {
                     summary.kind = infos.iter().find_map(|info| match info {
                         LinkInfo::Kind(kind) => Some(kind.to_string()),
@@ -153,6 +163,16 @@ pub async fn list(nl: &Netlink) -> Result<Vec<LinkSummary>, LinkError> {
         .try_collect()
         .await
         .map_err(|source| LinkError::List { source })
+}
+
+/// Sets the link's alias (`IFLA_IFALIAS`).
+pub async fn set_alias(nl: &Netlink, index: u32, alias: &str) -> Result<(), LinkError> {
+    nl.handle()
+        .link()
+        .set(LinkUnspec::new_with_index(index).alias(alias).build())
+        .execute()
+        .await
+        .map_err(|source| LinkError::SetAlias { index, source })
 }
 
 /// Makes the link called `name` a port of `controller` and brings it up, in one request

@@ -8,6 +8,7 @@ pub mod naming;
 pub mod netlink;
 pub mod netns;
 pub mod nftables;
+pub mod ports;
 pub mod route;
 pub mod sysctl;
 pub mod tap;

@@ -20,7 +20,9 @@ use ipnetwork::Ipv4Network;
 use mnl::CbResult;
 use nftnl::{
     Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule,
-    Table, nft_expr,
+    Table,
+    expr::{Immediate, Register},
+    nft_expr,
 };
 
 use super::link::{self, IFNAME_MAX, LinkError};
@@ -46,6 +48,8 @@ pub struct Masquerade<'a> {
     pub subnet: Ipv4Network,
     /// Traffic leaving through this interface (guest to guest) keeps its source address.
     pub bridge: &'a str,
+    /// The source ports translated flows get (TCP, UDP; ICMP echo ids too).
+    pub ports: super::ports::PortRange,
 }
 
 /// One request inside a batch (or the batch itself), to say which one the kernel refused.
@@ -129,8 +133,10 @@ pub enum NftError {
 
 /// Atomically (one netlink batch = one nf_tables transaction) (re)creates table `ip <table>`
 /// holding exactly one base chain `postrouting` (type nat, hook postrouting, priority 100 =
-/// srcnat, policy accept) with exactly one rule:
-/// `ip saddr <subnet> oifname != "<bridge>" counter masquerade`.
+/// srcnat, policy accept) with exactly three rules:
+/// `ip saddr <subnet> oifname != "<bridge>" meta l4proto tcp counter masquerade to :<ports>`,
+/// the same for udp, and `ip saddr <subnet> oifname != "<bridge>" counter masquerade` for the
+/// rest (`nft` itself only maps ports after a protocol match).
 ///
 /// Idempotent: whatever the table held before (even chains or rules added by hand) is replaced.
 /// Acts on the calling thread's network namespace; needs CAP_NET_ADMIN there.
@@ -144,17 +150,8 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
     chain.set_hook(Hook::PostRouting, SRCNAT_PRIORITY);
     chain.set_policy(Policy::Accept);
 
-    let mut rule = Rule::new(&chain);
-    rule.add_expr(&nft_expr!(payload ipv4 saddr));
-    let (mask, network) = saddr_match(m.subnet);
-    if let Some(mask) = mask {
-        rule.add_expr(&nft_expr!(bitwise mask mask, xor Ipv4Addr::UNSPECIFIED));
-    }
-    rule.add_expr(&nft_expr!(cmp == network));
-    rule.add_expr(&nft_expr!(meta oifname));
-    rule.add_expr(&nft_expr!(cmp != &oifname[..]));
-    rule.add_expr(&nft_expr!(counter));
-    rule.add_expr(&nft_expr!(masquerade));
+    let rules = [Some(libc::IPPROTO_TCP), Some(libc::IPPROTO_UDP), None]
+        .map(|proto| masquerade_rule(&chain, m, &oifname, proto));
 
     let mut tx = Transaction::default();
     // Add first so the delete cannot fail with ENOENT, then delete so the table starts empty:
@@ -163,8 +160,46 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
     tx.add(&table, MsgType::Del, Step::DeleteTable);
     tx.add(&table, MsgType::Add, Step::AddTable);
     tx.add(&chain, MsgType::Add, Step::AddChain);
-    tx.add(&rule, MsgType::Add, Step::AddRule);
+    for rule in &rules {
+        tx.add(rule, MsgType::Add, Step::AddRule);
+    }
     tx.run(m.table)
+}
+
+/// One rule of the chain: for TCP or UDP (`proto`) with the port range, else for the rest
+/// (ICMP and anything else without ports nf_tables could map).
+fn masquerade_rule<'c>(
+    chain: &'c Chain<'_>,
+    m: &Masquerade<'_>,
+    oifname: &[u8],
+    proto: Option<i32>,
+) -> Rule<'c> {
+    let mut rule = Rule::new(chain);
+    rule.add_expr(&nft_expr!(payload ipv4 saddr));
+    let (mask, network) = saddr_match(m.subnet);
+    if let Some(mask) = mask {
+        rule.add_expr(&nft_expr!(bitwise mask mask, xor Ipv4Addr::UNSPECIFIED));
+    }
+    rule.add_expr(&nft_expr!(cmp == network));
+    rule.add_expr(&nft_expr!(meta oifname));
+    rule.add_expr(&nft_expr!(cmp != oifname));
+    if let Some(proto) = proto {
+        rule.add_expr(&nft_expr!(meta l4proto));
+        rule.add_expr(&nft_expr!(cmp == proto as u8));
+    }
+    rule.add_expr(&nft_expr!(counter));
+    if proto.is_some() {
+        // Ports go into the registers in network order, as `nft` puts them.
+        rule.add_expr(&Immediate::new(m.ports.min.to_be_bytes(), Register::Reg1));
+        rule.add_expr(&Immediate::new(m.ports.max.to_be_bytes(), Register::Reg2));
+        rule.add_expr(&sys::nft::MasqueradePorts {
+            min: Register::Reg1,
+            max: Register::Reg2,
+        });
+    } else {
+        rule.add_expr(&nft_expr!(masquerade));
+    }
+    rule
 }
 
 /// Deletes table `ip <table>` with everything in it; `Ok(false)` when it did not exist.

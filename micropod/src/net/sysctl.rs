@@ -1,4 +1,5 @@
-//! The one sysctl micropod needs: IPv4 forwarding.
+//! The sysctls micropod needs: IPv4 forwarding (written) and the host's ephemeral ports
+//! (read).
 //!
 //! `/proc/sys/net` shows the network namespace of the thread that opens it, so these act on the
 //! caller's namespace.
@@ -6,6 +7,7 @@
 use std::{io, path::PathBuf};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IP_LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysctlError {
@@ -15,6 +17,8 @@ pub enum SysctlError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot understand {path}: {value:?}")]
+    Parse { path: PathBuf, value: String },
     #[error("cannot write {path} (needs root in this network namespace)")]
     Write {
         path: PathBuf,
@@ -40,5 +44,19 @@ pub fn set_ip_forward(on: bool) -> Result<(), SysctlError> {
             path: IP_FORWARD.into(),
             source,
         }
+    })
+}
+
+/// `net.ipv4.ip_local_port_range`: the ports the host's own sockets are given when they do
+/// not bind one.
+pub fn ip_local_port_range() -> Result<super::ports::PortRange, SysctlError> {
+    let value =
+        std::fs::read_to_string(IP_LOCAL_PORT_RANGE).map_err(|source| SysctlError::Read {
+            path: IP_LOCAL_PORT_RANGE.into(),
+            source,
+        })?;
+    value.parse().map_err(|_| SysctlError::Parse {
+        path: IP_LOCAL_PORT_RANGE.into(),
+        value,
     })
 }

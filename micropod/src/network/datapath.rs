@@ -85,6 +85,7 @@ impl super::Network {
             bridge_mac: Mac::for_ip(cfg.gateway).0,
             uplink,
             nat_entries: cfg.nat_entries,
+            nat_ports: cfg.nat_ports(),
         };
         let datapath = |e| UpError::Datapath(Box::new(e));
         // Pins of another layout (made by another version of micropod) would be misread:

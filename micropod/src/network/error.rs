@@ -4,14 +4,14 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use super::BR_MAX_PORTS;
+use super::{BR_MAX_PORTS, model::MIN_NAT_PORTS};
 use crate::{
     datapath::{DatapathError, RemoveError},
     ipam::IpamError,
     net::{
         NetlinkError, NetnsError, addr::AddrError, bridge::BridgeError, link::LinkError,
-        naming::InvalidName, nftables::NftError, route::RouteError, sysctl::SysctlError,
-        tap::TapError, veth::VethError,
+        naming::InvalidName, nftables::NftError, ports::PortRange, route::RouteError,
+        sysctl::SysctlError, tap::TapError, veth::VethError,
     },
     state::StateError,
 };
@@ -129,6 +129,27 @@ pub enum InputError {
     UnknownUplink { name: String },
     #[error("--nat-table-size {value} is out of range; use {min}..={max} entries (two per flow)")]
     NatEntries { value: u32, min: u32, max: u32 },
+    #[error("--nat-ports {ports} holds {len} port(s); give at least {min}")]
+    NatPortsTooFew {
+        ports: PortRange,
+        len: u32,
+        min: u32,
+    },
+    #[error(
+        "--nat-ports {ports} overlaps the host's own ephemeral ports {ephemeral} (net.ipv4.ip_local_port_range): a translated flow could take a host connection's addresses and ports; choose ports outside them"
+    )]
+    NatPortsEphemeral {
+        ports: PortRange,
+        ephemeral: PortRange,
+    },
+    #[error(
+        "--nat-ports {ports} overlaps {theirs}, the NAT ports of network {bridge} in this namespace: flows of both would collide on the uplink's address; choose ports apart from them"
+    )]
+    NatPortsTaken {
+        ports: PortRange,
+        bridge: String,
+        theirs: PortRange,
+    },
     #[error("--pool {value} is out of range; use 0 (no pool) to {max} TAPs")]
     Pool { value: u32, max: u32 },
     #[error(transparent)]
@@ -182,6 +203,22 @@ pub enum UpError {
         current: String,
         requested: String,
         endpoints: usize,
+    },
+    #[error(
+        "no run of {min} free ports is left for NAT above 1023: the host's ephemeral ports are {ephemeral} (net.ipv4.ip_local_port_range){others}; give --nat-ports MIN-MAX (at least {MIN_NAT_PORTS} ports) or narrow that sysctl"
+    )]
+    NoNatPorts {
+        min: u32,
+        ephemeral: PortRange,
+        others: String,
+    },
+    #[error("cannot read the host's ephemeral port range")]
+    EphemeralPorts(#[source] SysctlError),
+    #[error("cannot record the NAT ports on bridge {bridge}")]
+    BridgeAlias {
+        bridge: String,
+        #[source]
+        source: Box<LinkError>,
     },
     #[error("cannot create bridge {name}")]
     CreateBridge {

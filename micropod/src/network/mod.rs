@@ -45,10 +45,10 @@ pub use error::{AttachError, InputError, NetnsStep, NetworkError, TeardownError,
 pub use model::{
     ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_POOL, DEFAULT_SUBNET,
     DETACH_INTENT, DatapathMode, DetachIntent, Endpoint, EndpointKind, MAX_POOL, Mac, NetnsRef,
-    NetworkConfig, NetworkDoc, NetworkHead, Phase, PooledTap, REAPER_LOCK, REAPER_LOG, REFILL_LOCK,
-    REFILL_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC, UplinkChoice, endpoint_link_ip,
-    kernel_ip_arg, link_name, nft_table_name, pool_group, pool_link, pool_link_name, retired_link,
-    retired_link_name, valid_endpoint_name,
+    NetworkConfig, NetworkDoc, NetworkHead, Phase, PooledTap, PortRange, REAPER_LOCK, REAPER_LOG,
+    REFILL_LOCK, REFILL_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC, UplinkChoice,
+    endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, pool_group, pool_link,
+    pool_link_name, retired_link, retired_link_name, valid_endpoint_name,
 };
 pub use pool::REFILL_COMMAND;
 pub use retire::REAP_COMMAND;
@@ -84,6 +84,10 @@ pub struct UpRequest {
     pub nat_entries: Option<u32>,
     /// TAPs to keep ready; `None` keeps the network's current size (16 for a new one).
     pub pool: Option<u32>,
+    /// The ports translated flows get; `None` keeps the network's (a new one takes the
+    /// largest run above 1023 that the host's ephemeral ports and the other networks here
+    /// leave free).
+    pub nat_ports: Option<PortRange>,
 }
 
 impl Default for UpRequest {
@@ -95,6 +99,7 @@ impl Default for UpRequest {
             datapath: DatapathMode::Auto,
             nat_entries: None,
             pool: None,
+            nat_ports: None,
         }
     }
 }
@@ -183,6 +188,8 @@ pub struct NetworkStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datapath_note: Option<String>,
     pub nat_table_size: u32,
+    /// The source ports translated flows get, `MIN-MAX`.
+    pub nat_ports: String,
     pub nft_table: String,
     pub ipam: IpamUsage,
     pub endpoints: Vec<EndpointView>,
@@ -274,6 +281,7 @@ impl Network {
                     datapath: doc.head.active_datapath,
                     datapath_note: doc.head.datapath_note.clone(),
                     nat_table_size: doc.head.config.nat_entries,
+                    nat_ports: doc.head.config.nat_ports().to_string(),
                     nft_table: doc.head.nft_table.clone(),
                     ipam: doc.ipam.usage(),
                     endpoints: doc

@@ -11,6 +11,7 @@ pub use crate::net::naming::{
     EndpointKind, Mac, RETIRED_LINK_GROUP, endpoint_link_ip, link_name, pool_group, pool_link,
     pool_link_name, retired_link, retired_link_name, valid_endpoint_name,
 };
+pub use crate::net::ports::PortRange;
 use crate::{
     ipam::{Ipam, IpamError},
     net::NetnsId,
@@ -134,7 +135,31 @@ pub struct NetworkConfig {
     /// How many TAPs to keep ready ([`PooledTap`]); 0: none, every attach makes its own.
     #[serde(default = "default_pool")]
     pub pool: u32,
+    /// The source ports flows are translated to (both data paths); `None` only in records
+    /// from before ranges were recorded, until the next `up` chooses one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_ports: Option<PortRange>,
 }
+
+impl NetworkConfig {
+    /// [`Self::nat_ports`], or what micropod used before ranges were recorded.
+    #[must_use]
+    pub fn nat_ports(&self) -> PortRange {
+        self.nat_ports.unwrap_or(LEGACY_NAT_PORTS)
+    }
+}
+
+/// The translated ports before they were kept apart from the host's: all above 1023.
+pub(super) const LEGACY_NAT_PORTS: PortRange = PortRange {
+    min: 1024,
+    max: u16::MAX,
+};
+/// Fewest ports `--nat-ports` may name: each is one flow per remote address and port.
+pub(super) const MIN_NAT_PORTS: u32 = 64;
+/// Fewest ports `up` chooses by itself, else it asks for `--nat-ports`.
+pub(super) const MIN_AUTO_NAT_PORTS: u32 = 1024;
+/// Translated ports start above the well-known ones.
+pub(super) const NAT_PORTS_FLOOR: u16 = 1024;
 
 fn default_pool() -> u32 {
     DEFAULT_POOL

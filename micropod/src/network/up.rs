@@ -73,6 +73,11 @@ impl super::Network {
             None => None,
         };
         let uplink = resolve_uplink(&nl, &req.uplink).await?;
+        let recorded_ports = existing
+            .as_ref()
+            .filter(|d| d.head.config.bridge == req.bridge)
+            .and_then(|d| d.head.config.nat_ports);
+        let nat_ports = choose_nat_ports(&nl, &req.bridge, req.nat_ports, recorded_ports).await?;
         let config = NetworkConfig {
             bridge: req.bridge.clone(),
             subnet,
@@ -84,15 +89,18 @@ impl super::Network {
                 .pool
                 .or_else(|| existing.as_ref().map(|d| d.head.config.pool))
                 .unwrap_or(DEFAULT_POOL),
+            nat_ports: Some(nat_ports),
         };
         // The pool's size is not a setting of the network's shape: it changes in place.
         later.refill = config.pool > 0;
 
         if let Some(doc) = &existing {
-            // `--uplink auto` follows the default route, so it is not a change of settings.
+            // `--uplink auto` follows the default route, so it is not a change of settings;
+            // nor are the pool's size and the NAT ports (both change in place).
             let same = NetworkConfig {
                 uplink: config.uplink.clone(),
                 pool: config.pool,
+                nat_ports: config.nat_ports,
                 ..doc.head.config.clone()
             } == config
                 && (req.uplink == UplinkChoice::Auto || doc.head.config.uplink == config.uplink);
@@ -256,6 +264,7 @@ impl super::Network {
                 datapath: cfg.datapath,
                 nat_entries: Some(cfg.nat_entries),
                 pool: Some(cfg.pool),
+                nat_ports: cfg.nat_ports,
             }
         }))
     }
@@ -339,6 +348,13 @@ impl super::Network {
                     })?
             }
         };
+        // The alias tells another network's `up` here which ports this one translates to.
+        link::set_alias(nl, index, &cfg.nat_ports().bridge_alias())
+            .await
+            .map_err(|source| UpError::BridgeAlias {
+                bridge: cfg.bridge.clone(),
+                source: Box::new(source),
+            })?;
         let gateway = Ipv4Network::new(cfg.gateway, cfg.subnet.prefix())
             .expect("the prefix comes from a valid subnet");
         addr::ensure(nl, index, IpNetwork::V4(gateway))
@@ -353,6 +369,7 @@ impl super::Network {
             table: &head.nft_table,
             subnet: cfg.subnet,
             bridge: &cfg.bridge,
+            ports: cfg.nat_ports(),
         })
         .map_err(|e| UpError::Masquerade(Box::new(e)))?;
         Ok(made)
@@ -621,6 +638,15 @@ fn made_by_us(
 /// The bridges of other micropod networks in this namespace (bridges with micropod's MAC
 /// prefix `02:6d`, which `up` gives every bridge it makes), other than `own`.
 async fn other_networks_here(nl: &Netlink, own: &str) -> Result<Vec<String>, link::LinkError> {
+    Ok(other_bridges(nl, own)
+        .await?
+        .into_iter()
+        .map(|l| l.name)
+        .collect())
+}
+
+/// The bridges of the other micropod networks in this namespace.
+async fn other_bridges(nl: &Netlink, own: &str) -> Result<Vec<link::LinkSummary>, link::LinkError> {
     Ok(link::list(nl)
         .await?
         .into_iter()
@@ -629,6 +655,76 @@ async fn other_networks_here(nl: &Netlink, own: &str) -> Result<Vec<String>, lin
                 && l.kind.as_deref() == Some("bridge")
                 && l.mac.is_some_and(|m| m[..2] == [0x02, 0x6d])
         })
-        .map(|l| l.name)
         .collect())
+}
+
+/// The ports the network's flows are translated to: those asked for, else those on record,
+/// else the longest run above 1023 that the host's ephemeral ports and the other micropod
+/// networks in this namespace (their bridges' aliases) leave free. Kept apart from both, a
+/// translated flow can never take the 5-tuple of a host connection or of another network's
+/// flow on the same uplink address (which share no NAT table with this one).
+async fn choose_nat_ports(
+    nl: &Netlink,
+    own_bridge: &str,
+    asked: Option<PortRange>,
+    recorded: Option<PortRange>,
+) -> Result<PortRange, NetworkError> {
+    let ephemeral = sysctl::ip_local_port_range().map_err(UpError::EphemeralPorts)?;
+    let others: Vec<(String, PortRange)> = other_bridges(nl, own_bridge)
+        .await
+        .map_err(|e| NetworkError::Links(Box::new(e)))?
+        .into_iter()
+        .filter_map(|l| {
+            let ports = l.alias.as_deref().and_then(PortRange::from_bridge_alias)?;
+            Some((l.name, ports))
+        })
+        .collect();
+    let taken_by = |p: PortRange| others.iter().find(|(_, o)| o.overlaps(p));
+    if let Some(ports) = asked {
+        if ports.count() < MIN_NAT_PORTS {
+            return Err(InputError::NatPortsTooFew {
+                ports,
+                len: ports.count(),
+                min: MIN_NAT_PORTS,
+            }
+            .into());
+        }
+        if ports.overlaps(ephemeral) {
+            return Err(InputError::NatPortsEphemeral { ports, ephemeral }.into());
+        }
+        if let Some((bridge, theirs)) = taken_by(ports) {
+            return Err(InputError::NatPortsTaken {
+                ports,
+                bridge: bridge.clone(),
+                theirs: *theirs,
+            }
+            .into());
+        }
+        return Ok(ports);
+    }
+    if let Some(ports) = recorded
+        && taken_by(ports).is_none()
+    {
+        if ports.overlaps(ephemeral) {
+            log::warn!(
+                "the NAT ports {ports} overlap the host's ephemeral ports {ephemeral} (net.ipv4.ip_local_port_range changed?); `network up --nat-ports` chooses others"
+            );
+        }
+        return Ok(ports);
+    }
+    let mut taken = vec![ephemeral];
+    taken.extend(others.iter().map(|(_, o)| *o));
+    crate::net::ports::largest_free(NAT_PORTS_FLOOR, &taken)
+        .filter(|p| p.count() >= MIN_AUTO_NAT_PORTS)
+        .ok_or_else(|| {
+            UpError::NoNatPorts {
+                min: MIN_AUTO_NAT_PORTS,
+                ephemeral,
+                others: others
+                    .iter()
+                    .map(|(b, p)| format!(", network {b} uses {p}"))
+                    .collect(),
+            }
+            .into()
+        })
 }
