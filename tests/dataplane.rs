@@ -1002,14 +1002,24 @@ fn repeated_up_keeps_the_ebpf_data_path_and_the_uplink_link() {
 /// A micropod of another data path layout (another version) must not misread the pins: every
 /// command that opens them refuses and says to run `network up`, which replaces them while the
 /// endpoints stay attached and keep working.
+/// Pins of another layout are refused by every reader, and `up` upgrades them in place while
+/// an endpoint streams UDP through the NAT: one paced datagram every 2 ms, the longest gap
+/// at the server < 100 ms, the same translated port throughout (the NAT flow was kept), the
+/// endpoint's counters carried over. The test layout (`MICROPOD_TEST_LAYOUT`) also changes a
+/// map's definition (the counters' capacity), so the upgrade copies that map and reuses the
+/// others. Then a downgrade, in place too.
 #[test]
-fn pins_of_another_layout_are_refused_and_replaced_by_up() {
+fn pins_of_another_layout_are_refused_and_upgraded_in_place_by_up() {
     let net = NetLab::new("layout");
     net.up(&[]);
     let ns = NsGuard::new("layout-ep");
+    ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"))
+        .unwrap();
     net.attach_netns("ep", &ns, &[]);
     assert!(ping(&ns, SERVER_ADDR));
     let env = micropod::datapath::LAYOUT_ENV;
+    let own = micropod_common::DATAPATH_LAYOUT;
+    let newer = (own + 1).to_string();
     let pins = net.dirs.pins.join("micropod");
     let layout = || -> Vec<String> {
         std::fs::read_dir(&pins)
@@ -1019,8 +1029,8 @@ fn pins_of_another_layout_are_refused_and_replaced_by_up() {
             .filter(|n| n.starts_with(micropod::datapath::LAYOUT_PREFIX))
             .collect()
     };
-    assert_eq!(layout(), ["layout-1"]);
-    let refused = |layout: &str, args: &[&str], found: &str| {
+    assert_eq!(layout(), [format!("layout-{own}")]);
+    let refused = |layout: &str, args: &[&str], found: u32| {
         let out = net.micropod(args).env(env, layout).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -1032,9 +1042,9 @@ fn pins_of_another_layout_are_refused_and_replaced_by_up() {
             "{args:?}: {stderr}"
         );
     };
-    // A newer micropod (layout 2) meets the pins of layout 1.
-    refused("2", &["stats", "--json"], "1");
-    refused("2", &["network", "attach", "b", "--kind", "tap"], "1");
+    // A newer micropod meets the pins of this one.
+    refused(&newer, &["stats", "--json"], own);
+    refused(&newer, &["network", "attach", "b", "--kind", "tap"], own);
     let names: Vec<Value> = net
         .json(["network", "ls", "--json"])
         .as_array()
@@ -1042,33 +1052,103 @@ fn pins_of_another_layout_are_refused_and_replaced_by_up() {
         .clone();
     assert_eq!(names.len(), 1, "the refused attach left nothing: {names:?}");
 
-    let out = net
-        .micropod(["network", "up", "--json"])
-        .env(env, "2")
-        .output()
+    // The stream: from a port outside the NAT ports, so its flow has a random translated
+    // port, which a flow made anew would not keep.
+    let server = net.internet.udp(SocketAddr::from((SERVER_ADDR, UDP_PORT)));
+    server
+        .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
+    let client = ns.udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 40000)));
+    const SENT: u32 = 1500;
+    const PACE: Duration = Duration::from_millis(2);
+    let (arrivals, up, upgrade_took) = thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = server.recv_from(&mut buf) {
+                if n == 4 {
+                    let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                    got.push((seq, Instant::now(), from));
+                }
+            }
+            got
+        });
+        let sender = s.spawn(|| {
+            let start = Instant::now();
+            for seq in 0..SENT {
+                let due = start + PACE * seq;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    thread::sleep(wait);
+                }
+                client
+                    .send_to(&seq.to_be_bytes(), (SERVER_ADDR, UDP_PORT))
+                    .unwrap();
+            }
+        });
+        thread::sleep(Duration::from_secs(1));
+        let started = Instant::now();
+        let out = net
+            .micropod(["network", "up", "--json"])
+            .env(env, &newer)
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        sender.join().unwrap();
+        (receiver.join().unwrap(), out, took)
+    });
     assert!(
-        out.status.success(),
+        up.status.success(),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&up.stderr)
     );
-    let up: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let up: Value = serde_json::from_slice(&up.stdout).unwrap();
+    let note = up["network"]["datapath_note"].as_str().unwrap_or_default();
     assert_eq!(up["network"]["datapath"], "ebpf", "{up}");
     assert!(
-        up["network"]["datapath_note"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("replaced the data path of layout 1"),
+        note.contains(&format!(
+            "upgraded the data path from layout {own} to {newer} in place"
+        )) && note.contains("NAT")
+            && note.contains("EP_COUNTERS")
+            && !note.contains("not kept"),
         "{up}"
     );
-    assert_eq!(layout(), ["layout-2"]);
-    assert!(
-        ping(&ns, SERVER_ADDR),
-        "the endpoint works on the new data path"
+    assert_eq!(layout(), [format!("layout-{newer}")]);
+
+    let gap = arrivals.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap();
+    let peers: BTreeSet<SocketAddr> = arrivals.iter().map(|a| a.2).collect();
+    // The interruption is the longest run of datagrams that never arrived, at the pace they
+    // were sent; gaps between arrivals also count the threads' scheduling on a busy machine.
+    let seqs: BTreeSet<u32> = arrivals.iter().map(|a| a.0).collect();
+    let mut run = 0u32;
+    let mut longest = 0u32;
+    for seq in 0..SENT {
+        run = if seqs.contains(&seq) { 0 } else { run + 1 };
+        longest = longest.max(run);
+    }
+    let interruption = PACE * longest;
+    eprintln!(
+        "upgrade in place: `up` took {upgrade_took:?}; {} of {SENT} datagrams arrived; interruption {interruption:?} (longest gap between arrivals {gap:?}); translated as {peers:?}",
+        arrivals.len()
     );
+    assert!(
+        interruption < Duration::from_millis(100),
+        "the stream stopped for {interruption:?}"
+    );
+    assert!(
+        arrivals.len() as u32 >= SENT - 50,
+        "{} of {SENT} arrived",
+        arrivals.len()
+    );
+    assert_eq!(peers.len(), 1, "one NAT flow throughout: {peers:?}");
+    assert_ne!(
+        peers.first().unwrap().port(),
+        40000,
+        "outside the NAT ports, the client's port is translated"
+    );
+
     let out = net
         .micropod(["stats", "--json"])
-        .env(env, "2")
+        .env(env, &newer)
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -1076,15 +1156,21 @@ fn pins_of_another_layout_are_refused_and_replaced_by_up() {
     let ep = &stats["endpoints"][0];
     assert_eq!(ep["name"], "ep");
     assert!(
-        counter(ep, "tx_packets") > 0,
-        "counted on the new maps: {ep}"
+        counter(ep, "tx_packets") >= u64::from(SENT) - 50,
+        "the counters carried over the upgrade: {ep}"
+    );
+    assert!(
+        counter(&stats["nat"], "flows") >= 1,
+        "the flow is in the new NAT table: {stats}"
     );
 
     // The older micropod (a downgrade) refuses the newer pins, and its `up` puts its own back.
-    refused("1", &["stats", "--json"], "2");
+    refused(&own.to_string(), &["stats", "--json"], own + 1);
     net.up(&[]);
-    assert_eq!(layout(), ["layout-1"]);
+    assert_eq!(layout(), [format!("layout-{own}")]);
     assert!(ping(&ns, SERVER_ADDR));
+    let ep = &net.json(["stats", "--json"])["endpoints"][0];
+    assert!(counter(ep, "tx_packets") >= u64::from(SENT), "{ep}");
 }
 
 /// The NAT ports `network status` reports.
@@ -1096,9 +1182,11 @@ fn nat_ports(net: &NetLab) -> std::ops::RangeInclusive<u16> {
 }
 
 /// A host connection to the server from its ephemeral port P, then an endpoint connecting to
-/// the same server port from P too: the endpoint's flow is translated to a port of the
-/// network's NAT range (never the host's P, which the SNAT would otherwise keep, taking the
-/// host connection's 5-tuple), and both connections keep working.
+/// the same server port from P too: both connections keep working, and the endpoint's flow
+/// is translated to another port. On eBPF that is a port of the network's NAT range, apart
+/// from the host's ephemeral ports (the SNAT kept P before, taking the host connection's
+/// 5-tuple: the host's connection died); on netfilter conntrack sees the host's connection
+/// and picks another port itself.
 fn translated_flows_keep_off_the_hosts_ports(datapath: &str) {
     let lab = Lab::new(&format!("hostports-{datapath}"), datapath, 1, &[]);
     let ports = nat_ports(&lab.net);
@@ -1111,11 +1199,19 @@ fn translated_flows_keep_off_the_hosts_ports(datapath: &str) {
     .map(|p| p.parse().unwrap())
     .collect();
     assert_eq!(ephemeral, [32768, 60999], "the kernel's default");
-    assert_eq!(
-        ports,
-        1024..=32767,
-        "the largest run the host's ports leave"
-    );
+    if datapath == "ebpf" {
+        assert_eq!(
+            ports,
+            1024..=32767,
+            "the largest run the host's ports leave"
+        );
+    } else {
+        assert_eq!(
+            ports,
+            32768..=65535,
+            "conntrack keeps clients' ports where it can"
+        );
+    }
     let peers = tcp_echo(&lab.net.internet, HTTP_PORT + 1);
     let mut host = lab
         .net
@@ -1149,6 +1245,11 @@ fn translated_flows_keep_off_the_hosts_ports(datapath: &str) {
         "the host's own"
     );
     assert_eq!(peers[1].ip(), std::net::IpAddr::V4(UPLINK_ADDR));
+    assert_ne!(
+        peers[1].port(),
+        p,
+        "the endpoint's flow took the host's port"
+    );
     assert!(
         ports.contains(&peers[1].port()),
         "the endpoint's flow got port {}, outside the NAT ports {ports:?}",

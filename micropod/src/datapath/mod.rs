@@ -7,7 +7,7 @@ mod plane;
 pub use counter::{Direction, SourceCounter, read_pinned_counters};
 pub use plane::{
     DataPlane, EndpointStats, LAYOUT_ENV, LAYOUT_PREFIX, NatTableStats, OBJECT_ENV, PORT_FILTER,
-    PlaneSettings, PortSpec, RemoveError,
+    PlaneSettings, PortSpec, RemoveError, UpgradeReport,
 };
 
 use aya::{Ebpf, EbpfLoader};
@@ -33,6 +33,18 @@ pub enum DatapathError {
         dir: std::path::PathBuf,
         found: u32,
         expected: u32,
+    },
+    #[error("cannot move the pinned map {path} aside for the upgrade")]
+    MoveAside {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot move the hook pinned at {path} to the new program")]
+    UpdateLink {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot record the data path's layout in {path}")]
     WriteLayout {

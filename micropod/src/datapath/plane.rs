@@ -27,9 +27,9 @@ use aya::{
 use ipnetwork::Ipv4Network;
 use micropod_common::{
     CONFIG_MAP, DATAPATH_LAYOUT, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP, Endpoint,
-    EndpointCounters, ICMP_TIMEOUT_S, Ipv4Key, NAT_INBOUND, NAT_MAP, NAT_OUTBOUND, NAT_STATS_MAP,
-    NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP,
-    TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
+    EndpointCounters, ICMP_TIMEOUT_S, Ipv4Key, MAX_ENDPOINTS, NAT_INBOUND, NAT_MAP, NAT_OUTBOUND,
+    NAT_STATS_MAP, NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM,
+    PORTS_MAP, TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
 };
 use serde::Serialize;
 
@@ -166,6 +166,31 @@ fn own_layout() -> u32 {
         .unwrap_or(DATAPATH_LAYOUT)
 }
 
+/// The two halves of carrying a map's entries over in [`DataPlane::upgrade`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    BeforeSwap,
+    AfterSwap,
+}
+
+/// `BPF_NOEXIST`: an update that only adds.
+const BPF_NOEXIST: u64 = 1;
+
+/// What [`DataPlane::upgrade`] kept of the data path it replaced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpgradeReport {
+    pub from: u32,
+    pub to: u32,
+    /// Maps used as they were, entries untouched.
+    pub reused: Vec<&'static str>,
+    /// Maps recreated with the old entries copied in (the settings map is written anew).
+    pub copied: Vec<&'static str>,
+    /// Maps recreated empty: their entry types changed, so the old entries could not be kept.
+    pub dropped: Vec<&'static str>,
+    /// Hooks moved to the new programs.
+    pub hooks: usize,
+}
+
 /// Counters of one endpoint, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct EndpointStats {
@@ -263,17 +288,13 @@ impl DataPlane {
     }
 
     fn try_install(&self, settings: &PlaneSettings) -> Result<(), DatapathError> {
-        let object = object()?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(NAT_MAP, settings.nat_entries)
-            .load(&object)
-            .map_err(DatapathError::Load)?;
-        for dir in ["maps", "progs", "links"] {
-            let path = self.dir.join(dir);
-            std::fs::create_dir_all(&path).map_err(|source| DatapathError::PinDir {
-                path: path.clone(),
-                source,
-            })?;
+        self.make_dirs()?;
+        // Maps left pinned (a repair) are used if they fit; those that do not start afresh.
+        let (mut ebpf, moved) = self.load_pinned(settings)?;
+        for name in moved {
+            if let Err(e) = remove_pin(&self.old_map_path(name)) {
+                log::warn!("{}", crate::error_chain(&e));
+            }
         }
         for name in PROGRAMS {
             let program: &mut SchedClassifier = ebpf
@@ -289,18 +310,303 @@ impl DataPlane {
                 .pin(&path)
                 .map_err(|source| DatapathError::Pin { path, source })?;
         }
+        self.record_layout()?;
+        self.configure(settings)?;
+        self.attach_network_hooks(settings)
+    }
+
+    fn make_dirs(&self) -> Result<(), DatapathError> {
+        for dir in ["maps", "progs", "links"] {
+            let path = self.dir.join(dir);
+            std::fs::create_dir_all(&path).map_err(|source| DatapathError::PinDir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Marks the pins as this build's layout, and only this one.
+    fn record_layout(&self) -> Result<(), DatapathError> {
+        let own = format!("{LAYOUT_PREFIX}{}", own_layout());
+        let path = self.dir.join(&own);
+        std::fs::create_dir_all(&path)
+            .map_err(|source| DatapathError::WriteLayout { path, source })?;
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(LAYOUT_PREFIX) && name != own {
+                    let path = entry.path();
+                    std::fs::remove_dir(&path)
+                        .map_err(|source| DatapathError::WriteLayout { path, source })?;
+                }
+            }
+        }
+        let _ = self.layout_ok.set(());
+        Ok(())
+    }
+
+    /// Loads the object with every map at its pin: a pinned map that fits the object's
+    /// definition is used as it is, a missing one is created and pinned. A pinned map that
+    /// does not fit (another layout's) is moved to `maps/old-<NAME>` first, for
+    /// [`Self::upgrade`] to copy from; the names moved are returned.
+    fn load_pinned(
+        &self,
+        settings: &PlaneSettings,
+    ) -> Result<(aya::Ebpf, Vec<&'static str>), DatapathError> {
+        let object = object()?;
+        let mut moved = Vec::new();
+        loop {
+            let mut loader = EbpfLoader::new();
+            loader.map_max_entries(NAT_MAP, settings.nat_entries);
+            if own_layout() != DATAPATH_LAYOUT {
+                // The test layout differs in a map's definition too, so that an upgrade
+                // between it and this build's has a map to migrate.
+                loader.map_max_entries(ENDPOINT_COUNTERS_MAP, MAX_ENDPOINTS + own_layout());
+            }
+            for name in MAPS {
+                loader.map_pin_path(name, self.map_path(name));
+            }
+            match loader.load(&object) {
+                Ok(ebpf) => return Ok((ebpf, moved)),
+                Err(aya::EbpfError::MapError(MapError::IncompatiblePinnedMap { name, .. })) => {
+                    let Some(name) = MAPS.iter().copied().find(|m| *m == name) else {
+                        return Err(DatapathError::MissingMap("(unknown)"));
+                    };
+                    if moved.contains(&name) {
+                        return Err(DatapathError::MissingMap(name));
+                    }
+                    let (from, to) = (self.map_path(name), self.old_map_path(name));
+                    std::fs::rename(&from, &to)
+                        .map_err(|source| DatapathError::MoveAside { path: from, source })?;
+                    moved.push(name);
+                }
+                Err(e) => return Err(DatapathError::Load(e)),
+            }
+        }
+    }
+
+    /// Upgrades (or downgrades) a data path of another layout in place, while its endpoints
+    /// keep running: loads this build's object onto the pinned maps that still fit, recreates
+    /// the others and copies their entries over where the entry types are the same, then
+    /// moves every hook to the new programs atomically (the uplink's TCX link by
+    /// `BPF_LINK_UPDATE`, each port's filter by a netlink replace of the same slot), and
+    /// only then pins the new programs and records the layout. `ports` are the endpoints
+    /// (their map entries are written again if those maps could not be kept); `hooked` are
+    /// all ports carrying the port programs (endpoints and pooled TAPs): (ifindex, name).
+    /// A failure leaves the old programs running on every hook not yet moved; a later `up`
+    /// tries again.
+    pub async fn upgrade(
+        &self,
+        nl: &Netlink,
+        settings: &PlaneSettings,
+        ports: &[PortSpec<'_>],
+        hooked: &[(u32, String)],
+    ) -> Result<UpgradeReport, DatapathError> {
+        let mut report = UpgradeReport {
+            from: self.installed_layout().unwrap_or(0),
+            to: own_layout(),
+            ..UpgradeReport::default()
+        };
+        self.make_dirs()?;
+        // Copies an upgrade that died left behind are the maps' previous contents.
+        let mut aside: Vec<&'static str> = MAPS
+            .iter()
+            .copied()
+            .filter(|m| self.old_map_path(m).exists())
+            .collect();
+        let (mut ebpf, moved) = self.load_pinned(settings)?;
+        for m in moved {
+            if !aside.contains(&m) {
+                aside.push(m);
+            }
+        }
+        // The maps are this build's from here on (the layout is recorded at the end).
+        let _ = self.layout_ok.set(());
         for name in MAPS {
-            let path = self.map_path(name);
-            ebpf.map(name)
-                .ok_or(DatapathError::MissingMap(name))?
+            if !aside.contains(&name) {
+                report.reused.push(name);
+            } else if name == CONFIG_MAP || self.migrate(name, Phase::BeforeSwap)? {
+                report.copied.push(name);
+            } else {
+                report.dropped.push(name);
+            }
+        }
+        if report.dropped.contains(&ENDPOINTS_MAP) || report.dropped.contains(&PORTS_MAP) {
+            for spec in ports {
+                self.write_entries(spec)?;
+            }
+        }
+        self.configure(settings)?;
+        for name in PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::ProgramType { name, source })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::LoadProgram { name, source })?;
+        }
+        let fd = |ebpf: &aya::Ebpf, name: &'static str| -> Result<_, DatapathError> {
+            let program: &SchedClassifier = ebpf
+                .program(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::ProgramType { name, source })?;
+            program
+                .fd()
+                .map_err(|source| DatapathError::OpenProgram {
+                    path: self.prog_path(name),
+                    source,
+                })?
+                .try_clone()
+                .map_err(|source| DatapathError::OpenProgram {
+                    path: self.prog_path(name),
+                    source: aya::programs::ProgramError::IOError(source),
+                })
+        };
+        let uplink = fd(&ebpf, UPLINK_INGRESS_PROGRAM)?;
+        let ingress = fd(&ebpf, PORT_INGRESS_PROGRAM)?;
+        let egress = fd(&ebpf, PORT_EGRESS_PROGRAM)?;
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("links")) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let c_path =
+                    std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
+                        DatapathError::UpdateLink {
+                            path: path.clone(),
+                            source: std::io::Error::other(e),
+                        }
+                    })?;
+                crate::sys::bpf::update_pinned_link(&c_path, uplink.as_fd())
+                    .map_err(|source| DatapathError::UpdateLink { path, source })?;
+                report.hooks += 1;
+            }
+        }
+        for (ifindex, name) in hooked {
+            tc::add_clsact(nl, *ifindex).await?;
+            for (program, hook, fd) in [
+                (PORT_INGRESS_PROGRAM, Hook::Ingress, &ingress),
+                (PORT_EGRESS_PROGRAM, Hook::Egress, &egress),
+            ] {
+                tc::replace_bpf(nl, *ifindex, hook, PORT_FILTER, fd.as_fd(), program).await?;
+                report.hooks += 1;
+            }
+            log::debug!("{name}: port programs replaced");
+        }
+        // What the old programs counted and created until their hooks moved.
+        for name in aside {
+            if report.copied.contains(&name) && name != CONFIG_MAP {
+                self.migrate(name, Phase::AfterSwap)?;
+            }
+            let path = self.old_map_path(name);
+            remove_pin(&path).map_err(|e| DatapathError::MoveAside {
+                path: path.clone(),
+                source: std::io::Error::other(crate::error_chain(&e)),
+            })?;
+        }
+        for name in PROGRAMS {
+            let path = self.prog_path(name);
+            remove_pin(&path).map_err(|e| DatapathError::MoveAside {
+                path: path.clone(),
+                source: std::io::Error::other(crate::error_chain(&e)),
+            })?;
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::ProgramType { name, source })?;
+            program
                 .pin(&path)
                 .map_err(|source| DatapathError::Pin { path, source })?;
         }
-        let path = self.dir.join(format!("{LAYOUT_PREFIX}{}", own_layout()));
-        std::fs::create_dir_all(&path)
-            .map_err(|source| DatapathError::WriteLayout { path, source })?;
-        self.configure(settings)?;
-        self.attach_network_hooks(settings)
+        self.record_layout()?;
+        Ok(report)
+    }
+
+    /// Carries the entries of `maps/old-<name>` over into the map `name`, in two phases
+    /// around the hooks' move: before it, what the new programs need to find (endpoints,
+    /// ports, NAT flows, and zeroed counters, which they add to); after it, what the old
+    /// programs wrote meanwhile (flows they created; their counters, added in). Entries
+    /// already in the new map are kept (a retried upgrade). `false` if the entry types differ
+    /// (another layout changed them), so the entries cannot be kept.
+    fn migrate(&self, name: &'static str, phase: Phase) -> Result<bool, DatapathError> {
+        let old = self.old_map_path(name);
+        let open_old = || -> Result<Map, DatapathError> {
+            let data = MapData::from_pin(&old).map_err(|source| DatapathError::OpenPinned {
+                path: old.clone(),
+                source,
+            })?;
+            Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned {
+                path: old.clone(),
+                source,
+            })
+        };
+        let cpus = nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?.get() as usize;
+        macro_rules! copy_missing {
+            ($k:ty, $v:ty) => {{
+                let Ok(from) = HashMap::<MapData, $k, $v>::try_from(open_old()?) else {
+                    return Ok(false);
+                };
+                let mut to: HashMap<MapData, $k, $v> = self.open(name)?;
+                for item in from.iter() {
+                    let (k, v) = item.map_err(map_err(name))?;
+                    ignore_exists(to.insert(&k, &v, BPF_NOEXIST)).map_err(map_err(name))?;
+                }
+            }};
+        }
+        match (name, phase) {
+            (PORTS_MAP, Phase::BeforeSwap) => copy_missing!(u32, Endpoint),
+            (ENDPOINTS_MAP, Phase::BeforeSwap) => copy_missing!(Ipv4Key, Endpoint),
+            (NAT_MAP, _) => copy_missing!(NatKey, NatEntry),
+            (ENDPOINT_COUNTERS_MAP, phase) => {
+                let Ok(from) =
+                    PerCpuHashMap::<MapData, Ipv4Key, EndpointCounters>::try_from(open_old()?)
+                else {
+                    return Ok(false);
+                };
+                let mut to: PerCpuHashMap<MapData, Ipv4Key, EndpointCounters> = self.open(name)?;
+                for item in from.iter() {
+                    let (k, old) = item.map_err(map_err(name))?;
+                    let values: Vec<EndpointCounters> = match phase {
+                        Phase::BeforeSwap => vec![EndpointCounters::default(); cpus],
+                        Phase::AfterSwap => {
+                            let now = to.get(&k, 0).map_err(map_err(name))?;
+                            now.iter().zip(old.iter()).map(|(n, o)| n.plus(o)).collect()
+                        }
+                    };
+                    let values = PerCpuValues::try_from(values).map_err(DatapathError::Cpus)?;
+                    let flags = match phase {
+                        Phase::BeforeSwap => BPF_NOEXIST,
+                        Phase::AfterSwap => 0,
+                    };
+                    ignore_exists(to.insert(&k, values, flags)).map_err(map_err(name))?;
+                }
+            }
+            (NAT_STATS_MAP, phase) => {
+                let Ok(from) = PerCpuArray::<MapData, NatStats>::try_from(open_old()?) else {
+                    return Ok(false);
+                };
+                if phase == Phase::AfterSwap {
+                    let mut to: PerCpuArray<MapData, NatStats> = self.open(name)?;
+                    let now = to.get(&0, 0).map_err(map_err(name))?;
+                    let old = from.get(&0, 0).map_err(map_err(name))?;
+                    let sum: Vec<NatStats> =
+                        now.iter().zip(old.iter()).map(|(n, o)| n.plus(o)).collect();
+                    let sum = PerCpuValues::try_from(sum).map_err(DatapathError::Cpus)?;
+                    to.set(0, sum, 0).map_err(map_err(name))?;
+                }
+            }
+            (PORTS_MAP | ENDPOINTS_MAP, Phase::AfterSwap) => {}
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn old_map_path(&self, name: &str) -> PathBuf {
+        self.dir.join("maps").join(format!("old-{name}"))
     }
 
     /// Writes the settings map; the programs read it on every packet.
@@ -389,6 +695,18 @@ impl DataPlane {
         counters
             .insert(&key, zero, 0)
             .map_err(map_err(ENDPOINT_COUNTERS_MAP))?;
+        self.write_entries(spec)
+    }
+
+    /// An endpoint's entries in the endpoint and port maps (its counters untouched).
+    fn write_entries(&self, spec: &PortSpec<'_>) -> Result<(), DatapathError> {
+        let ep = Endpoint {
+            ip: spec.ip.octets(),
+            ifindex: spec.ifindex,
+            mac: spec.mac,
+            _pad: [0; 2],
+        };
+        let key = Ipv4Key { addr: ep.ip };
         let mut endpoints: HashMap<MapData, Ipv4Key, Endpoint> = self.open(ENDPOINTS_MAP)?;
         endpoints
             .insert(&key, &ep, 0)
@@ -779,6 +1097,14 @@ fn object() -> Result<std::borrow::Cow<'static, [u8]>, DatapathError> {
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
+}
+
+/// Treats "already there" as done: a migration keeps what the new map holds.
+fn ignore_exists(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other,
+    }
 }
 
 /// Treats "no such key" as done: removal is idempotent.

@@ -89,20 +89,11 @@ impl super::Network {
         };
         let datapath = |e| UpError::Datapath(Box::new(e));
         // Pins of another layout (made by another version of micropod) would be misread:
-        // replaced whole. The endpoints stay attached (their ports are hooked again below),
-        // but their counters and the NAT flows start afresh.
+        // upgraded in place, while the endpoints keep running; replaced whole (counters and
+        // NAT flows lost) only if that fails.
         let mut note = note;
         if plane.is_installed() && !plane.layout_matches() {
-            let found = plane.installed_layout().unwrap_or(0);
-            for problem in plane.remove() {
-                log::warn!(
-                    "while replacing the data path of layout {found}: {}",
-                    crate::error_chain(&problem)
-                );
-            }
-            let said = format!(
-                "replaced the data path of layout {found} (another micropod's): endpoint counters and NAT flows were not kept"
-            );
+            let said = self.upgrade_datapath(nl, doc, plane, &settings).await?;
             log::info!("{said}");
             note = Some(note.map_or_else(|| said.clone(), |n| format!("{n}; {said}")));
         }
@@ -128,6 +119,68 @@ impl super::Network {
             }
         }
         Ok(note)
+    }
+
+    /// [`DataPlane::upgrade`] with the network's ports; on failure, the data path is
+    /// replaced whole. Returns what happened, in one line.
+    async fn upgrade_datapath(
+        &self,
+        nl: &Netlink,
+        doc: &NetworkDoc,
+        plane: &DataPlane,
+        settings: &PlaneSettings,
+    ) -> Result<String, NetworkError> {
+        let found = plane.installed_layout().unwrap_or(0);
+        let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+        let mut specs = Vec::new();
+        let mut hooked = Vec::new();
+        for ep in doc.endpoints.values() {
+            if let Some(ifindex) = probe.index(&ep.link).map_err(NetworkError::Probe)? {
+                specs.push(port_spec(ep, ifindex));
+                hooked.push((ifindex, ep.link.clone()));
+            }
+        }
+        for pooled in &doc.pool {
+            if let Some(ifindex) = probe.index(&pooled.name).map_err(NetworkError::Probe)? {
+                hooked.push((ifindex, pooled.name.clone()));
+            }
+        }
+        match plane.upgrade(nl, settings, &specs, &hooked).await {
+            Ok(r) => {
+                let mut kept: Vec<&str> = r.reused.iter().chain(&r.copied).copied().collect();
+                kept.retain(|m| *m != micropod_common::CONFIG_MAP);
+                let mut said = format!(
+                    "upgraded the data path from layout {} to {} in place ({} hooks moved atomically); kept: {}",
+                    r.from,
+                    r.to,
+                    r.hooks,
+                    kept.join(", ")
+                );
+                if !r.dropped.is_empty() {
+                    said += &format!(
+                        "; not kept (their entries changed type): {}",
+                        r.dropped.join(", ")
+                    );
+                }
+                Ok(said)
+            }
+            Err(err) => {
+                log::warn!(
+                    "cannot upgrade the data path of layout {found} in place, replacing it: {}",
+                    crate::error_chain(&err)
+                );
+                for problem in plane.remove() {
+                    log::warn!(
+                        "while replacing the data path of layout {found}: {}",
+                        crate::error_chain(&problem)
+                    );
+                }
+                Ok(format!(
+                    "replaced the data path of layout {found} (another micropod's; an upgrade in place failed: {}): endpoint counters and NAT flows were not kept",
+                    crate::error_chain(&err)
+                ))
+            }
+        }
     }
 
     /// Forgets an endpoint in the eBPF maps (a no-op on the netfilter data path); logs what

@@ -136,7 +136,7 @@ pub enum InputError {
         min: u32,
     },
     #[error(
-        "--nat-ports {ports} overlaps the host's own ephemeral ports {ephemeral} (net.ipv4.ip_local_port_range): a translated flow could take a host connection's addresses and ports; choose ports outside them"
+        "--nat-ports {ports} overlaps the host's own ephemeral ports {ephemeral} (net.ipv4.ip_local_port_range): the eBPF data path's translated flows could take a host connection's addresses and ports; choose ports outside them (with --datapath netfilter, conntrack keeps them apart and any ports will do)"
     )]
     NatPortsEphemeral {
         ports: PortRange,

@@ -160,6 +160,9 @@ pub(super) const MIN_NAT_PORTS: u32 = 64;
 pub(super) const MIN_AUTO_NAT_PORTS: u32 = 1024;
 /// Translated ports start above the well-known ones.
 pub(super) const NAT_PORTS_FLOOR: u16 = 1024;
+/// Where a netfilter network's ports start by default: the usual ephemeral ports and above,
+/// so that conntrack can keep clients' own ports.
+pub(super) const CONNTRACK_NAT_PORTS_FLOOR: u16 = 32768;
 
 fn default_pool() -> u32 {
     DEFAULT_POOL

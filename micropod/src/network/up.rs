@@ -75,9 +75,18 @@ impl super::Network {
         let uplink = resolve_uplink(&nl, &req.uplink).await?;
         let recorded_ports = existing
             .as_ref()
-            .filter(|d| d.head.config.bridge == req.bridge)
+            .filter(|d| {
+                d.head.config.bridge == req.bridge && d.head.config.datapath == req.datapath
+            })
             .and_then(|d| d.head.config.nat_ports);
-        let nat_ports = choose_nat_ports(&nl, &req.bridge, req.nat_ports, recorded_ports).await?;
+        let nat_ports = choose_nat_ports(
+            &nl,
+            &req.bridge,
+            req.datapath,
+            req.nat_ports,
+            recorded_ports,
+        )
+        .await?;
         let config = NetworkConfig {
             bridge: req.bridge.clone(),
             subnet,
@@ -659,16 +668,23 @@ async fn other_bridges(nl: &Netlink, own: &str) -> Result<Vec<link::LinkSummary>
 }
 
 /// The ports the network's flows are translated to: those asked for, else those on record,
-/// else the longest run above 1023 that the host's ephemeral ports and the other micropod
-/// networks in this namespace (their bridges' aliases) leave free. Kept apart from both, a
-/// translated flow can never take the 5-tuple of a host connection or of another network's
-/// flow on the same uplink address (which share no NAT table with this one).
+/// else chosen apart from the other micropod networks in this namespace (their bridges'
+/// aliases), whose NAT tables know nothing of this one's flows on the same uplink address.
+///
+/// The eBPF SNAT also keeps apart from the host's ephemeral ports: the kernel does not know
+/// its flows, so a host connection could take a translated flow's 5-tuple, or the reverse.
+/// It takes the longest run above 1023 left free (1024-32767 with the default sysctl).
+/// conntrack (`--datapath netfilter`) knows both the host's connections and its own
+/// translations and keeps them apart itself; there the range starts at 32768 so that
+/// clients' usual ports can be kept (a narrow range would run out under TIME_WAIT).
 async fn choose_nat_ports(
     nl: &Netlink,
     own_bridge: &str,
+    datapath: DatapathMode,
     asked: Option<PortRange>,
     recorded: Option<PortRange>,
 ) -> Result<PortRange, NetworkError> {
+    let conntrack = datapath == DatapathMode::Netfilter;
     let ephemeral = sysctl::ip_local_port_range().map_err(UpError::EphemeralPorts)?;
     let others: Vec<(String, PortRange)> = other_bridges(nl, own_bridge)
         .await
@@ -689,7 +705,7 @@ async fn choose_nat_ports(
             }
             .into());
         }
-        if ports.overlaps(ephemeral) {
+        if !conntrack && ports.overlaps(ephemeral) {
             return Err(InputError::NatPortsEphemeral { ports, ephemeral }.into());
         }
         if let Some((bridge, theirs)) = taken_by(ports) {
@@ -705,15 +721,23 @@ async fn choose_nat_ports(
     if let Some(ports) = recorded
         && taken_by(ports).is_none()
     {
-        if ports.overlaps(ephemeral) {
+        if !conntrack && ports.overlaps(ephemeral) {
             log::warn!(
                 "the NAT ports {ports} overlap the host's ephemeral ports {ephemeral} (net.ipv4.ip_local_port_range changed?); `network up --nat-ports` chooses others"
             );
         }
         return Ok(ports);
     }
-    let mut taken = vec![ephemeral];
-    taken.extend(others.iter().map(|(_, o)| *o));
+    let mut taken: Vec<PortRange> = others.iter().map(|(_, o)| *o).collect();
+    if conntrack {
+        if let Some(upper) = PortRange::new(CONNTRACK_NAT_PORTS_FLOOR, u16::MAX)
+            && taken_by(upper).is_none()
+        {
+            return Ok(upper);
+        }
+    } else {
+        taken.push(ephemeral);
+    }
     crate::net::ports::largest_free(NAT_PORTS_FLOOR, &taken)
         .filter(|p| p.count() >= MIN_AUTO_NAT_PORTS)
         .ok_or_else(|| {

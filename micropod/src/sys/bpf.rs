@@ -14,6 +14,17 @@ use aya::Pod;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// The `link_update` member of `union bpf_attr` (`BPF_LINK_UPDATE`).
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
 
 /// The `obj` member of `union bpf_attr` (`BPF_OBJ_GET`).
 #[repr(C)]
@@ -55,26 +66,7 @@ const _: () = assert!(size_of::<TcxLinkInfo>() == 24);
 /// (ifindex, 0 once the device is gone) and the attach type (`BPF_TCX_INGRESS` 46,
 /// `BPF_TCX_EGRESS` 47).
 pub(crate) fn pinned_link(path: &CStr) -> io::Result<(u32, u32, u32)> {
-    let mut get = ObjAttr {
-        pathname: path.as_ptr() as u64,
-        ..ObjAttr::default()
-    };
-    // SAFETY: `get` is a valid `bpf_attr.obj` of the size passed, naming a NUL-terminated
-    // path that outlives the call; the kernel only reads it and returns a new fd.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw mut get,
-            size_of::<ObjAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).expect("fds fit an int");
-    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = obj_get(path)?;
     let mut info = TcxLinkInfo::default();
     let mut attr = InfoAttr {
         bpf_fd: u32::try_from(fd.as_raw_fd()).expect("fds are not negative"),
@@ -95,6 +87,55 @@ pub(crate) fn pinned_link(path: &CStr) -> io::Result<(u32, u32, u32)> {
         return Err(io::Error::last_os_error());
     }
     Ok((info.prog_id, info.ifindex, info.attach_type))
+}
+
+/// Opens the BPF object pinned at `path`.
+fn obj_get(path: &CStr) -> io::Result<OwnedFd> {
+    let mut get = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..ObjAttr::default()
+    };
+    // SAFETY: `get` is a valid `bpf_attr.obj` of the size passed, naming a NUL-terminated
+    // path that outlives the call; the kernel only reads it and returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut get,
+            size_of::<ObjAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).expect("fds fit an int");
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes the link pinned at `path` run `program` instead of its current one, atomically: the
+/// hook never runs neither (`BPF_LINK_UPDATE`).
+pub(crate) fn update_pinned_link(path: &CStr, program: BorrowedFd<'_>) -> io::Result<()> {
+    let link = obj_get(path)?;
+    let mut attr = LinkUpdateAttr {
+        link_fd: u32::try_from(link.as_raw_fd()).expect("fds are not negative"),
+        new_prog_fd: u32::try_from(program.as_raw_fd()).expect("fds are not negative"),
+        ..LinkUpdateAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.link_update` of the size passed; both fds are
+    // open for the call; the kernel only reads it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw mut attr,
+            size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The `batch` member of `union bpf_attr`.
