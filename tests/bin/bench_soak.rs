@@ -823,21 +823,39 @@ struct Attached {
     name: String,
 }
 
-/// How the exporter fared over the run.
-#[derive(Default)]
-struct ExporterWatch {
+/// How the exporter and the counts fared over the run: every scrape also takes all counts,
+/// so the table can show that the run really filled the maps (a peak above the baseline).
+struct Watch<'a> {
+    namespaces: &'a [NsGuard],
     scrapes: usize,
     rss_peak_kib: u64,
     fds_peak: u64,
+    /// The largest value of each count, in [`take_counts`]'s order.
+    peaks: Vec<u64>,
 }
 
-impl ExporterWatch {
+impl<'a> Watch<'a> {
+    fn new(namespaces: &'a [NsGuard]) -> Self {
+        Self {
+            namespaces,
+            scrapes: 0,
+            rss_peak_kib: 0,
+            fds_peak: 0,
+            peaks: Vec::new(),
+        }
+    }
+
     fn scrape(&mut self, lab: &Lab, exporter: &Exporter, endpoints: usize) -> anyhow::Result<()> {
         exporter.scrape(lab, endpoints)?;
         self.scrapes += 1;
         let (rss, hwm) = exporter.memory_kib()?;
         self.rss_peak_kib = self.rss_peak_kib.max(rss).max(hwm);
         self.fds_peak = self.fds_peak.max(exporter.fds()?);
+        let counts = take_counts(lab, exporter, self.namespaces)?;
+        self.peaks.resize(counts.len(), 0);
+        for (peak, c) in self.peaks.iter_mut().zip(&counts) {
+            *peak = (*peak).max(c.value);
+        }
         Ok(())
     }
 }
@@ -892,7 +910,7 @@ fn detach(lab: &Lab, ep: &Attached) -> anyhow::Result<()> {
 fn endpoint_cycles(
     lab: &Lab,
     exporter: &Exporter,
-    watch: &mut ExporterWatch,
+    watch: &mut Watch<'_>,
     t: &Traffic<'_>,
     cycles: usize,
 ) -> anyhow::Result<Duration> {
@@ -936,7 +954,7 @@ struct VmTimes {
 fn vm_cycles(
     lab: &Lab,
     exporter: &Exporter,
-    watch: &mut ExporterWatch,
+    watch: &mut Watch<'_>,
     first: usize,
     vms: usize,
     parallel: usize,
@@ -1088,7 +1106,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         BODY,
     );
     let exporter = Exporter::start(&lab)?;
-    let mut watch = ExporterWatch::default();
+    let mut watch = Watch::new(&namespaces);
     lab.net().host.run(|| {
         retry(
             "the exporter's first answer",
@@ -1113,6 +1131,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     }
     let baseline = take_counts(&lab, &exporter, &namespaces)?;
     let baseline_rss = baseline[1].value;
+    // Peaks of the run proper, from the baseline on.
+    watch.peaks = baseline.iter().map(|c| c.value).collect();
 
     eprintln!(
         "{} attach/detach cycles (netns and TAP alternating, up to {WINDOW} attached)…",
@@ -1166,10 +1186,12 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         let rows: Vec<Value> = baseline
             .iter()
             .zip(&end)
-            .map(|(b, e)| {
+            .zip(&watch.peaks)
+            .map(|((b, e), peak)| {
                 json!({
                     "name": b.name,
                     "baseline": b.value,
+                    "peak": peak,
                     "end": e.value,
                     "slack": b.slack,
                     "ok": e.value <= b.value + b.slack && e.value >= b.value.saturating_sub(b.slack),
@@ -1236,15 +1258,16 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             end[0].value
         );
         println!(
-            "  {:<26} {:>10} {:>10} {:>8}",
-            "", "baseline", "end", "slack"
+            "  {:<28} {:>10} {:>10} {:>10} {:>8}",
+            "", "baseline", "peak", "end", "slack"
         );
-        for (b, e) in baseline.iter().zip(&end) {
+        for ((b, e), peak) in baseline.iter().zip(&end).zip(&watch.peaks) {
             let ok = e.value <= b.value + b.slack && e.value >= b.value.saturating_sub(b.slack);
             println!(
-                "  {:<26} {:>10} {:>10} {:>8}  {}",
+                "  {:<28} {:>10} {:>10} {:>10} {:>8}  {}",
                 b.name,
                 b.value,
+                peak,
                 e.value,
                 b.slack,
                 if ok { "ok" } else { "NOT BACK" }
