@@ -346,12 +346,7 @@ pub(super) async fn delete_link(
 /// Fails unless the process has CAP_NET_ADMIN in its effective set.
 pub fn check_privileges() -> Result<(), NetworkError> {
     const CAP_NET_ADMIN: u32 = 12;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
+    let effective = crate::sys::effective_capabilities().unwrap_or(0);
     if effective & (1 << CAP_NET_ADMIN) != 0 {
         Ok(())
     } else {

@@ -6,7 +6,7 @@
 //! - [`net`]: the tun ioctls and `SIOCGIFINDEX` on one [`IfReq`], the `SIOCGIFINDEX`
 //!   socket, `SO_RCVTIMEO`, `NS_GET_NSTYPE`, `poll`.
 //! - [`process`]: pidfds, the `pre_exec` hooks (`setsid`, `PR_SET_PDEATHSIG`), `getrandom`,
-//!   the `SIGPIPE` disposition.
+//!   `capget`, the `SIGPIPE` disposition.
 //! - [`kvm`]: the KVM probe's two ioctls.
 //! - [`bpf`]: `BPF_MAP_LOOKUP_BATCH` (an `unsafe fn`: only the caller knows the map's element
 //!   sizes) and reading a [`Pod`](aya::Pod) from map bytes.
@@ -26,7 +26,7 @@ pub(crate) use self::{
         tun_get_iff, tun_set_iff, tun_set_owner, tun_set_persist,
     },
     process::{
-        die_on_sigpipe, getrandom, kill_on_parent_death, pidfd_open, pidfd_send_signal,
-        setsid_on_exec,
+        die_on_sigpipe, effective_capabilities, getrandom, kill_on_parent_death, pidfd_open,
+        pidfd_send_signal, setsid_on_exec,
     },
 };

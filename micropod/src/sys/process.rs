@@ -100,3 +100,53 @@ pub(crate) fn getrandom(buf: &mut [u8]) -> io::Result<usize> {
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`: one of the two 32-bit halves of each set.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, in two [`CapData`].
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// This thread's effective capability set (`capget`; cheaper than reading
+/// `/proc/self/status`, which every command did before its first netlink request).
+pub(crate) fn effective_capabilities() -> io::Result<u64> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: `header` and `data` are the structs capget(2) takes for version 3 (two data
+    // elements), live for the call; the kernel writes only into them.
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(data[1].effective) << 32 | u64::from(data[0].effective))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn capget_reads_the_effective_set_proc_shows() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let shown = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(super::effective_capabilities().unwrap(), shown);
+    }
+}
