@@ -40,6 +40,12 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot remove the pin {path}")]
+    Unpin {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot move the hook pinned at {path} to the new program")]
     UpdateLink {
         path: std::path::PathBuf,

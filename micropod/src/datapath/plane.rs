@@ -297,11 +297,7 @@ impl DataPlane {
             }
         }
         for name in PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::ProgramType { name, source })?;
+            let program = classifier(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| DatapathError::LoadProgram { name, source })?;
@@ -440,60 +436,36 @@ impl DataPlane {
         }
         self.configure(settings)?;
         for name in PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::ProgramType { name, source })?;
+            let program = classifier(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| DatapathError::LoadProgram { name, source })?;
         }
-        let fd = |ebpf: &aya::Ebpf, name: &'static str| -> Result<_, DatapathError> {
-            let program: &SchedClassifier = ebpf
-                .program(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::ProgramType { name, source })?;
-            program
+        let mut fd = |name: &'static str| -> Result<_, DatapathError> {
+            let open_err = |source| DatapathError::OpenProgram {
+                path: self.prog_path(name),
+                source,
+            };
+            classifier(&mut ebpf, name)?
                 .fd()
-                .map_err(|source| DatapathError::OpenProgram {
-                    path: self.prog_path(name),
-                    source,
-                })?
+                .map_err(open_err)?
                 .try_clone()
-                .map_err(|source| DatapathError::OpenProgram {
-                    path: self.prog_path(name),
-                    source: aya::programs::ProgramError::IOError(source),
-                })
+                .map_err(|e| open_err(aya::programs::ProgramError::IOError(e)))
         };
-        let uplink = fd(&ebpf, UPLINK_INGRESS_PROGRAM)?;
-        let ingress = fd(&ebpf, PORT_INGRESS_PROGRAM)?;
-        let egress = fd(&ebpf, PORT_EGRESS_PROGRAM)?;
+        let uplink = fd(UPLINK_INGRESS_PROGRAM)?;
+        let ingress = fd(PORT_INGRESS_PROGRAM)?;
+        let egress = fd(PORT_EGRESS_PROGRAM)?;
         if let Ok(entries) = std::fs::read_dir(self.dir.join("links")) {
             for entry in entries.flatten() {
                 let path = entry.path();
-                let c_path =
-                    std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
-                        DatapathError::UpdateLink {
-                            path: path.clone(),
-                            source: std::io::Error::other(e),
-                        }
-                    })?;
-                crate::sys::bpf::update_pinned_link(&c_path, uplink.as_fd())
+                crate::sys::bpf::update_pinned_link(&path, uplink.as_fd())
                     .map_err(|source| DatapathError::UpdateLink { path, source })?;
                 report.hooks += 1;
             }
         }
         for (ifindex, name) in hooked {
-            tc::add_clsact(nl, *ifindex).await?;
-            for (program, hook, fd) in [
-                (PORT_INGRESS_PROGRAM, Hook::Ingress, &ingress),
-                (PORT_EGRESS_PROGRAM, Hook::Egress, &egress),
-            ] {
-                tc::replace_bpf(nl, *ifindex, hook, PORT_FILTER, fd.as_fd(), program).await?;
-                report.hooks += 1;
-            }
+            hook_filters(nl, *ifindex, ingress.as_fd(), egress.as_fd()).await?;
+            report.hooks += 2;
             log::debug!("{name}: port programs replaced");
         }
         // What the old programs counted and created until their hooks moved.
@@ -501,23 +473,12 @@ impl DataPlane {
             if report.copied.contains(&name) && name != CONFIG_MAP {
                 self.migrate(name, Phase::AfterSwap)?;
             }
-            let path = self.old_map_path(name);
-            remove_pin(&path).map_err(|e| DatapathError::MoveAside {
-                path: path.clone(),
-                source: std::io::Error::other(crate::error_chain(&e)),
-            })?;
+            unpin(&self.old_map_path(name))?;
         }
         for name in PROGRAMS {
             let path = self.prog_path(name);
-            remove_pin(&path).map_err(|e| DatapathError::MoveAside {
-                path: path.clone(),
-                source: std::io::Error::other(crate::error_chain(&e)),
-            })?;
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::ProgramType { name, source })?;
+            unpin(&path)?;
+            let program = classifier(&mut ebpf, name)?;
             program
                 .pin(&path)
                 .map_err(|source| DatapathError::Pin { path, source })?;
@@ -728,19 +689,24 @@ impl DataPlane {
                 log::warn!("removing a TCX link pin of {}: {e}", spec.port);
             }
         }
-        tc::add_clsact(nl, spec.ifindex).await?;
-        for (name, hook) in [
-            (PORT_INGRESS_PROGRAM, Hook::Ingress),
-            (PORT_EGRESS_PROGRAM, Hook::Egress),
-        ] {
-            let program = self.program(name)?;
-            let fd = program.fd().map_err(|source| DatapathError::OpenProgram {
+        let ingress = self.program(PORT_INGRESS_PROGRAM)?;
+        let egress = self.program(PORT_EGRESS_PROGRAM)?;
+        let open_err = |name| {
+            move |source| DatapathError::OpenProgram {
                 path: self.prog_path(name),
                 source,
-            })?;
-            tc::replace_bpf(nl, spec.ifindex, hook, PORT_FILTER, fd.as_fd(), name).await?;
-        }
-        Ok(())
+            }
+        };
+        hook_filters(
+            nl,
+            spec.ifindex,
+            ingress
+                .fd()
+                .map_err(open_err(PORT_INGRESS_PROGRAM))?
+                .as_fd(),
+            egress.fd().map_err(open_err(PORT_EGRESS_PROGRAM))?.as_fd(),
+        )
+        .await
     }
 
     /// Whether the port carries both port programs in [`PORT_FILTER`] (an independent check
@@ -986,8 +952,7 @@ impl DataPlane {
             Direction::Egress => BPF_TCX_EGRESS,
         };
         if let Ok(info) = program.info()
-            && let Ok(c_path) = std::ffi::CString::new(link_path.as_os_str().as_encoded_bytes())
-            && crate::sys::bpf::pinned_link(&c_path).ok() == Some((info.id(), ifindex, tcx_type))
+            && crate::sys::bpf::pinned_link(&link_path).ok() == Some((info.id(), ifindex, tcx_type))
         {
             return Ok(());
         }
@@ -1148,6 +1113,46 @@ fn is_absent(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
     )
+}
+
+/// The TC classifier `name` of a loaded object.
+fn classifier<'e>(
+    ebpf: &'e mut aya::Ebpf,
+    name: &'static str,
+) -> Result<&'e mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::ProgramType { name, source })
+}
+
+/// Puts the port programs on a port's `clsact` hooks, in [`PORT_FILTER`], replacing what is
+/// in that slot (a netlink replace: the hook never runs neither program).
+async fn hook_filters(
+    nl: &Netlink,
+    ifindex: u32,
+    ingress: std::os::fd::BorrowedFd<'_>,
+    egress: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), DatapathError> {
+    tc::add_clsact(nl, ifindex).await?;
+    for (name, hook, fd) in [
+        (PORT_INGRESS_PROGRAM, Hook::Ingress, ingress),
+        (PORT_EGRESS_PROGRAM, Hook::Egress, egress),
+    ] {
+        tc::replace_bpf(nl, ifindex, hook, PORT_FILTER, fd, name).await?;
+    }
+    Ok(())
+}
+
+/// [`remove_pin`] for a step that must not go on if it fails.
+fn unpin(path: &Path) -> Result<(), DatapathError> {
+    match std::fs::remove_file(path) {
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => Err(DatapathError::Unpin {
+            path: path.to_path_buf(),
+            source,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Removes a pin; one that is not there is removed already.

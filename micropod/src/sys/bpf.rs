@@ -3,9 +3,11 @@
 //! has the program but not the device).
 
 use std::{
-    ffi::CStr,
+    ffi::CString,
     io,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
 };
 
 use aya::Pod;
@@ -65,7 +67,7 @@ const _: () = assert!(size_of::<TcxLinkInfo>() == 24);
 /// What the link pinned at `path` is: its program's id, and for a TCX link the device
 /// (ifindex, 0 once the device is gone) and the attach type (`BPF_TCX_INGRESS` 46,
 /// `BPF_TCX_EGRESS` 47).
-pub(crate) fn pinned_link(path: &CStr) -> io::Result<(u32, u32, u32)> {
+pub(crate) fn pinned_link(path: &Path) -> io::Result<(u32, u32, u32)> {
     let fd = obj_get(path)?;
     let mut info = TcxLinkInfo::default();
     let mut attr = InfoAttr {
@@ -90,7 +92,9 @@ pub(crate) fn pinned_link(path: &CStr) -> io::Result<(u32, u32, u32)> {
 }
 
 /// Opens the BPF object pinned at `path`.
-fn obj_get(path: &CStr) -> io::Result<OwnedFd> {
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut get = ObjAttr {
         pathname: path.as_ptr() as u64,
         ..ObjAttr::default()
@@ -115,7 +119,7 @@ fn obj_get(path: &CStr) -> io::Result<OwnedFd> {
 
 /// Makes the link pinned at `path` run `program` instead of its current one, atomically: the
 /// hook never runs neither (`BPF_LINK_UPDATE`).
-pub(crate) fn update_pinned_link(path: &CStr, program: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn update_pinned_link(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
     let link = obj_get(path)?;
     let mut attr = LinkUpdateAttr {
         link_fd: u32::try_from(link.as_raw_fd()).expect("fds are not negative"),
