@@ -33,8 +33,7 @@
 use std::{
     collections::{BTreeSet, HashSet},
     ffi::OsStr,
-    io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Output, Stdio},
@@ -55,15 +54,13 @@ use micropod::{
 use micropod_tests::{
     NsGuard,
     bench::{Percentile, percentile, round_to},
-    block_on, flock_held,
+    block_on,
+    exporter::{Exporter, http_get},
+    flock_held,
     interrupt::check as interrupted,
     netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR, ip_json, ping, query},
     packets,
     vmlab::{self, Guest, HttpServer, VmLab},
-};
-use nix::{
-    sys::signal::{self, Signal},
-    unistd::Pid,
 };
 use serde_json::{Value, json};
 
@@ -316,160 +313,36 @@ fn list_files(root: &Path, dir: &Path) -> BTreeSet<String> {
 // ---------------------------------------------------------------------------------------------
 // The exporter.
 
-/// `micropod metrics serve` in the host namespace; stopped by its PID on drop.
-struct Exporter {
-    child: Child,
-    addr: SocketAddr,
-    /// Drains its stderr (so a chatty exporter never blocks on a full pipe); yields the lines.
-    stderr: Option<JoinHandle<Vec<String>>>,
-}
-
-impl Exporter {
-    fn start(lab: &Lab) -> anyhow::Result<Self> {
-        let mut cmd = lab.command(["metrics", "serve", "--listen", "127.0.0.1:0"]);
-        cmd.stdout(Stdio::null());
-        let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
-        let mut stderr = BufReader::new(child.stderr.take().context("stderr is piped")?);
-        let mut me = Self {
-            child,
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            stderr: None,
-        };
-        let mut line = String::new();
-        stderr
-            .read_line(&mut line)
-            .context("reading the exporter's first line")?;
-        me.addr = line
-            .trim()
-            .strip_prefix("micropod: serving metrics on http://")
-            .and_then(|rest| rest.strip_suffix("/metrics"))
-            .and_then(|addr| addr.parse().ok())
-            .with_context(|| format!("unexpected first line from the exporter: {line:?}"))?;
-        me.stderr = Some(thread::spawn(move || {
-            stderr.lines().map_while(Result::ok).collect()
-        }));
-        Ok(me)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Open file descriptors.
-    fn fds(&self) -> anyhow::Result<u64> {
-        let dir = format!("/proc/{}/fd", self.pid());
-        Ok(std::fs::read_dir(&dir)
-            .with_context(|| format!("reading {dir}"))?
-            .count() as u64)
-    }
-
-    /// VmRSS and VmHWM (peak), in KiB.
-    fn memory_kib(&self) -> anyhow::Result<(u64, u64)> {
-        let path = format!("/proc/{}/status", self.pid());
-        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().strip_suffix(" kB"))
-                .and_then(|v| v.trim().parse().ok())
-                .with_context(|| format!("no {name} in {path}"))
-        };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
-    }
-
-    /// One scrape from inside the host namespace: the `micropod_endpoint_info` series, after
-    /// checking `micropod_up 1`.
-    fn endpoint_series(&self, lab: &Lab) -> anyhow::Result<u64> {
-        let addr = self.addr;
-        let body = lab.net().host.run(|| http_get(addr, "/metrics"))?;
-        ensure!(
-            body.lines().any(|l| l == "micropod_up 1"),
-            "the exporter says it cannot read the network (no `micropod_up 1`)"
-        );
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with("micropod_endpoint_info{"))
-            .count() as u64)
-    }
-
-    /// One scrape, checked: one `micropod_endpoint_info` per attached endpoint.
-    fn scrape(&self, lab: &Lab, endpoints: usize) -> anyhow::Result<()> {
-        let info = self.endpoint_series(lab)?;
-        ensure!(
-            info == endpoints as u64,
-            "the exporter lists {info} endpoints, {endpoints} are attached"
-        );
-        Ok(())
-    }
-
-    /// SIGTERM, then waits (SIGKILL after 5 s); the contract says it exits 0.
-    fn terminate(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        if self.child.try_wait()?.is_none() {
-            let pid = Pid::from_raw(i32::try_from(self.pid())?);
-            signal::kill(pid, Signal::SIGTERM).context("sending SIGTERM to the exporter")?;
-        }
-        let status = loop {
-            if let Some(s) = self.child.try_wait()? {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                // Our own child, by its PID.
-                self.child.kill()?;
-                self.child.wait()?;
-                bail!("the exporter ignored SIGTERM for 5 s; killed it");
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        let said = self
-            .stderr
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default();
-        ensure!(
-            status.success(),
-            "the exporter ended with {status} on SIGTERM:\n{}",
-            said.join("\n")
-        );
-        Ok(())
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None))
-            && let Err(e) = self.terminate()
-        {
-            eprintln!("warning: stopping the exporter: {e:#}");
-        }
-    }
-}
-
-/// One HTTP/1.1 GET with `Connection: close`, read to EOF; the body of a 200. Call from a
-/// thread inside the server's namespace.
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .with_context(|| format!("reading the answer to GET {path}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no end of head in the answer to GET {path}"))?;
+/// One scrape from inside the host namespace: the `micropod_endpoint_info` series, after
+/// checking `micropod_up 1`.
+fn endpoint_series(exporter: &Exporter, lab: &Lab) -> anyhow::Result<u64> {
+    let addr = exporter.addr;
+    let body = lab.net().host.run(|| get_200(addr, "/metrics"))?;
     ensure!(
-        head.starts_with("HTTP/1.1 200 "),
-        "GET {path}: {}",
-        head.lines().next().unwrap_or_default()
+        body.lines().any(|l| l == "micropod_up 1"),
+        "the exporter says it cannot read the network (no `micropod_up 1`)"
     );
-    Ok(body.to_owned())
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("micropod_endpoint_info{"))
+        .count() as u64)
+}
+
+/// One scrape, checked: one `micropod_endpoint_info` per attached endpoint.
+fn scrape_checked(exporter: &Exporter, lab: &Lab, endpoints: usize) -> anyhow::Result<()> {
+    let info = endpoint_series(exporter, lab)?;
+    ensure!(
+        info == endpoints as u64,
+        "the exporter lists {info} endpoints, {endpoints} are attached"
+    );
+    Ok(())
+}
+
+/// The body of a 200 answer to `GET path`. Call from a thread inside the server's namespace.
+fn get_200(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let (status, _, body) = http_get(addr, path)?;
+    ensure!(status.starts_with("HTTP/1.1 200 "), "GET {path}: {status}");
+    String::from_utf8(body).context("a non-UTF-8 body")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -782,7 +655,7 @@ fn take_counts(
     Ok(vec![
         count("exporter fds", exporter.fds()?),
         rss,
-        count("exporter: endpoint series", exporter.endpoint_series(lab)?),
+        count("exporter: endpoint series", endpoint_series(exporter, lab)?),
         count(
             "ENDPOINTS map entries",
             map_keys::<Ipv4Key, Endpoint>(&pins, ENDPOINTS_MAP)?,
@@ -864,7 +737,7 @@ impl<'a> Watch<'a> {
     }
 
     fn scrape(&mut self, lab: &Lab, exporter: &Exporter, endpoints: usize) -> anyhow::Result<()> {
-        exporter.scrape(lab, endpoints)?;
+        scrape_checked(exporter, lab, endpoints)?;
         self.scrapes += 1;
         let (rss, hwm) = exporter.memory_kib()?;
         self.rss_peak_kib = self.rss_peak_kib.max(rss).max(hwm);
@@ -1123,13 +996,13 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         SocketAddrV4::new(SERVER_ADDR, HTTP_PORT),
         BODY,
     );
-    let exporter = Exporter::start(&lab)?;
+    let exporter = Exporter::start(lab.command(["metrics", "serve", "--listen", "127.0.0.1:0"]))?;
     let mut watch = Watch::new(&namespaces);
     lab.net().host.run(|| {
         retry(
             "the exporter's first answer",
             Duration::from_secs(10),
-            || http_get(exporter.addr, "/"),
+            || get_200(exporter.addr, "/"),
         )
     })?;
 
