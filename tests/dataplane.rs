@@ -1173,6 +1173,16 @@ fn pins_of_another_layout_are_refused_and_upgraded_in_place_by_up() {
     assert!(counter(ep, "tx_packets") >= u64::from(SENT), "{ep}");
 }
 
+/// Sends `msg` on a connection to the echo server and checks it comes back within 5 s.
+fn echo(s: &mut TcpStream, msg: &str) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(msg.as_bytes()).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("{msg}: {e}"));
+    assert_eq!(buf, msg.as_bytes());
+}
+
 /// The NAT ports `network status` reports.
 fn nat_ports(net: &NetLab) -> std::ops::RangeInclusive<u16> {
     let status = net.json(["network", "status", "--json"]);
@@ -1227,14 +1237,8 @@ fn translated_flows_keep_off_the_hosts_ports(datapath: &str) {
     assert!((32768..=60999).contains(&p), "an ephemeral port: {p}");
     let mut ep = connect_from(&lab.eps[0].ns, p);
     for (what, s) in [("host", &mut host), ("endpoint", &mut ep)] {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         for round in 0..3 {
-            let msg = format!("{what} round {round}");
-            s.write_all(msg.as_bytes()).unwrap();
-            let mut buf = vec![0u8; msg.len()];
-            s.read_exact(&mut buf)
-                .unwrap_or_else(|e| panic!("{what}'s connection, round {round}: {e}"));
-            assert_eq!(buf, msg.as_bytes());
+            echo(s, &format!("{what}'s connection, round {round}"));
         }
     }
     let peers = peers.lock().unwrap().clone();
@@ -1274,21 +1278,10 @@ fn netfilter_translated_flows_keep_off_the_hosts_ports() {
 fn two_networks_on_one_uplink_translate_to_disjoint_ports() {
     let lab = Lab::new("twonat", "ebpf", 1, &[]);
     let other = micropod_tests::TestDirs::new("twonat-b");
+    let other_pins = other.pins.join("micropod");
+    let second_cmd = |args: &[&str]| lab.net.micropod_in(&other.state, &other_pins, args);
     let second = |args: &[&str]| -> Value {
-        let out = lab
-            .net
-            .micropod_bare(
-                [
-                    "--state-dir",
-                    other.state.to_str().unwrap(),
-                    "--bpf-dir",
-                    other.pins.join("micropod").to_str().unwrap(),
-                ]
-                .iter()
-                .chain(args),
-            )
-            .output()
-            .unwrap();
+        let out = second_cmd(args).output().unwrap();
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -1297,24 +1290,18 @@ fn two_networks_on_one_uplink_translate_to_disjoint_ports() {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     };
     // Asking for ports of the first network is refused, naming it.
-    let out = lab
-        .net
-        .micropod_bare([
-            "--state-dir",
-            other.state.to_str().unwrap(),
-            "--bpf-dir",
-            other.pins.join("micropod").to_str().unwrap(),
-            "network",
-            "up",
-            "--bridge",
-            "mpnetb",
-            "--subnet",
-            "10.11.0.0/24",
-            "--nat-ports",
-            "30000-31000",
-        ])
-        .output()
-        .unwrap();
+    let out = second_cmd(&[
+        "network",
+        "up",
+        "--bridge",
+        "mpnetb",
+        "--subnet",
+        "10.11.0.0/24",
+        "--nat-ports",
+        "30000-31000",
+    ])
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1355,13 +1342,7 @@ fn two_networks_on_one_uplink_translate_to_disjoint_ports() {
     let mut a = connect_from(&lab.eps[0].ns, 22000);
     let mut b = connect_from(&b_ns, 22000);
     for (what, s) in [("a", &mut a), ("b", &mut b)] {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let msg = format!("from {what}");
-        s.write_all(msg.as_bytes()).unwrap();
-        let mut buf = vec![0u8; msg.len()];
-        s.read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("{what}'s connection: {e}"));
-        assert_eq!(buf, msg.as_bytes());
+        echo(s, &format!("{what}'s connection"));
     }
     let peers = peers.lock().unwrap().clone();
     assert_eq!(peers.len(), 2, "{peers:?}");

@@ -1846,18 +1846,10 @@ fn down_leaves_forwarding_on_for_another_network_in_the_namespace() {
     assert_eq!(forwarding(), "0", "a fresh namespace forwards nothing");
     lab.up(&["--pool", "0"]);
     let other = micropod_tests::TestDirs::new("twonets-b");
+    let other_pins = other.pins.join("micropod");
     let second = |args: &[&str]| {
         let out = lab
-            .micropod_bare(
-                [
-                    "--state-dir",
-                    other.state.to_str().unwrap(),
-                    "--bpf-dir",
-                    other.pins.join("micropod").to_str().unwrap(),
-                ]
-                .iter()
-                .chain(args),
-            )
+            .micropod_in(&other.state, &other_pins, args)
             .output()
             .unwrap();
         assert!(
@@ -1891,16 +1883,7 @@ fn auto_with_an_unusable_pin_dir_says_why_and_down_still_works() {
     std::fs::write(&pins, b"someone's file").unwrap();
     let run = |args: &[&str]| {
         let out = lab
-            .micropod_bare(
-                [
-                    "--state-dir",
-                    lab.dirs.state.to_str().unwrap(),
-                    "--bpf-dir",
-                    pins.to_str().unwrap(),
-                ]
-                .iter()
-                .chain(args),
-            )
+            .micropod_in(&lab.dirs.state, &pins, args)
             .output()
             .unwrap();
         assert!(

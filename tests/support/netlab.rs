@@ -152,10 +152,19 @@ impl NetLab {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let pins = self.dirs.pins.join("micropod");
+        self.micropod_in(&self.dirs.state, &self.dirs.pins.join("micropod"), args)
+    }
+
+    /// `micropod` with the given state and pin dirs, inside the host namespace: another
+    /// network next to the lab's, or a pin dir of the test's own.
+    pub fn micropod_in<I, S>(&self, state: &Path, pins: &Path, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut cmd = self.micropod_bare([
             OsStr::new("--state-dir"),
-            self.dirs.state.as_os_str(),
+            state.as_os_str(),
             OsStr::new("--bpf-dir"),
             pins.as_os_str(),
         ]);
