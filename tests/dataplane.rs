@@ -1173,6 +1173,163 @@ fn pins_of_another_layout_are_refused_and_upgraded_in_place_by_up() {
     assert!(counter(ep, "tx_packets") >= u64::from(SENT), "{ep}");
 }
 
+/// The ids of the programs on `iface`'s `hook` (cls_bpf filters, read with `tc -j`).
+fn filter_programs(ns: &NsGuard, iface: &str, hook: &str) -> Vec<u64> {
+    let out = query(
+        ns.path(),
+        "tc",
+        &["-j", "filter", "show", "dev", iface, hook],
+    );
+    let filters: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    filters
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["options"]["prog"]["id"].as_u64())
+        .collect()
+}
+
+/// The ids of the TCX programs on `iface`'s ingress.
+fn tcx_program_ids(ns: &NsGuard, iface: &str) -> Vec<u32> {
+    let name = std::ffi::CString::new(iface).unwrap();
+    ns.run(|| {
+        aya::programs::SchedClassifier::query_tcx(
+            name.as_c_str(),
+            aya::programs::TcAttachType::Ingress,
+        )
+    })
+    .map(|(_, progs)| progs.iter().map(aya::programs::ProgramInfo::id).collect())
+    .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"))
+}
+
+#[test]
+fn programs_of_another_build_are_replaced_in_place_by_up() {
+    let net = NetLab::new("object");
+    net.up(&[]);
+    let ns = NsGuard::new("object-ep");
+    ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"))
+        .unwrap();
+    let att = net.attach_netns("ep", &ns, &[]);
+    let port = att["link"].as_str().unwrap().to_owned();
+    assert!(ping(&ns, SERVER_ADDR));
+    let pins = net.dirs.pins.join("micropod");
+    let recorded = || -> Vec<String> {
+        std::fs::read_dir(&pins)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(micropod::datapath::OBJECT_PREFIX))
+            .collect()
+    };
+    let own_bytes = micropod::datapath::own_object().unwrap();
+    let own = micropod::datapath::object_id(&own_bytes);
+    assert_eq!(recorded(), [format!("object-{own}")]);
+    let status = net.json(["network", "status", "--json"]);
+    assert_eq!(status["network"]["datapath_object"], own.as_str());
+    assert!(
+        net.ok(["network", "status"])
+            .contains(&format!("object {own}"))
+    );
+
+    // Another build of the same layout: the same object with bytes of its own after it (an
+    // ELF reader ignores them), so its id differs and its programs load as new ones.
+    let mut other_bytes = own_bytes.clone();
+    other_bytes.extend_from_slice(b"\0another build");
+    let other = micropod::datapath::object_id(&other_bytes);
+    let other_object = net.dirs.state.join("other.o");
+    std::fs::write(&other_object, &other_bytes).unwrap();
+    let env = micropod::datapath::OBJECT_ENV;
+    let programs = || {
+        (
+            filter_programs(&net.host, &port, "ingress"),
+            filter_programs(&net.host, &port, "egress"),
+            tcx_program_ids(&net.host, UPLINK),
+        )
+    };
+    let before = programs();
+    assert!(
+        before.0.len() == 1 && before.1.len() == 1 && before.2.len() == 1,
+        "{before:?}"
+    );
+    let tx_before = counter(&net.json(["stats", "--json"])["endpoints"][0], "tx_packets");
+
+    // Other commands use the pins as they are: the layout is the same.
+    let out = net
+        .micropod(["stats", "--json"])
+        .env(env, &other_object)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(programs(), before, "stats changed no hook");
+
+    let up = |object: &std::path::Path| -> Value {
+        let out = net
+            .micropod(["network", "up", "--json"])
+            .env(env, object)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let status = up(&other_object);
+    let note = status["network"]["datapath_note"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        note.contains(&format!(
+            "replaced the data path's programs with this build's in place (object {own} to {other}"
+        )) && note.contains("NAT")
+            && note.contains("EP_COUNTERS")
+            && !note.contains("not kept"),
+        "{status}"
+    );
+    assert_eq!(status["network"]["datapath"], "ebpf");
+    assert_eq!(status["network"]["datapath_object"], other.as_str());
+    assert_eq!(recorded(), [format!("object-{other}")]);
+    let after = programs();
+    for (what, b, a) in [
+        ("port ingress", &before.0, &after.0),
+        ("port egress", &before.1, &after.1),
+    ] {
+        assert!(a.len() == 1 && a != b, "{what}: {b:?} -> {a:?}");
+    }
+    assert!(
+        after.2.len() == 1 && after.2 != before.2,
+        "uplink: {:?} -> {:?}",
+        before.2,
+        after.2
+    );
+    assert!(
+        ping(&ns, SERVER_ADDR),
+        "traffic goes on through the new programs"
+    );
+    let ep = &net.json(["stats", "--json"])["endpoints"][0];
+    assert!(counter(ep, "tx_packets") > tx_before, "counters kept: {ep}");
+
+    // The same build again changes nothing; this build's `up` puts its own programs back.
+    let status = up(&other_object);
+    assert!(
+        !status["network"]["datapath_note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("replaced"),
+        "{status}"
+    );
+    assert_eq!(programs(), after, "a repeated up keeps the hooks");
+    net.up(&[]);
+    assert_eq!(recorded(), [format!("object-{own}")]);
+    assert_ne!(programs(), after);
+    assert!(ping(&ns, SERVER_ADDR));
+}
+
 /// Sends `msg` on a connection to the echo server and checks it comes back within 5 s.
 fn echo(s: &mut TcpStream, msg: &str) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -183,8 +183,13 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                 match (fallback(n), &n.datapath_note) {
                     (Some(why), _) => println!("datapath   {} ({why})", n.datapath),
                     (None, note) => {
+                        let object = n
+                            .datapath_object
+                            .as_deref()
+                            .map(|id| format!(", object {id}"))
+                            .unwrap_or_default();
                         println!(
-                            "datapath   {} (requested {})",
+                            "datapath   {} (requested {}{object})",
                             n.datapath, n.datapath_requested
                         );
                         if let Some(note) = note {

@@ -6,8 +6,8 @@ mod plane;
 
 pub use counter::{Direction, SourceCounter, read_pinned_counters};
 pub use plane::{
-    DataPlane, EndpointStats, LAYOUT_ENV, LAYOUT_PREFIX, NatTableStats, OBJECT_ENV, PORT_FILTER,
-    PlaneSettings, PortSpec, RemoveError, UpgradeReport,
+    DataPlane, EndpointStats, LAYOUT_ENV, LAYOUT_PREFIX, NatTableStats, OBJECT_ENV, OBJECT_PREFIX,
+    PORT_FILTER, PlaneSettings, PortSpec, RemoveError, UpgradeReport, object_id, own_object,
 };
 
 use aya::{Ebpf, EbpfLoader};

@@ -153,6 +153,11 @@ pub struct DataPlane {
 /// `layout-<N>`: bpffs holds pins and directories, not regular files.
 pub const LAYOUT_PREFIX: &str = "layout-";
 
+/// The pin dir records the object its programs were loaded from as an empty directory
+/// `object-<id>` ([`object_id`]): the same layout with other programs (a fix in a newer
+/// micropod) must still reach the hooks at the next `up`.
+pub const OBJECT_PREFIX: &str = "object-";
+
 /// Test-only: makes this process believe its data path has another layout (for upgrade
 /// tests, which need two builds whose layouts differ).
 #[doc(hidden)]
@@ -181,6 +186,10 @@ const BPF_NOEXIST: u64 = 1;
 pub struct UpgradeReport {
     pub from: u32,
     pub to: u32,
+    /// The objects' ids ([`object_id`]); the old one is `None` for pins made before they
+    /// were recorded.
+    pub from_object: Option<String>,
+    pub to_object: String,
     /// Maps used as they were, entries untouched.
     pub reused: Vec<&'static str>,
     /// Maps recreated with the old entries copied in (the settings map is written anew).
@@ -239,6 +248,28 @@ impl DataPlane {
                 .map(|n| n.parse().unwrap_or(0))
         });
         recorded.or_else(|| self.is_installed().then_some(1))
+    }
+
+    /// The id of the object whose programs are pinned here, if recorded (pins made before
+    /// object ids were recorded have none).
+    #[must_use]
+    pub fn installed_object(&self) -> Option<String> {
+        std::fs::read_dir(&self.dir).ok()?.flatten().find_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix(OBJECT_PREFIX)
+                .map(str::to_owned)
+        })
+    }
+
+    /// Whether the programs pinned here (if any) were loaded from this build's object.
+    /// Reads the object (`up` asks, not the per-endpoint commands: the maps of the same
+    /// layout are all they use).
+    pub fn object_matches(&self) -> Result<bool, DatapathError> {
+        if !self.is_installed() {
+            return Ok(true);
+        }
+        Ok(self.installed_object() == Some(object_id(&object()?)))
     }
 
     /// Whether what is pinned here (if anything) has this build's layout.
@@ -322,17 +353,21 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Marks the pins as this build's layout, and only this one.
+    /// Marks the pins as this build's layout and object, and only these.
     fn record_layout(&self) -> Result<(), DatapathError> {
-        let own = format!("{LAYOUT_PREFIX}{}", own_layout());
-        let path = self.dir.join(&own);
-        std::fs::create_dir_all(&path)
-            .map_err(|source| DatapathError::WriteLayout { path, source })?;
+        let layout = format!("{LAYOUT_PREFIX}{}", own_layout());
+        let object = format!("{OBJECT_PREFIX}{}", object_id(&object()?));
+        for own in [&layout, &object] {
+            let path = self.dir.join(own);
+            std::fs::create_dir_all(&path)
+                .map_err(|source| DatapathError::WriteLayout { path, source })?;
+        }
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if name.starts_with(LAYOUT_PREFIX) && name != own {
+                let marker = name.starts_with(LAYOUT_PREFIX) || name.starts_with(OBJECT_PREFIX);
+                if marker && name != layout && name != object {
                     let path = entry.path();
                     std::fs::remove_dir(&path)
                         .map_err(|source| DatapathError::WriteLayout { path, source })?;
@@ -403,6 +438,8 @@ impl DataPlane {
         let mut report = UpgradeReport {
             from: self.installed_layout().unwrap_or(0),
             to: own_layout(),
+            from_object: self.installed_object(),
+            to_object: object_id(&object()?),
             ..UpgradeReport::default()
         };
         self.make_dirs()?;
@@ -1058,6 +1095,22 @@ fn object() -> Result<std::borrow::Cow<'static, [u8]>, DatapathError> {
         return Err(DatapathError::NotBuilt);
     }
     Ok(std::borrow::Cow::Borrowed(super::OBJECT))
+}
+
+/// The id of an object: its FNV-1a hash, 16 hex digits. Not a defence against anyone (whoever
+/// can write the pin dir owns the data path anyway), only a way to tell builds apart.
+#[must_use]
+pub fn object_id(object: &[u8]) -> String {
+    let hash = object.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// The bytes of the object this process loads (for tests that make a second build of it).
+#[doc(hidden)]
+pub fn own_object() -> Result<Vec<u8>, DatapathError> {
+    object().map(std::borrow::Cow::into_owned)
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {

@@ -92,7 +92,12 @@ impl super::Network {
         // upgraded in place, while the endpoints keep running; replaced whole (counters and
         // NAT flows lost) only if that fails.
         let mut note = note;
-        if plane.is_installed() && !plane.layout_matches() {
+        // Pins of this layout but another build's programs (a fix in a newer micropod) get
+        // this build's programs the same way, every map kept.
+        let other_build = plane.is_installed()
+            && plane.layout_matches()
+            && !plane.object_matches().map_err(datapath)?;
+        if plane.is_installed() && (!plane.layout_matches() || other_build) {
             let said = self.upgrade_datapath(nl, doc, plane, &settings).await?;
             log::info!("{said}");
             note = Some(note.map_or_else(|| said.clone(), |n| format!("{n}; {said}")));
@@ -149,13 +154,24 @@ impl super::Network {
             Ok(r) => {
                 let mut kept: Vec<&str> = r.reused.iter().chain(&r.copied).copied().collect();
                 kept.retain(|m| *m != micropod_common::CONFIG_MAP);
-                let mut said = format!(
-                    "upgraded the data path from layout {} to {} in place ({} hooks moved atomically); kept: {}",
-                    r.from,
-                    r.to,
-                    r.hooks,
-                    kept.join(", ")
-                );
+                let mut said = if r.from == r.to {
+                    format!(
+                        "replaced the data path's programs with this build's in place (object {} to {}, layout {}; {} hooks moved atomically); kept: {}",
+                        r.from_object.as_deref().unwrap_or("unrecorded"),
+                        r.to_object,
+                        r.to,
+                        r.hooks,
+                        kept.join(", ")
+                    )
+                } else {
+                    format!(
+                        "upgraded the data path from layout {} to {} in place ({} hooks moved atomically); kept: {}",
+                        r.from,
+                        r.to,
+                        r.hooks,
+                        kept.join(", ")
+                    )
+                };
                 if !r.dropped.is_empty() {
                     said += &format!(
                         "; not kept (their entries changed type): {}",

@@ -187,6 +187,10 @@ pub struct NetworkStatus {
     /// Why the data path differs from the request, or what part of it is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datapath_note: Option<String>,
+    /// On eBPF, the id of the object whose programs run (`up` replaces programs of another
+    /// build's; `None` for pins made before ids were recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath_object: Option<String>,
     pub nat_table_size: u32,
     /// The source ports translated flows get, `MIN-MAX`.
     pub nat_ports: String,
@@ -280,6 +284,9 @@ impl Network {
                     datapath_requested: doc.head.config.datapath,
                     datapath: doc.head.active_datapath,
                     datapath_note: doc.head.datapath_note.clone(),
+                    datapath_object: (doc.head.active_datapath == ActiveDatapath::Ebpf)
+                        .then(|| crate::datapath::DataPlane::new(&self.bpf_dir).installed_object())
+                        .flatten(),
                     nat_table_size: doc.head.config.nat_entries,
                     nat_ports: doc.head.config.nat_ports().to_string(),
                     nft_table: doc.head.nft_table.clone(),
