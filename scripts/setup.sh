@@ -13,7 +13,6 @@ BPF_LINKER_VERSION=0.13.0
 # Debian packages the build, the tests and the demo use.
 DEBIAN_PACKAGES=(
   ca-certificates curl gcc libc6-dev pkg-config iproute2 util-linux
-  libnftnl-dev libmnl-dev   # nf_tables over netlink (the nftnl and mnl crates link these)
   nftables                  # tests read the ruleset back with an independent tool
   containernetworking-plugins # the reference CNI bridge + host-local for `cargo xtask bench attach`
   ethtool                   # data plane tests turn checksum offload off so the kernel verifies
@@ -56,22 +55,27 @@ rustup set auto-self-update disable >/dev/null 2>&1 || true
 
 channel() { sed -n 's/^channel *= *"\(.*\)"/\1/p' "$1"; }
 components() { sed -n 's/^components *= *\[\(.*\)\]/\1/p' "$1" | tr -d '" ' | tr ',' ' '; }
+targets() { sed -n 's/^targets *= *\[\(.*\)\]/\1/p' "$1" | tr -d '" ' | tr ',' ' '; }
 
 ensure_toolchain() { # file
-  local file=$1 tc comps have missing_comps=() c
+  local file=$1 tc comps targs have missing=() c
   tc=$(channel "$file")
   read -r -a comps <<<"$(components "$file")"
+  read -r -a targs <<<"$(targets "$file")"
   if rustup run "$tc" rustc --version >/dev/null 2>&1; then
     have=$(rustup component list --toolchain "$tc" --installed 2>/dev/null)
-    for c in "${comps[@]}"; do grep -q "^$c" <<<"$have" || missing_comps+=("$c"); done
-    if ((${#missing_comps[@]} == 0)); then
+    for c in "${comps[@]}"; do grep -q "^$c" <<<"$have" || missing+=("$c"); done
+    have=$(rustup target list --toolchain "$tc" --installed 2>/dev/null)
+    for c in "${targs[@]}"; do grep -qx "$c" <<<"$have" || missing+=("$c"); done
+    if ((${#missing[@]} == 0)); then
       say "toolchain $tc present"
       return
     fi
   fi
-  say "installing toolchain $tc (${comps[*]})"
+  say "installing toolchain $tc (${comps[*]} ${targs[*]})"
   local args=()
   for c in "${comps[@]}"; do args+=(-c "$c"); done
+  for c in "${targs[@]}"; do args+=(-t "$c"); done
   rustup toolchain install "$tc" --profile minimal "${args[@]}" >/dev/null
 }
 ensure_toolchain rust-toolchain.toml

@@ -1233,7 +1233,7 @@ fn programs_of_another_build_are_replaced_in_place_by_up() {
 
     // Another build of the same layout: the same object with bytes of its own after it (an
     // ELF reader ignores them), so its id differs and its programs load as new ones.
-    let mut other_bytes = own_bytes.clone();
+    let mut other_bytes = own_bytes;
     other_bytes.extend_from_slice(b"\0another build");
     let other = micropod::datapath::object_id(&other_bytes);
     let other_object = net.dirs.state.join("other.o");

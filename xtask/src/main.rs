@@ -127,8 +127,7 @@ where
 /// object), then `micropod ARGS` as root; its exit status is ours.
 fn run_micropod(root: &Path, args: &[String]) -> anyhow::Result<()> {
     step("building micropod (and its eBPF object)");
-    run(cargo(["build", "-p", "micropod", "--bins"]))?;
-    let bin = root.join("target/debug/micropod");
+    let bin = build_micropod(root, false)?;
     let mut cmd = if is_root() {
         Command::new(&bin)
     } else {
@@ -148,6 +147,33 @@ fn run_micropod(root: &Path, args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The target micropod ships for: static musl, so a command starts without the dynamic
+/// loader and glibc's start-up (about half of a short command's time on these machines).
+const SHIPPED_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Builds the `micropod` binary as it ships (debug or release) and returns its path; tests,
+/// the demo and the benchmarks run it through `MICROPOD_BIN`.
+fn build_micropod(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo([
+        "build",
+        "-p",
+        "micropod",
+        "--bins",
+        "--target",
+        SHIPPED_TARGET,
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root
+        .join("target")
+        .join(SHIPPED_TARGET)
+        .join(profile)
+        .join("micropod"))
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -165,6 +191,19 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
         "--exclude",
         "micropod-ebpf",
         "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    step("clippy: micropod for the shipped target (static musl)");
+    run(cargo([
+        "clippy",
+        "-p",
+        "micropod",
+        "--bins",
+        "--target",
+        SHIPPED_TARGET,
         "--",
         "-D",
         "warnings",
@@ -202,28 +241,39 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the integration tests create network namespaces and load eBPF: run as root");
     }
-    run(cargo(["build", "--package", "micropod", "--bins"]))?;
+    // The tests run the binary as it ships (static musl); the test programs link the library.
+    let bin = build_micropod(root, false)?;
     // The VM tests boot it (cached: well under a second when nothing changed).
     guest::build(root)?;
-    run(cargo(["test", "--package", "micropod-tests", "--"]).args(filter))?;
+    run(cargo(["test", "--package", "micropod-tests", "--"])
+        .args(filter)
+        .env("MICROPOD_BIN", &bin))?;
 
     if filter.is_empty() {
         // Keeps the benchmark working; its figures come from `cargo xtask bench attach`.
         step(
             "benchmark smoke run (debug build, 10 endpoints per side, bursts of 8; figures not meaningful)",
         );
-        run(Command::new("target/debug/micropod-bench").arg("--quick"))?;
+        run(Command::new("target/debug/micropod-bench")
+            .arg("--quick")
+            .env("MICROPOD_BIN", &bin))?;
         step(
             "data path benchmark smoke run (debug build, one second per mode; figures not meaningful)",
         );
-        run(Command::new("target/debug/micropod-bench-datapath").arg("--quick"))?;
+        run(Command::new("target/debug/micropod-bench-datapath")
+            .arg("--quick")
+            .env("MICROPOD_BIN", &bin))?;
         step(
             "metrics benchmark smoke run (debug build, 50 endpoints, 10 scrapes; figures not meaningful)",
         );
-        run(Command::new("target/debug/micropod-bench-metrics").arg("--quick"))?;
+        run(Command::new("target/debug/micropod-bench-metrics")
+            .arg("--quick")
+            .env("MICROPOD_BIN", &bin))?;
         // A leak check, not a benchmark: it fails if anything is not back to its start.
         step("soak smoke run (debug build, 50 attach/detach cycles, 2 VMs; about 25 s)");
-        run(Command::new("target/debug/micropod-bench-soak").arg("--quick"))?;
+        run(Command::new("target/debug/micropod-bench-soak")
+            .arg("--quick")
+            .env("MICROPOD_BIN", &bin))?;
     }
 
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
@@ -237,16 +287,10 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     step("the test guest (cached after the first build)");
     guest::build(root)?;
     step("building micropod and the demo");
-    run(cargo([
-        "build",
-        "--package",
-        "micropod",
-        "--package",
-        "micropod-tests",
-        "--bins",
-    ]))?;
+    let bin = build_micropod(root, false)?;
+    run(cargo(["build", "--package", "micropod-tests", "--bins"]))?;
     step("running the demo");
-    run(Command::new("target/debug/micropod-demo"))
+    run(Command::new("target/debug/micropod-demo").env("MICROPOD_BIN", bin))
 }
 
 fn bench(root: &Path, what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
@@ -258,11 +302,10 @@ fn bench(root: &Path, what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
         guest::build(root)?;
     }
     step("building micropod and the benchmark (release)");
+    let bin = build_micropod(root, true)?;
     run(cargo([
         "build",
         "--release",
-        "-p",
-        "micropod",
         "-p",
         "micropod-tests",
         "--bins",
@@ -272,21 +315,29 @@ fn bench(root: &Path, what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
             step(
                 "benchmark: endpoint attach/detach, micropod (eBPF, netfilter) against the CNI bridge plugin",
             );
-            run(Command::new("target/release/micropod-bench").args(args))
+            run(Command::new("target/release/micropod-bench")
+                .args(args)
+                .env("MICROPOD_BIN", &bin))
         }
         BenchWhat::Datapath => {
             step("benchmark: routed, MASQUERADE and eBPF SNAT side by side (wrk, iperf3)");
-            run(Command::new("target/release/micropod-bench-datapath").args(args))
+            run(Command::new("target/release/micropod-bench-datapath")
+                .args(args)
+                .env("MICROPOD_BIN", &bin))
         }
         BenchWhat::Metrics => {
             step("benchmark: the metrics exporter scraped with 1000 endpoints in the maps");
-            run(Command::new("target/release/micropod-bench-metrics").args(args))
+            run(Command::new("target/release/micropod-bench-metrics")
+                .args(args)
+                .env("MICROPOD_BIN", &bin))
         }
         BenchWhat::Soak => {
             step(
                 "soak: attach/detach and VM run/stop cycles with traffic, then every count back to its start",
             );
-            run(Command::new("target/release/micropod-bench-soak").args(args))
+            run(Command::new("target/release/micropod-bench-soak")
+                .args(args)
+                .env("MICROPOD_BIN", &bin))
         }
     }
 }

@@ -1,36 +1,23 @@
 //! nf_tables over netlink: micropod's MASQUERADE fallback, in an `ip` table of its own.
 //!
-//! Requests are built with libnftnl and sent with libmnl (Mullvad's `nftnl`/`mnl` bindings) on a
-//! `NETLINK_NETFILTER` socket; no `nft` binary is run. The socket is opened by the calling
+//! Requests are encoded here (the few message and expression types micropod needs, in the
+//! layout `nft` itself sends) and sent on a `NETLINK_NETFILTER` socket; no `nft` binary and no
+//! C library is involved, so the binary links statically. The socket is opened by the calling
 //! thread, so every function acts on the network namespace of the calling thread.
 //!
 //! Changes go out as one batch, which nf_tables applies as one transaction: either all of it
 //! takes effect or none of it. Every message asks for an acknowledgement and every
 //! acknowledgement is checked, so a refused batch is an error, never silently ignored.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    ffi::{CStr, CString},
-    fmt, io,
-    net::Ipv4Addr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt, io, net::Ipv4Addr, time::Duration};
 
 use ipnetwork::Ipv4Network;
-use mnl::CbResult;
-use nftnl::{
-    Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule,
-    Table,
-    expr::{Immediate, Register},
-    nft_expr,
-};
 
 use super::link::{self, IFNAME_MAX, LinkError};
 use crate::sys;
 
 /// The one base chain of the table.
 pub const CHAIN: &str = "postrouting";
-const CHAIN_C: &CStr = c"postrouting";
 /// `NF_IP_PRI_NAT_SRC`, the priority `nft` calls `srcnat`.
 pub const SRCNAT_PRIORITY: i32 = 100;
 /// Longest table name nf_tables accepts (`NFT_NAME_MAXLEN` minus the NUL).
@@ -144,73 +131,110 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
     let name = table_name(m.table)?;
     let oifname = padded_ifname(m.bridge)?;
 
-    let table = Table::new(&name, ProtoFamily::Ipv4);
-    let mut chain = Chain::new(CHAIN_C, &table);
-    chain.set_type(ChainType::Nat);
-    chain.set_hook(Hook::PostRouting, SRCNAT_PRIORITY);
-    chain.set_policy(Policy::Accept);
-
-    let rules = [Some(libc::IPPROTO_TCP), Some(libc::IPPROTO_UDP), None]
-        .map(|proto| masquerade_rule(&chain, m, &oifname, proto));
-
     let mut tx = Transaction::default();
     // Add first so the delete cannot fail with ENOENT, then delete so the table starts empty:
     // the commit swaps the old table for the new one at once, with no window without NAT.
-    tx.add(&table, MsgType::Add, Step::AddTable);
-    tx.add(&table, MsgType::Del, Step::DeleteTable);
-    tx.add(&table, MsgType::Add, Step::AddTable);
-    tx.add(&chain, MsgType::Add, Step::AddChain);
-    for rule in &rules {
-        tx.add(rule, MsgType::Add, Step::AddRule);
+    tx.table(NFT_MSG_NEWTABLE, &name, Step::AddTable);
+    tx.table(NFT_MSG_DELTABLE, &name, Step::DeleteTable);
+    tx.table(NFT_MSG_NEWTABLE, &name, Step::AddTable);
+    let chain = tx.message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, Step::AddChain);
+    chain.string(NFTA_CHAIN_TABLE, &name);
+    chain.string(NFTA_CHAIN_NAME, CHAIN.as_bytes());
+    chain.nested(NFTA_CHAIN_HOOK, |hook| {
+        hook.u32(NFTA_HOOK_HOOKNUM, NF_INET_POST_ROUTING);
+        hook.u32(NFTA_HOOK_PRIORITY, SRCNAT_PRIORITY.cast_unsigned());
+    });
+    chain.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
+    chain.string(NFTA_CHAIN_TYPE, b"nat");
+    for proto in [Some(libc::IPPROTO_TCP), Some(libc::IPPROTO_UDP), None] {
+        let rule = tx.message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, Step::AddRule);
+        rule.string(NFTA_RULE_TABLE, &name);
+        rule.string(NFTA_RULE_CHAIN, CHAIN.as_bytes());
+        rule.nested(NFTA_RULE_EXPRESSIONS, |list| {
+            masquerade_rule(list, m, &oifname, proto);
+        });
     }
     tx.run(m.table)
 }
 
-/// One rule of the chain: for TCP or UDP (`proto`) with the port range, else for the rest
-/// (ICMP and anything else without ports nf_tables could map).
-fn masquerade_rule<'c>(
-    chain: &'c Chain<'_>,
-    m: &Masquerade<'_>,
-    oifname: &[u8],
-    proto: Option<i32>,
-) -> Rule<'c> {
-    let mut rule = Rule::new(chain);
-    rule.add_expr(&nft_expr!(payload ipv4 saddr));
+/// The expressions of one rule: for TCP or UDP (`proto`) with the port range, else for the
+/// rest (ICMP and anything else without ports nf_tables could map).
+fn masquerade_rule(list: &mut Msg, m: &Masquerade<'_>, oifname: &[u8], proto: Option<i32>) {
+    // ip saddr: 4 bytes at offset 12 of the network header.
+    expr(list, b"payload", |e| {
+        e.u32(NFTA_PAYLOAD_DREG, NFT_REG_1);
+        e.u32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER);
+        e.u32(NFTA_PAYLOAD_OFFSET, 12);
+        e.u32(NFTA_PAYLOAD_LEN, 4);
+    });
     let (mask, network) = saddr_match(m.subnet);
     if let Some(mask) = mask {
-        rule.add_expr(&nft_expr!(bitwise mask mask, xor Ipv4Addr::UNSPECIFIED));
+        expr(list, b"bitwise", |e| {
+            e.u32(NFTA_BITWISE_SREG, NFT_REG_1);
+            e.u32(NFTA_BITWISE_DREG, NFT_REG_1);
+            e.u32(NFTA_BITWISE_LEN, 4);
+            e.data(NFTA_BITWISE_MASK, &mask.octets());
+            e.data(NFTA_BITWISE_XOR, &[0; 4]);
+        });
     }
-    rule.add_expr(&nft_expr!(cmp == network));
-    rule.add_expr(&nft_expr!(meta oifname));
-    rule.add_expr(&nft_expr!(cmp != oifname));
+    cmp(list, NFT_CMP_EQ, &network.octets());
+    meta(list, NFT_META_OIFNAME);
+    cmp(list, NFT_CMP_NEQ, oifname);
     if let Some(proto) = proto {
-        rule.add_expr(&nft_expr!(meta l4proto));
-        rule.add_expr(&nft_expr!(cmp == proto as u8));
+        meta(list, NFT_META_L4PROTO);
+        cmp(
+            list,
+            NFT_CMP_EQ,
+            &[u8::try_from(proto).expect("an IP protocol number")],
+        );
     }
-    rule.add_expr(&nft_expr!(counter));
+    expr(list, b"counter", |_| {});
     if proto.is_some() {
         // Ports go into the registers in network order, as `nft` puts them.
-        rule.add_expr(&Immediate::new(m.ports.min.to_be_bytes(), Register::Reg1));
-        rule.add_expr(&Immediate::new(m.ports.max.to_be_bytes(), Register::Reg2));
-        rule.add_expr(&sys::nft::MasqueradePorts {
-            min: Register::Reg1,
-            max: Register::Reg2,
+        for (reg, port) in [(NFT_REG_1, m.ports.min), (NFT_REG_2, m.ports.max)] {
+            expr(list, b"immediate", |e| {
+                e.u32(NFTA_IMMEDIATE_DREG, reg);
+                e.data(NFTA_IMMEDIATE_DATA, &port.to_be_bytes());
+            });
+        }
+        expr(list, b"masq", |e| {
+            e.u32(NFTA_MASQ_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED);
+            e.u32(NFTA_MASQ_REG_PROTO_MIN, NFT_REG_1);
+            e.u32(NFTA_MASQ_REG_PROTO_MAX, NFT_REG_2);
         });
     } else {
-        rule.add_expr(&nft_expr!(masquerade));
+        expr(list, b"masq", |_| {});
     }
-    rule
+}
+
+/// One element of a rule's expression list: its name and its attributes.
+fn expr(list: &mut Msg, name: &[u8], data: impl FnOnce(&mut Msg)) {
+    list.nested(NFTA_LIST_ELEM, |elem| {
+        elem.string(NFTA_EXPR_NAME, name);
+        elem.nested(NFTA_EXPR_DATA, data);
+    });
+}
+
+fn cmp(list: &mut Msg, op: u32, value: &[u8]) {
+    expr(list, b"cmp", |e| {
+        e.u32(NFTA_CMP_SREG, NFT_REG_1);
+        e.u32(NFTA_CMP_OP, op);
+        e.data(NFTA_CMP_DATA, value);
+    });
+}
+
+fn meta(list: &mut Msg, key: u32) {
+    expr(list, b"meta", |e| {
+        e.u32(NFTA_META_DREG, NFT_REG_1);
+        e.u32(NFTA_META_KEY, key);
+    });
 }
 
 /// Deletes table `ip <table>` with everything in it; `Ok(false)` when it did not exist.
 pub fn delete(table: &str) -> Result<bool, NftError> {
     let name = table_name(table)?;
     let mut tx = Transaction::default();
-    tx.add(
-        &Table::new(&name, ProtoFamily::Ipv4),
-        MsgType::Del,
-        Step::DeleteTable,
-    );
+    tx.table(NFT_MSG_DELTABLE, &name, Step::DeleteTable);
     match tx.run(table) {
         Ok(()) => Ok(true),
         // Asking the kernel (instead of checking first) leaves no window for a race.
@@ -230,94 +254,136 @@ pub fn exists(table: &str) -> Result<bool, NftError> {
     Ok(ip_tables(table)?.contains(&name))
 }
 
-/// Names of all `ip` family tables.
-fn ip_tables(table: &str) -> Result<HashSet<CString>, NftError> {
+/// Names of all `ip` family tables (each with its terminating NUL, as the kernel sends it).
+fn ip_tables(table: &str) -> Result<Vec<Vec<u8>>, NftError> {
     // The dump is marked interrupted when the ruleset changes under it; another try is cheap.
     const ATTEMPTS: usize = 3;
     const SEQ: u32 = 1;
+    let dump_error = |source: io::Error| match source.kind() {
+        io::ErrorKind::WouldBlock => NftError::Timeout {
+            table: table.into(),
+            waited: ANSWER_TIMEOUT,
+        },
+        _ => NftError::Dump {
+            table: table.into(),
+            hint: hint(Step::ListTables, source.raw_os_error()),
+            source,
+        },
+    };
     let mut last = None;
     for _ in 0..ATTEMPTS {
         let socket = open_socket()?;
-        let portid = socket.portid();
-        let mut request = nftnl::table::get_tables_nlmsg(SEQ);
-        // get_tables_nlmsg asks for every family; the `nfgenmsg` right after the 16-byte
-        // `nlmsghdr` starts with the family, and the kernel then dumps only that family's tables.
-        request[NLMSG_HDRLEN] = ProtoFamily::Ipv4 as u8;
-        // The buffer is sized for the largest message; send only the message itself.
-        request.truncate(nlmsg_len(&request));
-        socket.send(&request).map_err(|source| NftError::SendDump {
-            table: table.into(),
-            source,
-        })?;
-
-        let mut names = HashSet::new();
-        let mut buffer = RecvBuffer::new();
-        let result = loop {
-            let received = socket.recv_raw(buffer.as_mut_slice());
-            let done = received.and_then(|n| {
-                mnl::cb_run2(
-                    &buffer.as_mut_slice()[..n],
-                    SEQ,
-                    portid,
-                    nftnl::table::get_tables_cb,
-                    &mut names,
-                )
-            });
-            match done {
-                Ok(CbResult::Stop) => break Ok(names),
-                Ok(CbResult::Ok) => {}
-                Err(e) => break Err(e),
-            }
-        };
-        match result {
-            Ok(names) => return Ok(names),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => last = Some(e),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(NftError::Timeout {
-                    table: table.into(),
-                    waited: ANSWER_TIMEOUT,
-                });
-            }
-            Err(source) => {
-                return Err(NftError::Dump {
-                    table: table.into(),
-                    hint: hint(Step::ListTables, source.raw_os_error()),
-                    source,
-                });
+        let request = Msg::new(
+            nft_type(NFT_MSG_GETTABLE),
+            NLM_F_REQUEST | NLM_F_DUMP,
+            SEQ,
+            libc::AF_INET as u8,
+            0,
+        )
+        .finish();
+        socket
+            .send(&request, 0)
+            .map_err(|source| NftError::SendDump {
+                table: table.into(),
+                source,
+            })?;
+        let mut names = Vec::new();
+        let mut interrupted = false;
+        let mut buf = Vec::with_capacity(RECV_BUFFER);
+        'receive: loop {
+            buf.clear();
+            socket.recv(&mut buf, 0).map_err(dump_error)?;
+            for message in Messages(&buf) {
+                let message = message.map_err(dump_error)?;
+                if message.seq != SEQ {
+                    continue;
+                }
+                interrupted |= message.flags & NLM_F_DUMP_INTR != 0;
+                match message.kind {
+                    NLMSG_DONE => break 'receive,
+                    NLMSG_ERROR => match message.errno() {
+                        0 => break 'receive,
+                        errno => return Err(dump_error(io::Error::from_raw_os_error(errno))),
+                    },
+                    kind if kind == nft_type(NFT_MSG_NEWTABLE) => {
+                        if let Some(name) = message.attr(NFGENMSG_LEN, NFTA_TABLE_NAME) {
+                            names.push(name.to_vec());
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
+        if !interrupted {
+            return Ok(names);
+        }
+        last = Some(io::Error::from_raw_os_error(libc::EINTR));
     }
-    let source = last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINTR));
-    Err(NftError::Dump {
-        table: table.into(),
-        hint: hint(Step::ListTables, source.raw_os_error()),
-        source,
-    })
+    Err(dump_error(last.unwrap_or_else(|| {
+        io::Error::from_raw_os_error(libc::EINTR)
+    })))
 }
 
 /// A batch being built, with what each message does, to name the one the kernel refuses.
-#[derive(Default)]
 struct Transaction {
-    batch: Batch,
-    steps: Vec<Step>,
+    messages: Vec<Msg>,
+    /// The step of each sequence number; the batch's begin and end messages are
+    /// [`Step::Batch`].
+    steps: BTreeMap<u32, Step>,
+}
+
+impl Default for Transaction {
+    fn default() -> Self {
+        let mut steps = BTreeMap::new();
+        steps.insert(1, Step::Batch);
+        Self {
+            messages: vec![batch_message(NFNL_MSG_BATCH_BEGIN, 1)],
+            steps,
+        }
+    }
 }
 
 impl Transaction {
-    fn add(&mut self, msg: &impl NlMsg, kind: MsgType, step: Step) {
-        self.batch.add(msg, kind);
-        self.steps.push(step);
+    /// Adds a message of type `kind` (an `NFT_MSG_*`) for the `ip` family, asking for its
+    /// acknowledgement; returns it for its attributes.
+    fn message(&mut self, kind: u16, flags: u16, step: Step) -> &mut Msg {
+        let seq = u32::try_from(self.messages.len() + 1).expect("a short batch");
+        self.steps.insert(seq, step);
+        self.messages.push(Msg::new(
+            nft_type(kind),
+            NLM_F_REQUEST | NLM_F_ACK | flags,
+            seq,
+            libc::AF_INET as u8,
+            0,
+        ));
+        self.messages.last_mut().expect("just pushed")
+    }
+
+    fn table(&mut self, kind: u16, name: &[u8], step: Step) {
+        self.message(kind, 0, step).string(NFTA_TABLE_NAME, name);
     }
 
     /// Sends the batch and waits for every acknowledgement; the first error wins.
     fn run(self, table: &str) -> Result<(), NftError> {
-        let Self { batch, steps } = self;
-        let batch = batch.finalize();
-        let mut pending = expected_acks(&batch, &steps);
+        let Self {
+            mut messages,
+            mut steps,
+        } = self;
+        let end = u32::try_from(messages.len() + 1).expect("a short batch");
+        steps.insert(end, Step::Batch);
+        messages.push(batch_message(NFNL_MSG_BATCH_END, end));
+        // Only the messages inside the batch ask for an acknowledgement; the begin and end
+        // messages are answered only when they fail (no permission, no nf_tables).
+        let mut pending: Vec<u32> = steps
+            .iter()
+            .filter(|(_, s)| **s != Step::Batch)
+            .map(|(seq, _)| *seq)
+            .collect();
+        let batch: Vec<u8> = messages.into_iter().flat_map(Msg::finish).collect();
 
         let socket = open_socket()?;
-        let portid = socket.portid();
         socket
-            .send_all(&batch)
+            .send(&batch, 0)
             .map_err(|source| NftError::SendBatch {
                 table: table.into(),
                 source,
@@ -333,35 +399,31 @@ impl Transaction {
                 source,
             },
         };
-        let mut buffer = RecvBuffer::new();
+        let mut buf = Vec::with_capacity(RECV_BUFFER);
         while !pending.is_empty() {
-            let buf = buffer.as_mut_slice();
-            let n = socket.recv_raw(buf).map_err(receive_error)?;
-            for message in mnl::NlMessages::new(&buf[..n]) {
+            buf.clear();
+            socket.recv(&mut buf, 0).map_err(receive_error)?;
+            for message in Messages(&buf) {
                 let message = message.map_err(receive_error)?;
-                let seq = nlmsg_seq(message);
-                // Kernels before 6.10 answer for the batch begin message (permission check,
-                // missing nf_tables) with sequence number 0, as nftnl sends it unnumbered.
-                let step = match pending.get(&seq) {
+                if message.kind != NLMSG_ERROR {
+                    // Not an acknowledgement (we ask for no echo): keep waiting for it.
+                    continue;
+                }
+                // Some kernels answer a refused batch begin with sequence number 0.
+                let step = match steps.get(&message.seq) {
                     Some(&step) => step,
-                    None if seq == 0 => Step::Batch,
+                    None if message.seq == 0 => Step::Batch,
                     None => {
                         return Err(receive_error(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            format!("answer with unexpected sequence number {seq}"),
+                            format!("answer with unexpected sequence number {}", message.seq),
                         )));
                     }
                 };
-                // cb_run checks port id and sequence number and turns an NLMSG_ERROR with a
-                // non-zero code into that errno; an ACK (error 0) is MNL_CB_STOP.
-                match mnl::cb_run(message, seq, portid) {
-                    Ok(CbResult::Stop) => {
-                        pending.remove(&seq);
-                    }
-                    // Not an acknowledgement (we ask for no echo, so nothing is expected):
-                    // keep waiting for the real one.
-                    Ok(CbResult::Ok) => {}
-                    Err(source) => {
+                match message.errno() {
+                    0 => pending.retain(|seq| *seq != message.seq),
+                    errno => {
+                        let source = io::Error::from_raw_os_error(errno);
                         return Err(NftError::Refused {
                             table: table.into(),
                             step,
@@ -376,29 +438,23 @@ impl Transaction {
     }
 }
 
-/// Which step each acknowledged sequence number belongs to. nftnl numbers the batch begin and
-/// end messages (and asks for their ACK) only on kernels that honour it (>= 6.10); the range
-/// it reports tells which case this is.
-fn expected_acks(batch: &FinalizedBatch, steps: &[Step]) -> BTreeMap<u32, Step> {
-    ack_map(batch.sequence_numbers(), steps)
+/// A batch's begin or end message: nfnetlink's framing of an nf_tables transaction.
+fn batch_message(kind: u16, seq: u32) -> Msg {
+    Msg::new(
+        kind,
+        NLM_F_REQUEST,
+        seq,
+        libc::AF_UNSPEC as u8,
+        NFNL_SUBSYS_NFTABLES,
+    )
 }
 
-fn ack_map(seqs: std::ops::Range<u32>, steps: &[Step]) -> BTreeMap<u32, Step> {
-    let framed = seqs.len() == steps.len() + 2;
-    let mut order = Vec::with_capacity(steps.len() + 2);
-    if framed {
-        order.push(Step::Batch);
-    }
-    order.extend_from_slice(steps);
-    if framed {
-        order.push(Step::Batch);
-    }
-    seqs.zip(order).collect()
-}
-
-fn open_socket() -> Result<mnl::Socket, NftError> {
-    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::OpenSocket)?;
-    // mnl has no timeout of its own, and nix is built without its socket feature.
+fn open_socket() -> Result<netlink_sys::Socket, NftError> {
+    let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)
+        .map_err(NftError::OpenSocket)?;
+    socket.bind_auto().map_err(NftError::OpenSocket)?;
+    // Acknowledgements without a copy of the request: they stay small.
+    socket.set_cap_ack(true).map_err(NftError::OpenSocket)?;
     sys::set_receive_timeout(&socket, ANSWER_TIMEOUT).map_err(NftError::OpenSocket)?;
     Ok(socket)
 }
@@ -428,13 +484,15 @@ fn hint(step: Step, errno: Option<i32>) -> &'static str {
     }
 }
 
-/// A table name as nf_tables takes it.
-fn table_name(name: &str) -> Result<CString, NftError> {
+/// A table name as nf_tables takes it: 1 to 255 bytes, NUL-terminated.
+fn table_name(name: &str) -> Result<Vec<u8>, NftError> {
     let invalid = || NftError::InvalidTableName { name: name.into() };
-    if name.is_empty() || name.len() > TABLE_NAME_MAX {
+    if name.is_empty() || name.len() > TABLE_NAME_MAX || name.contains('\0') {
         return Err(invalid());
     }
-    CString::new(name).map_err(|_| invalid())
+    let mut bytes = name.as_bytes().to_vec();
+    bytes.push(0);
+    Ok(bytes)
 }
 
 /// An interface name NUL-padded to `IFNAMSIZ`, the way `nft` encodes `oifname "<name>"`: the
@@ -453,45 +511,228 @@ fn saddr_match(subnet: Ipv4Network) -> (Option<Ipv4Addr>, Ipv4Addr) {
     (mask, subnet.network())
 }
 
-/// Size of `struct nlmsghdr`.
+// The kernel's numbers (linux/netlink.h, linux/netfilter/nfnetlink.h,
+// linux/netfilter/nf_tables.h, linux/netfilter/nf_nat.h), written out rather than taken from
+// `libc`, whose musl and glibc modules do not all carry them.
 const NLMSG_HDRLEN: usize = 16;
+/// `struct nfgenmsg`: family, version, resource id.
+const NFGENMSG_LEN: usize = 4;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFTA_BITWISE_SREG: u16 = 1;
+const NFTA_BITWISE_DREG: u16 = 2;
+const NFTA_BITWISE_LEN: u16 = 3;
+const NFTA_BITWISE_MASK: u16 = 4;
+const NFTA_BITWISE_XOR: u16 = 5;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_MASQ_FLAGS: u16 = 1;
+const NFTA_MASQ_REG_PROTO_MIN: u16 = 2;
+const NFTA_MASQ_REG_PROTO_MAX: u16 = 3;
+const NF_INET_POST_ROUTING: u32 = 4;
+const NF_ACCEPT: u32 = 1;
+const NFT_REG_1: u32 = 1;
+const NFT_REG_2: u32 = 2;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_CMP_EQ: u32 = 0;
+const NFT_CMP_NEQ: u32 = 1;
+const NFT_META_OIFNAME: u32 = 7;
+const NFT_META_L4PROTO: u32 = 16;
+/// The port registers of `masq` count.
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
+/// Large enough for any datagram nf_tables sends micropod (acknowledgements, table dumps).
+const RECV_BUFFER: usize = 64 * 1024;
 
-/// `nlmsg_len` of the message at the start of `msg` (native endian, as netlink is).
-fn nlmsg_len(msg: &[u8]) -> usize {
-    header_u32(msg, 0) as usize
+/// The nfnetlink message type of an nf_tables message.
+const fn nft_type(msg: u16) -> u16 {
+    (NFNL_SUBSYS_NFTABLES << 8) | msg
 }
 
-/// `nlmsg_seq` of the message at the start of `msg`.
-fn nlmsg_seq(msg: &[u8]) -> u32 {
-    header_u32(msg, 8)
+/// One netlink message being encoded: header, `nfgenmsg`, attributes (nested ones through
+/// [`Msg::nested`]). Attribute payloads are padded to 4 bytes; integers go in network order,
+/// as nf_tables reads them.
+struct Msg {
+    buf: Vec<u8>,
 }
 
-fn header_u32(msg: &[u8], offset: usize) -> u32 {
-    msg.get(offset..offset + 4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u32::from_ne_bytes)
-}
-
-/// A receive buffer for the largest nf_tables message, aligned for `nlmsghdr` as mnl requires.
-/// A `Vec<u8>` promises no alignment, so it is over-allocated and used from its first aligned
-/// byte (safe code, no casts).
-struct RecvBuffer {
-    bytes: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl RecvBuffer {
-    fn new() -> Self {
-        let align = align_of::<libc::nlmsghdr>();
-        let len = nftnl::nft_nlmsg_maxsize() as usize;
-        let bytes = vec![0u8; len + align];
-        let start = (align - bytes.as_ptr().addr() % align) % align;
-        Self { bytes, start, len }
+impl Msg {
+    fn new(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Self {
+        let mut buf = Vec::with_capacity(256);
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, set by `finish`
+        buf.extend_from_slice(&kind.to_ne_bytes());
+        buf.extend_from_slice(&flags.to_ne_bytes());
+        buf.extend_from_slice(&seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel's
+        buf.extend_from_slice(&[family, 0]); // NFNETLINK_V0
+        buf.extend_from_slice(&res_id.to_be_bytes());
+        Self { buf }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.start..self.start + self.len]
+    fn attr(&mut self, kind: u16, payload: &[u8]) {
+        let len = u16::try_from(4 + payload.len()).expect("a short attribute");
+        self.buf.extend_from_slice(&len.to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf.extend_from_slice(payload);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        self.buf.resize(self.buf.len().next_multiple_of(4), 0);
+    }
+
+    /// A NUL-terminated string (`value` carries its NUL, or gets one).
+    fn string(&mut self, kind: u16, value: &[u8]) {
+        if value.last() == Some(&0) {
+            self.attr(kind, value);
+        } else {
+            let mut with_nul = value.to_vec();
+            with_nul.push(0);
+            self.attr(kind, &with_nul);
+        }
+    }
+
+    fn u32(&mut self, kind: u16, value: u32) {
+        self.attr(kind, &value.to_be_bytes());
+    }
+
+    /// `NFTA_DATA_VALUE` inside a nested `kind`: how nf_tables takes constants.
+    fn data(&mut self, kind: u16, value: &[u8]) {
+        self.nested(kind, |d| d.attr(NFTA_DATA_VALUE, value));
+    }
+
+    fn nested(&mut self, kind: u16, inner: impl FnOnce(&mut Self)) {
+        let start = self.buf.len();
+        self.attr(kind | NLA_F_NESTED, &[]);
+        inner(self);
+        let len = u16::try_from(self.buf.len() - start).expect("a short attribute");
+        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let len = u32::try_from(self.buf.len()).expect("a short message");
+        self.buf[..4].copy_from_slice(&len.to_ne_bytes());
+        self.buf
+    }
+}
+
+/// One message of a received datagram.
+struct Received<'a> {
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    /// What follows the header.
+    payload: &'a [u8],
+}
+
+impl Received<'_> {
+    /// The errno of an `NLMSG_ERROR` (0 for an acknowledgement), positive.
+    fn errno(&self) -> i32 {
+        self.payload
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(libc::EPROTO, |b| i32::from_ne_bytes(b).saturating_neg())
+    }
+
+    /// The payload of the first top-level attribute `kind`, after `skip` bytes of fixed header.
+    fn attr(&self, skip: usize, kind: u16) -> Option<&[u8]> {
+        let mut rest = self.payload.get(skip..)?;
+        while rest.len() >= 4 {
+            let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+            let this = u16::from_ne_bytes([rest[2], rest[3]]) & NLA_TYPE_MASK;
+            if len < 4 || len > rest.len() {
+                return None;
+            }
+            if this == kind {
+                return Some(&rest[4..len]);
+            }
+            rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
+        }
+        None
+    }
+}
+
+/// The netlink messages of a datagram; a malformed one ends it with an error.
+struct Messages<'a>(&'a [u8]);
+
+impl<'a> Iterator for Messages<'a> {
+    type Item = io::Result<Received<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let word = |at: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(self.0.get(at..at + 4)?.try_into().ok()?))
+        };
+        let parsed = (|| {
+            let len = usize::try_from(word(0)?).ok()?;
+            let kind_flags = word(4)?.to_ne_bytes();
+            if len < NLMSG_HDRLEN || len > self.0.len() {
+                return None;
+            }
+            Some((
+                len,
+                Received {
+                    kind: u16::from_ne_bytes([kind_flags[0], kind_flags[1]]),
+                    flags: u16::from_ne_bytes([kind_flags[2], kind_flags[3]]),
+                    seq: word(8)?,
+                    payload: &self.0[NLMSG_HDRLEN..len],
+                },
+            ))
+        })();
+        match parsed {
+            Some((len, message)) => {
+                self.0 = self.0.get(len.next_multiple_of(4)..).unwrap_or_default();
+                Some(Ok(message))
+            }
+            None => {
+                self.0 = &[];
+                Some(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a malformed netlink message",
+                )))
+            }
+        }
     }
 }
 
@@ -508,7 +749,9 @@ mod tests {
             );
         }
         for good in ["micropod", "mp-0", &"t".repeat(TABLE_NAME_MAX)] {
-            assert_eq!(table_name(good).unwrap().as_bytes(), good.as_bytes());
+            let name = table_name(good).unwrap();
+            assert_eq!(&name[..good.len()], good.as_bytes());
+            assert_eq!(name[good.len()..], [0]);
         }
     }
 
@@ -528,11 +771,6 @@ mod tests {
     }
 
     #[test]
-    fn chain_name_constants_agree() {
-        assert_eq!(CHAIN_C.to_str(), Ok(CHAIN));
-    }
-
-    #[test]
     fn saddr_match_uses_the_network_address() {
         let (mask, network) = saddr_match("10.10.0.7/24".parse().unwrap());
         assert_eq!(mask, Some(Ipv4Addr::new(255, 255, 255, 0)));
@@ -543,24 +781,78 @@ mod tests {
     }
 
     #[test]
-    fn acks_map_to_steps_with_and_without_framing() {
-        let steps = [Step::AddTable, Step::AddChain];
-        // Kernel >= 6.10: begin and end are numbered and acknowledged too.
-        let framed = ack_map(1..5, &steps);
+    fn a_batch_numbers_its_messages_and_frames_them() {
+        let mut tx = Transaction::default();
+        tx.table(NFT_MSG_NEWTABLE, b"t\0", Step::AddTable);
+        tx.table(NFT_MSG_DELTABLE, b"t\0", Step::DeleteTable);
         assert_eq!(
-            framed.into_iter().collect::<Vec<_>>(),
+            tx.steps.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
             [
                 (1, Step::Batch),
                 (2, Step::AddTable),
-                (3, Step::AddChain),
-                (4, Step::Batch)
+                (3, Step::DeleteTable)
             ]
         );
-        let bare = ack_map(1..3, &steps);
+        let kinds: Vec<(u16, u16, u32)> = tx
+            .messages
+            .into_iter()
+            .map(|m| {
+                let bytes = m.finish();
+                let m = Messages(&bytes).next().unwrap().unwrap();
+                (m.kind, m.flags, m.seq)
+            })
+            .collect();
         assert_eq!(
-            bare.into_iter().collect::<Vec<_>>(),
-            [(1, Step::AddTable), (2, Step::AddChain)]
+            kinds,
+            [
+                (NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 1),
+                (nft_type(NFT_MSG_NEWTABLE), NLM_F_REQUEST | NLM_F_ACK, 2),
+                (nft_type(NFT_MSG_DELTABLE), NLM_F_REQUEST | NLM_F_ACK, 3),
+            ]
         );
+    }
+
+    #[test]
+    fn messages_are_encoded_as_netlink_lays_them_out() {
+        let mut m = Msg::new(nft_type(NFT_MSG_NEWTABLE), NLM_F_REQUEST, 7, 2, 0);
+        m.string(NFTA_TABLE_NAME, b"abc");
+        m.nested(NFTA_CHAIN_HOOK, |h| h.u32(NFTA_HOOK_HOOKNUM, 4));
+        let bytes = m.finish();
+        // header 16 + nfgenmsg 4 + "abc\0" attribute 8 + nest 4 + u32 attribute 8
+        assert_eq!(bytes.len(), 40);
+        assert_eq!(u32::from_ne_bytes(bytes[..4].try_into().unwrap()), 40);
+        assert_eq!(&bytes[16..20], &[2, 0, 0, 0]);
+        assert_eq!(&bytes[20..28], &[8, 0, 1, 0, b'a', b'b', b'c', 0]);
+        assert_eq!(
+            &bytes[28..40],
+            &[12, 0, 4, 0x80, 8, 0, 1, 0, 0, 0, 0, 4],
+            "nested, with the integer in network order"
+        );
+        let parsed = Messages(&bytes).next().unwrap().unwrap();
+        assert_eq!(parsed.seq, 7);
+        assert_eq!(
+            parsed.attr(NFGENMSG_LEN, NFTA_TABLE_NAME),
+            Some(&b"abc\0"[..])
+        );
+        assert_eq!(parsed.attr(NFGENMSG_LEN, 9), None);
+    }
+
+    #[test]
+    fn acknowledgements_and_errors_are_read_back() {
+        let answer = |errno: i32, seq: u32| {
+            let mut m = Msg::new(NLMSG_ERROR, 0, seq, 0, 0);
+            m.buf.truncate(NLMSG_HDRLEN);
+            m.buf.extend_from_slice(&errno.to_ne_bytes());
+            m.finish()
+        };
+        let mut datagram = answer(0, 2);
+        datagram.extend(answer(-libc::EPERM, 3));
+        let got: Vec<(u32, i32)> = Messages(&datagram)
+            .map(|m| m.map(|m| (m.seq, m.errno())).unwrap())
+            .collect();
+        assert_eq!(got, [(2, 0), (3, libc::EPERM)]);
+        let truncated = &datagram[..datagram.len() - 2];
+        assert!(Messages(truncated).nth(1).unwrap().is_err());
     }
 
     #[test]
@@ -585,20 +877,5 @@ mod tests {
         assert!(text.contains("CAP_NET_ADMIN"), "{text}");
         let source = std::error::Error::source(&err).unwrap().to_string();
         assert!(source.contains("os error 1"), "{source}");
-    }
-
-    #[test]
-    fn dump_request_header_is_read_back() {
-        let request = nftnl::table::get_tables_nlmsg(7);
-        assert_eq!(nlmsg_seq(&request), 7);
-        assert_eq!(nlmsg_len(&request), NLMSG_HDRLEN + 4);
-    }
-
-    #[test]
-    fn receive_buffer_is_aligned_for_nlmsghdr() {
-        let mut buffer = RecvBuffer::new();
-        let slice = buffer.as_mut_slice();
-        assert!(slice.as_ptr().cast::<libc::nlmsghdr>().is_aligned());
-        assert_eq!(slice.len(), nftnl::nft_nlmsg_maxsize() as usize);
     }
 }

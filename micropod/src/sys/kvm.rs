@@ -6,8 +6,9 @@ use std::{
 };
 
 /// `_IO(KVMIO, 0x00)` and `_IO(KVMIO, 0x01)` from `<linux/kvm.h>`.
-const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
-const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+// `libc::Ioctl`: the request's type differs between glibc (unsigned long) and musl (int).
+const KVM_GET_API_VERSION: libc::Ioctl = 0xAE00;
+const KVM_CREATE_VM: libc::Ioctl = 0xAE01;
 
 /// `KVM_GET_API_VERSION` on an open `/dev/kvm`.
 pub(crate) fn kvm_api_version(kvm: BorrowedFd<'_>) -> io::Result<libc::c_int> {

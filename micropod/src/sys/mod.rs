@@ -10,12 +10,10 @@
 //! - [`kvm`]: the KVM probe's two ioctls.
 //! - [`bpf`]: `BPF_MAP_LOOKUP_BATCH` (an `unsafe fn`: only the caller knows the map's element
 //!   sizes) and reading a [`Pod`](aya::Pod) from map bytes.
-//! - [`nft`]: the `masq` expression with a port range, through libnftnl.
 
 pub(crate) mod bpf;
 pub(crate) mod kvm;
 pub(crate) mod net;
-pub(crate) mod nft;
 pub(crate) mod process;
 
 pub(crate) use self::{

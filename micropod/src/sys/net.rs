@@ -116,7 +116,7 @@ pub(crate) fn if_index(sock: BorrowedFd<'_>, ifr: &mut IfReq) -> io::Result<libc
     // SAFETY: SIOCGIFINDEX reads the NUL-terminated name from and writes an int into a
     // struct ifreq; `ifr` has ifreq's size and layout, is exclusively borrowed and outlives
     // the call, and `sock` is open while borrowed.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX, &raw mut *ifr) };
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFINDEX, &raw mut *ifr) };
     if rc == 0 {
         Ok(ifr.index())
     } else {
@@ -127,8 +127,12 @@ pub(crate) fn if_index(sock: BorrowedFd<'_>, ifr: &mut IfReq) -> io::Result<libc
 /// `SO_RCVTIMEO`: receives on `socket` fail with `EAGAIN` after `timeout`.
 pub(crate) fn set_receive_timeout(socket: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        // The field types, not their names (musl's `libc` marks those as changing).
+        tv_sec: timeout
+            .as_secs()
+            .try_into()
+            .unwrap_or_else(|_| i32::MAX.into()),
+        tv_usec: timeout.subsec_micros().into(),
     };
     let len = libc::socklen_t::try_from(size_of::<libc::timeval>()).expect("timeval is small");
     // SAFETY: the descriptor is the socket's own and stays open for the call (`socket` is
@@ -150,7 +154,11 @@ pub(crate) fn set_receive_timeout(socket: &impl AsRawFd, timeout: Duration) -> i
 }
 
 /// `NS_GET_NSTYPE` from `<linux/nsfs.h>`: `_IO(0xb7, 0x3)`.
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
+
+/// `SIOCGIFINDEX` from `<linux/sockios.h>`, typed as `ioctl` takes it here (`libc` has it as
+/// `unsigned long`, musl's `ioctl` an `int`).
+const SIOCGIFINDEX: libc::Ioctl = 0x8933;
 
 /// The `CLONE_NEW*` type of the namespace `ns` refers to (an nsfs file).
 pub(crate) fn ns_type(ns: BorrowedFd<'_>) -> io::Result<libc::c_int> {
