@@ -245,6 +245,41 @@ fn netns_endpoint_is_wired_and_reaches_gateway_and_internet_through_masquerade()
     assert_eq!(lab.attach_netns("web2", &ep2, &[])["ip"], "10.10.0.2");
 }
 
+/// Every bridge port micropod makes (a pooled TAP, a TAP made by the attach, a veth's host end,
+/// on both data paths) has IPv6 off: no link-local address, nothing the host would send into
+/// the endpoint (router solicitations, MLD, DAD). The endpoint itself still talks.
+#[test]
+fn bridge_ports_have_ipv6_off() {
+    for (datapath, pool) in [("ebpf", "16"), ("netfilter", "0")] {
+        let lab = NetLab::new(&format!("v6-{datapath}"));
+        lab.up(&["--datapath", datapath, "--pool", pool]);
+        let ns = NsGuard::new(&format!("v6-{datapath}-ep"));
+        let tap = lab.json(["network", "attach", "vm1", "--kind", "tap", "--json"]);
+        let veth = lab.attach_netns("ep", &ns, &[]);
+        for att in [&tap, &veth] {
+            let port = att["link"].as_str().unwrap().to_owned();
+            let off = lab
+                .host
+                .run(|| {
+                    std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"))
+                })
+                .unwrap();
+            assert_eq!(off.trim(), "1", "{datapath}: IPv6 on {port}");
+            let addrs = ip_json(lab.host.path(), &["-6", "addr", "show", "dev", &port]);
+            let none = addrs
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["addr_info"].as_array().is_none_or(Vec::is_empty));
+            assert!(none, "{datapath}: {port} has IPv6 addresses: {addrs}");
+        }
+        assert!(
+            ping(&ns, GATEWAY),
+            "{datapath}: the endpoint still reaches the gateway"
+        );
+    }
+}
+
 #[test]
 fn tap_endpoint_answers_arp_and_ping_on_its_fd() {
     let lab = NetLab::new("tap");

@@ -1,5 +1,5 @@
-//! The sysctls micropod needs: IPv4 forwarding (written) and the host's ephemeral ports
-//! (read).
+//! The sysctls micropod needs: IPv4 forwarding (written), the host's ephemeral ports (read)
+//! and IPv6 off on the bridge ports micropod makes (written).
 //!
 //! `/proc/sys/net` shows the network namespace of the thread that opens it, so these act on the
 //! caller's namespace.
@@ -46,6 +46,27 @@ pub fn set_ip_forward(on: bool) -> Result<(), SysctlError> {
         }
     })
 }
+
+/// Turns IPv6 off on `ifname` (`net.ipv6.conf.<ifname>.disable_ipv6`), before it comes up: a
+/// bridge port is only a port, the host's addresses live on the bridge. Otherwise the host
+/// gives every TAP and veth host end a link-local address, routes, multicast memberships and
+/// timers, and sends router solicitations, MLD reports and DAD probes into each VM and
+/// container. Frames of the endpoints' own IPv6 are bridged as before. A kernel without IPv6
+/// has nothing to turn off.
+pub fn disable_ipv6(ifname: &str) -> Result<(), SysctlError> {
+    let path = PathBuf::from(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"));
+    match std::fs::write(&path, "1\n") {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new(IPV6_CONF).exists() =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(SysctlError::Write { path, source }),
+    }
+}
+
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
 
 /// `net.ipv4.ip_local_port_range`: the ports the host's own sockets are given when they do
 /// not bind one.

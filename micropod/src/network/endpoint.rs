@@ -216,6 +216,7 @@ impl super::Network {
                     }
                 })?;
                 failpoint::hit("attach:link-created");
+                port_without_ipv6(&ep.link)?;
                 // Programs first, link up second: the counters see the port's first frame.
                 self.attach_datapath(nl, head, ep).await?;
                 link::set_controller_up(nl, &ep.link, bridge_index)
@@ -232,14 +233,14 @@ impl super::Network {
                     })
             }
             (EndpointKind::Netns, Some(ns), Some(ns_ref)) => {
-                // With eBPF the host end comes up only once its programs are attached, so that
-                // the counters see its first frame; otherwise in the creating request.
+                // The host end comes up only once IPv6 is off on it and, with eBPF, its
+                // programs are attached, so that the counters see its first frame.
                 let ebpf = head.active_datapath == ActiveDatapath::Ebpf;
                 let spec = veth::PairSpec {
                     peer_ns: Some(ns.as_fd()),
                     peer_mac: Some(ep.mac.0),
                     controller: Some(bridge_index),
-                    up: !ebpf,
+                    up: false,
                 };
                 if let Err(source) = veth::create_pair(nl, &ep.link, &ns_ref.ifname, &spec).await {
                     // EEXIST names neither end; the host end's name is ours and was free (we
@@ -261,15 +262,16 @@ impl super::Network {
                     .into());
                 }
                 failpoint::hit("attach:link-created");
+                port_without_ipv6(&ep.link)?;
                 if ebpf {
                     self.attach_datapath(nl, head, ep).await?;
-                    link::set_up(nl, &ep.link)
-                        .await
-                        .map_err(|source| AttachError::Enslave {
-                            name: ep.link.clone(),
-                            source: Box::new(source),
-                        })?;
                 }
+                link::set_up(nl, &ep.link)
+                    .await
+                    .map_err(|source| AttachError::Enslave {
+                        name: ep.link.clone(),
+                        source: Box::new(source),
+                    })?;
                 configure_inside(ns, ns_ref, ep, head).await?;
                 failpoint::hit("attach:configured");
                 Ok(())
@@ -381,6 +383,17 @@ impl super::Network {
 }
 
 /// Opens `--netns` and refuses micropod's own namespace.
+/// See [`crate::net::sysctl::disable_ipv6`].
+fn port_without_ipv6(link: &str) -> Result<(), NetworkError> {
+    crate::net::sysctl::disable_ipv6(link).map_err(|source| {
+        AttachError::PortIpv6 {
+            name: link.to_owned(),
+            source,
+        }
+        .into()
+    })
+}
+
 fn open_endpoint_netns(path: &Path) -> Result<(NetNs, crate::net::NetnsId), NetworkError> {
     let wrap = |source| InputError::EndpointNetns {
         path: path.to_path_buf(),

@@ -286,6 +286,12 @@ pub enum AttachError {
         #[source]
         source: Box<LinkError>,
     },
+    #[error("cannot turn IPv6 off on bridge port {name}")]
+    PortIpv6 {
+        name: String,
+        #[source]
+        source: SysctlError,
+    },
     /// Also met by `up`, when it repairs the data plane of a network with endpoints.
     #[error("cannot attach endpoint {name} to the eBPF data path")]
     DatapathPort {

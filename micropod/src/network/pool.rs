@@ -150,6 +150,8 @@ impl super::Network {
         };
         tap::create_persistent(name, None).map_err(|e| pool_err("create the TAP", Box::new(e)))?;
         failpoint::hit("refill:created");
+        crate::net::sysctl::disable_ipv6(name)
+            .map_err(|e| pool_err("turn IPv6 off on the port", Box::new(e)))?;
         if hooked {
             let ifindex = probe
                 .index(name)
