@@ -147,6 +147,12 @@ fn run_micropod(root: &Path, args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cargo's target dir: `CARGO_TARGET_DIR` if set (relative to the workspace, as cargo takes
+/// it), else `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d))
+}
+
 /// The target micropod ships for: static musl, so a command starts without the dynamic
 /// loader and glibc's start-up (about half of a short command's time on these machines).
 const SHIPPED_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -254,26 +260,32 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
         step(
             "benchmark smoke run (debug build, 10 endpoints per side, bursts of 8; figures not meaningful)",
         );
-        run(Command::new("target/debug/micropod-bench")
+        run(Command::new(target_dir(root).join("debug/micropod-bench"))
             .arg("--quick")
             .env("MICROPOD_BIN", &bin))?;
         step(
             "data path benchmark smoke run (debug build, one second per mode; figures not meaningful)",
         );
-        run(Command::new("target/debug/micropod-bench-datapath")
-            .arg("--quick")
-            .env("MICROPOD_BIN", &bin))?;
+        run(
+            Command::new(target_dir(root).join("debug/micropod-bench-datapath"))
+                .arg("--quick")
+                .env("MICROPOD_BIN", &bin),
+        )?;
         step(
             "metrics benchmark smoke run (debug build, 50 endpoints, 10 scrapes; figures not meaningful)",
         );
-        run(Command::new("target/debug/micropod-bench-metrics")
-            .arg("--quick")
-            .env("MICROPOD_BIN", &bin))?;
+        run(
+            Command::new(target_dir(root).join("debug/micropod-bench-metrics"))
+                .arg("--quick")
+                .env("MICROPOD_BIN", &bin),
+        )?;
         // A leak check, not a benchmark: it fails if anything is not back to its start.
         step("soak smoke run (debug build, 50 attach/detach cycles, 2 VMs; about 25 s)");
-        run(Command::new("target/debug/micropod-bench-soak")
-            .arg("--quick")
-            .env("MICROPOD_BIN", &bin))?;
+        run(
+            Command::new(target_dir(root).join("debug/micropod-bench-soak"))
+                .arg("--quick")
+                .env("MICROPOD_BIN", &bin),
+        )?;
     }
 
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
@@ -290,7 +302,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     let bin = build_micropod(root, false)?;
     run(cargo(["build", "--package", "micropod-tests", "--bins"]))?;
     step("running the demo");
-    run(Command::new("target/debug/micropod-demo").env("MICROPOD_BIN", bin))
+    run(Command::new(target_dir(root).join("debug/micropod-demo")).env("MICROPOD_BIN", bin))
 }
 
 fn bench(root: &Path, what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
@@ -315,29 +327,37 @@ fn bench(root: &Path, what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
             step(
                 "benchmark: endpoint attach/detach, micropod (eBPF, netfilter) against the CNI bridge plugin",
             );
-            run(Command::new("target/release/micropod-bench")
-                .args(args)
-                .env("MICROPOD_BIN", &bin))
+            run(
+                Command::new(target_dir(root).join("release/micropod-bench"))
+                    .args(args)
+                    .env("MICROPOD_BIN", &bin),
+            )
         }
         BenchWhat::Datapath => {
             step("benchmark: routed, MASQUERADE and eBPF SNAT side by side (wrk, iperf3)");
-            run(Command::new("target/release/micropod-bench-datapath")
-                .args(args)
-                .env("MICROPOD_BIN", &bin))
+            run(
+                Command::new(target_dir(root).join("release/micropod-bench-datapath"))
+                    .args(args)
+                    .env("MICROPOD_BIN", &bin),
+            )
         }
         BenchWhat::Metrics => {
             step("benchmark: the metrics exporter scraped with 1000 endpoints in the maps");
-            run(Command::new("target/release/micropod-bench-metrics")
-                .args(args)
-                .env("MICROPOD_BIN", &bin))
+            run(
+                Command::new(target_dir(root).join("release/micropod-bench-metrics"))
+                    .args(args)
+                    .env("MICROPOD_BIN", &bin),
+            )
         }
         BenchWhat::Soak => {
             step(
                 "soak: attach/detach and VM run/stop cycles with traffic, then every count back to its start",
             );
-            run(Command::new("target/release/micropod-bench-soak")
-                .args(args)
-                .env("MICROPOD_BIN", &bin))
+            run(
+                Command::new(target_dir(root).join("release/micropod-bench-soak"))
+                    .args(args)
+                    .env("MICROPOD_BIN", &bin),
+            )
         }
     }
 }
