@@ -262,14 +262,10 @@ impl DataPlane {
         })
     }
 
-    /// Whether the programs pinned here (if any) were loaded from this build's object.
-    /// Reads the object (`up` asks, not the per-endpoint commands: the maps of the same
-    /// layout are all they use).
+    /// Whether the programs pinned here were loaded from this build's object (`up` asks, not
+    /// the per-endpoint commands: the maps of the same layout are all they use).
     pub fn object_matches(&self) -> Result<bool, DatapathError> {
-        if !self.is_installed() {
-            return Ok(true);
-        }
-        Ok(self.installed_object() == Some(object_id(&object()?)))
+        Ok(self.installed_object() == Some(own_object_id()?))
     }
 
     /// Whether what is pinned here (if anything) has this build's layout.
@@ -356,7 +352,7 @@ impl DataPlane {
     /// Marks the pins as this build's layout and object, and only these.
     fn record_layout(&self) -> Result<(), DatapathError> {
         let layout = format!("{LAYOUT_PREFIX}{}", own_layout());
-        let object = format!("{OBJECT_PREFIX}{}", object_id(&object()?));
+        let object = format!("{OBJECT_PREFIX}{}", own_object_id()?);
         for own in [&layout, &object] {
             let path = self.dir.join(own);
             std::fs::create_dir_all(&path)
@@ -439,7 +435,7 @@ impl DataPlane {
             from: self.installed_layout().unwrap_or(0),
             to: own_layout(),
             from_object: self.installed_object(),
-            to_object: object_id(&object()?),
+            to_object: own_object_id()?,
             ..UpgradeReport::default()
         };
         self.make_dirs()?;
@@ -1105,6 +1101,16 @@ pub fn object_id(object: &[u8]) -> String {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{hash:016x}")
+}
+
+/// [`object_id`] of the object this process loads, hashed once per process.
+fn own_object_id() -> Result<String, DatapathError> {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(id) = ID.get() {
+        return Ok(id.clone());
+    }
+    let id = object_id(&object()?);
+    Ok(ID.get_or_init(|| id).clone())
 }
 
 /// The bytes of the object this process loads (for tests that make a second build of it).

@@ -259,16 +259,12 @@ fn ip_tables(table: &str) -> Result<Vec<Vec<u8>>, NftError> {
     // The dump is marked interrupted when the ruleset changes under it; another try is cheap.
     const ATTEMPTS: usize = 3;
     const SEQ: u32 = 1;
-    let dump_error = |source: io::Error| match source.kind() {
-        io::ErrorKind::WouldBlock => NftError::Timeout {
-            table: table.into(),
-            waited: ANSWER_TIMEOUT,
-        },
-        _ => NftError::Dump {
+    let dump_error = |source: io::Error| {
+        answer_error(table, source, |source| NftError::Dump {
             table: table.into(),
             hint: hint(Step::ListTables, source.raw_os_error()),
             source,
-        },
+        })
     };
     let mut last = None;
     for _ in 0..ATTEMPTS {
@@ -389,15 +385,11 @@ impl Transaction {
                 source,
             })?;
 
-        let receive_error = |source: io::Error| match source.kind() {
-            io::ErrorKind::WouldBlock => NftError::Timeout {
-                table: table.into(),
-                waited: ANSWER_TIMEOUT,
-            },
-            _ => NftError::Receive {
+        let receive_error = |source: io::Error| {
+            answer_error(table, source, |source| NftError::Receive {
                 table: table.into(),
                 source,
-            },
+            })
         };
         let mut buf = Vec::with_capacity(RECV_BUFFER);
         while !pending.is_empty() {
@@ -435,6 +427,22 @@ impl Transaction {
             }
         }
         Ok(())
+    }
+}
+
+/// A failed receive: [`NftError::Timeout`] when `SO_RCVTIMEO` ran out, else `other`.
+fn answer_error(
+    table: &str,
+    source: io::Error,
+    other: impl FnOnce(io::Error) -> NftError,
+) -> NftError {
+    if source.kind() == io::ErrorKind::WouldBlock {
+        NftError::Timeout {
+            table: table.into(),
+            waited: ANSWER_TIMEOUT,
+        }
+    } else {
+        other(source)
     }
 }
 

@@ -90,14 +90,13 @@ impl super::Network {
         let datapath = |e| UpError::Datapath(Box::new(e));
         // Pins of another layout (made by another version of micropod) would be misread:
         // upgraded in place, while the endpoints keep running; replaced whole (counters and
-        // NAT flows lost) only if that fails.
+        // NAT flows lost) only if that fails. Pins of this layout but another build's
+        // programs (a fix in a newer micropod) get this build's programs the same way, every
+        // map kept.
         let mut note = note;
-        // Pins of this layout but another build's programs (a fix in a newer micropod) get
-        // this build's programs the same way, every map kept.
-        let other_build = plane.is_installed()
-            && plane.layout_matches()
-            && !plane.object_matches().map_err(datapath)?;
-        if plane.is_installed() && (!plane.layout_matches() || other_build) {
+        if plane.is_installed()
+            && (!plane.layout_matches() || !plane.object_matches().map_err(datapath)?)
+        {
             let said = self.upgrade_datapath(nl, doc, plane, &settings).await?;
             log::info!("{said}");
             note = Some(note.map_or_else(|| said.clone(), |n| format!("{n}; {said}")));
