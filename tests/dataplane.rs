@@ -14,7 +14,10 @@ use std::{
 
 use micropod_tests::{
     NsGuard,
-    netlab::{NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, WAN, ip_json, ping, query, tc_bpf_filters},
+    netlab::{
+        NetLab, SERVER_ADDR, UPLINK, UPLINK_ADDR, WAN, ip_json, ping, query, tc_bpf_filters,
+        tc_bpf_program_ids,
+    },
     packets,
 };
 use serde_json::Value;
@@ -675,10 +678,25 @@ fn a_full_nat_table_refuses_new_flows_with_a_counted_reason_and_keeps_the_others
 }
 
 fn tcx_programs(ns: &NsGuard, iface: &str, direction: aya::programs::TcAttachType) -> usize {
+    tcx_program_ids(ns, iface, direction).len()
+}
+
+/// The ids of the TCX programs on `iface`'s `direction`.
+fn tcx_program_ids(ns: &NsGuard, iface: &str, direction: aya::programs::TcAttachType) -> Vec<u32> {
     let name = std::ffi::CString::new(iface).unwrap();
     ns.run(|| aya::programs::SchedClassifier::query_tcx(name.as_c_str(), direction))
-        .map(|(_, progs)| progs.len())
+        .map(|(_, progs)| progs.iter().map(aya::programs::ProgramInfo::id).collect())
         .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"))
+}
+
+/// The names of the pin dir's markers that start with `prefix` (`layout-`, `object-`).
+fn pin_markers(pins: &std::path::Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(pins)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
 }
 
 #[test]
@@ -1021,14 +1039,7 @@ fn pins_of_another_layout_are_refused_and_upgraded_in_place_by_up() {
     let own = micropod_common::DATAPATH_LAYOUT;
     let newer = (own + 1).to_string();
     let pins = net.dirs.pins.join("micropod");
-    let layout = || -> Vec<String> {
-        std::fs::read_dir(&pins)
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with(micropod::datapath::LAYOUT_PREFIX))
-            .collect()
-    };
+    let layout = || pin_markers(&pins, micropod::datapath::LAYOUT_PREFIX);
     assert_eq!(layout(), [format!("layout-{own}")]);
     let refused = |layout: &str, args: &[&str], found: u32| {
         let out = net.micropod(args).env(env, layout).output().unwrap();
@@ -1173,35 +1184,6 @@ fn pins_of_another_layout_are_refused_and_upgraded_in_place_by_up() {
     assert!(counter(ep, "tx_packets") >= u64::from(SENT), "{ep}");
 }
 
-/// The ids of the programs on `iface`'s `hook` (cls_bpf filters, read with `tc -j`).
-fn filter_programs(ns: &NsGuard, iface: &str, hook: &str) -> Vec<u64> {
-    let out = query(
-        ns.path(),
-        "tc",
-        &["-j", "filter", "show", "dev", iface, hook],
-    );
-    let filters: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out:?}: {e}"));
-    filters
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f["options"]["prog"]["id"].as_u64())
-        .collect()
-}
-
-/// The ids of the TCX programs on `iface`'s ingress.
-fn tcx_program_ids(ns: &NsGuard, iface: &str) -> Vec<u32> {
-    let name = std::ffi::CString::new(iface).unwrap();
-    ns.run(|| {
-        aya::programs::SchedClassifier::query_tcx(
-            name.as_c_str(),
-            aya::programs::TcAttachType::Ingress,
-        )
-    })
-    .map(|(_, progs)| progs.iter().map(aya::programs::ProgramInfo::id).collect())
-    .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"))
-}
-
 #[test]
 fn programs_of_another_build_are_replaced_in_place_by_up() {
     let net = NetLab::new("object");
@@ -1213,14 +1195,7 @@ fn programs_of_another_build_are_replaced_in_place_by_up() {
     let port = att["link"].as_str().unwrap().to_owned();
     assert!(ping(&ns, SERVER_ADDR));
     let pins = net.dirs.pins.join("micropod");
-    let recorded = || -> Vec<String> {
-        std::fs::read_dir(&pins)
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with(micropod::datapath::OBJECT_PREFIX))
-            .collect()
-    };
+    let recorded = || pin_markers(&pins, micropod::datapath::OBJECT_PREFIX);
     let own_bytes = micropod::datapath::own_object().unwrap();
     let own = micropod::datapath::object_id(&own_bytes);
     assert_eq!(recorded(), [format!("object-{own}")]);
@@ -1241,9 +1216,9 @@ fn programs_of_another_build_are_replaced_in_place_by_up() {
     let env = micropod::datapath::OBJECT_ENV;
     let programs = || {
         (
-            filter_programs(&net.host, &port, "ingress"),
-            filter_programs(&net.host, &port, "egress"),
-            tcx_program_ids(&net.host, UPLINK),
+            tc_bpf_program_ids(net.host.path(), &port, "ingress"),
+            tc_bpf_program_ids(net.host.path(), &port, "egress"),
+            tcx_program_ids(&net.host, UPLINK, aya::programs::TcAttachType::Ingress),
         )
     };
     let before = programs();

@@ -359,6 +359,29 @@ pub fn ip_json(ns: &Path, args: &[&str]) -> Value {
 /// `ns`, each as `name@pref/handle` (read with `tc -j filter show`, independently of
 /// micropod's own netlink code); empty without a `clsact` qdisc.
 pub fn tc_bpf_filters(ns: &Path, iface: &str, hook: &str) -> Vec<String> {
+    bpf_filters(ns, iface, hook)
+        .iter()
+        .map(|f| {
+            format!(
+                "{}@{}/{}",
+                f["options"]["bpf_name"].as_str().unwrap_or("?"),
+                f["pref"],
+                f["options"]["handle"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+/// The program ids of the same filters as [`tc_bpf_filters`].
+pub fn tc_bpf_program_ids(ns: &Path, iface: &str, hook: &str) -> Vec<u64> {
+    bpf_filters(ns, iface, hook)
+        .iter()
+        .filter_map(|f| f["options"]["prog"]["id"].as_u64())
+        .collect()
+}
+
+/// The `cls_bpf` filters of `tc -j filter show` (those with options: one entry per filter).
+fn bpf_filters(ns: &Path, iface: &str, hook: &str) -> Vec<Value> {
     let out = query(ns, "tc", &["-j", "filter", "show", "dev", iface, hook]);
     if out.trim().is_empty() {
         return Vec::new();
@@ -370,14 +393,7 @@ pub fn tc_bpf_filters(ns: &Path, iface: &str, hook: &str) -> Vec<String> {
         .into_iter()
         .flatten()
         .filter(|f| f["kind"] == "bpf" && f.get("options").is_some())
-        .map(|f| {
-            format!(
-                "{}@{}/{}",
-                f["options"]["bpf_name"].as_str().unwrap_or("?"),
-                f["pref"],
-                f["options"]["handle"].as_str().unwrap_or("?")
-            )
-        })
+        .cloned()
         .collect()
 }
 
