@@ -9,7 +9,9 @@ use std::{
 use futures::TryStreamExt as _;
 use rtnetlink::{
     LinkUnspec,
-    packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    packet_route::link::{
+        AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    },
 };
 
 use super::Netlink;
@@ -34,6 +36,12 @@ pub enum LinkError {
     },
     #[error("cannot bring interface {name} up")]
     SetUp {
+        name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot stop IPv6 address generation on interface {name}")]
+    NoLinkLocal {
         name: String,
         #[source]
         source: rtnetlink::Error,
@@ -378,6 +386,35 @@ pub async fn set_up(nl: &Netlink, name: &str) -> Result<(), LinkError> {
             name: name.into(),
             source,
         })
+}
+
+/// Makes the kernel give the link called `name` no IPv6 address of its own when it comes up
+/// (`addrgenmode none`): no link-local address, so none of the DAD probes, MLD reports and
+/// router solicitations that follow one. Sent before the link comes up; once it is up, the
+/// address is made already. Done over netlink rather than with `disable_ipv6` in
+/// `/proc/sys`: every namespace whose `/proc/sys/net` was opened leaves dentries that each
+/// later path walk there, in any namespace, compares (about 1 µs apiece with a thousand). A
+/// kernel without IPv6 has nothing to stop.
+pub async fn no_link_local(nl: &Netlink, name: &str) -> Result<(), LinkError> {
+    validate_name(name)?;
+    let mode = AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)]);
+    let result = nl
+        .handle()
+        .link()
+        .set(
+            LinkUnspec::new_with_name(name)
+                .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![mode]))
+                .build(),
+        )
+        .execute()
+        .await;
+    match result {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EAFNOSUPPORT => Ok(()),
+        other => other.map_err(|source| LinkError::NoLinkLocal {
+            name: name.into(),
+            source,
+        }),
+    }
 }
 
 /// Deletes the link called `name` (for a veth, its peer goes too).

@@ -432,9 +432,17 @@ async fn configure_inside(
     let inner = Netlink::connect_in(ns).map_err(|e| fail(NetnsStep::Netlink(Box::new(e))))?;
     let cidr = Ipv4Network::new(ep.ip, head.config.subnet.prefix())
         .expect("the prefix comes from a valid subnet");
-    // Up and the address in flight together (one socket: the kernel takes them in order);
-    // both must be done before the gateway route, which needs the subnet route that IPv4
-    // adds only for an address on a live link.
+    // No IPv6 address of its own, then up, then the address, all in flight together (one
+    // socket: the kernel takes them in the order sent); all must be done before the gateway
+    // route, which needs the subnet route that IPv4 adds only for an address on a live link.
+    // The network is IPv4: a link-local address would only send DAD, MLD and RS frames that
+    // the bridge floods to every port, work that grows with the endpoints (as Docker turns
+    // IPv6 off on its IPv4-only networks' interfaces). IPv6 set up by hand still works.
+    let quiet = async {
+        link::no_link_local(&inner, &ns_ref.ifname)
+            .await
+            .map_err(|e| fail(NetnsStep::NoLinkLocal(Box::new(e))))
+    };
     let up = async {
         link::set_up(&inner, &ns_ref.ifname)
             .await
@@ -449,7 +457,8 @@ async fn configure_inside(
             .map_err(|e| fail(NetnsStep::AddAddress(Box::new(e))))?;
         Ok::<_, NetworkError>(index)
     };
-    let (up, index) = tokio::join!(up, address);
+    let (quiet, up, index) = tokio::join!(quiet, up, address);
+    quiet?;
     up?;
     let index = index?;
     route::add_default(&inner, head.config.gateway, index)

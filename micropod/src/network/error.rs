@@ -317,6 +317,8 @@ pub enum NetnsStep {
     #[error(transparent)]
     FindInterface(Box<LinkError>),
     #[error(transparent)]
+    NoLinkLocal(Box<LinkError>),
+    #[error(transparent)]
     BringUp(Box<LinkError>),
     #[error(transparent)]
     AddAddress(Box<AddrError>),
@@ -331,6 +333,7 @@ impl NetnsStep {
         match self {
             Self::Netlink(_) => "netlink",
             Self::FindInterface(_) => "find the interface",
+            Self::NoLinkLocal(_) => "stop its IPv6 link-local address",
             Self::BringUp(_) => "bring it up",
             Self::AddAddress(_) => "add the address",
             Self::AddDefaultRoute(_) => "add the default route",
