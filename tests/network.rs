@@ -280,6 +280,49 @@ fn bridge_ports_have_ipv6_off() {
     }
 }
 
+/// A netns endpoint's interface gets no IPv6 address of its own (the network is IPv4): the
+/// kernel makes no link-local address, so the endpoint sends no DAD, MLD or RS frames for the
+/// bridge to flood to every port. IPv6 set up by hand still works.
+#[test]
+fn netns_endpoints_get_no_ipv6_link_local_address() {
+    for datapath in ["ebpf", "netfilter"] {
+        let lab = NetLab::new(&format!("ll-{datapath}"));
+        lab.up(&["--datapath", datapath, "--pool", "0"]);
+        let ns = NsGuard::new(&format!("ll-{datapath}-ep"));
+        lab.attach_netns("ep", &ns, &[]);
+        // The link is up and has its carrier (the kernel would have made the address by now).
+        assert!(
+            ping(&ns, GATEWAY),
+            "{datapath}: the endpoint reaches the gateway"
+        );
+        let eth0 = &ip_json(ns.path(), &["-d", "link", "show", "dev", "eth0"])[0];
+        assert_eq!(
+            eth0["inet6_addr_gen_mode"], "none",
+            "{datapath}: eth0 inside: {eth0}"
+        );
+        let v6 = |ns: &NsGuard| -> Vec<String> {
+            ip_json(ns.path(), &["-6", "addr", "show", "dev", "eth0"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|a| a["addr_info"].as_array().cloned().unwrap_or_default())
+                .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+                .collect()
+        };
+        assert_eq!(v6(&ns), Vec::<String>::new(), "{datapath}: IPv6 on eth0");
+        query(
+            ns.path(),
+            "ip",
+            &["-6", "addr", "add", "fd00:6d::2/64", "dev", "eth0", "nodad"],
+        );
+        assert_eq!(
+            v6(&ns),
+            vec!["fd00:6d::2/64".to_owned()],
+            "{datapath}: an IPv6 address added by hand"
+        );
+    }
+}
+
 #[test]
 fn tap_endpoint_answers_arp_and_ping_on_its_fd() {
     let lab = NetLab::new("tap");

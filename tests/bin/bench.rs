@@ -5,9 +5,15 @@
 //! detach processes started at once, for the throughput.
 //!
 //! Everything happens in namespaces the benchmark makes and removes (on errors, panics and
-//! Ctrl-C too): a "host" namespace holding the three bridges, which the main thread enters
-//! before it starts any child, and one namespace per netns endpoint. The machine's own network
-//! namespace is never configured.
+//! Ctrl-C too): a "host" namespace per network (micropod on eBPF, micropod on netfilter, the
+//! CNI bridge), which the main thread enters around each spawn of that network's children,
+//! and one namespace per netns endpoint. The machine's own network namespace is never
+//! configured.
+//!
+//! A host per network, as on three machines: a network's figures then carry its own kernel
+//! objects only (its bridge's ports, its routes), not the other networks'. The CNI plugin
+//! leaves IPv6 on on its ports, so every later IPv6 route walk in a shared namespace (each
+//! `disable_ipv6` write, each link going up or away) went through its routes too.
 //!
 //! Usage: `micropod-bench [--count N] [--burst N] [--quick] [--json]` (as root).
 
@@ -27,7 +33,7 @@ use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 use ipnetwork::Ipv4Network;
 use micropod::net::{
-    NetNs, Netlink, link,
+    NetNs, link,
     naming::{NETNS_LINK_PREFIX, TAP_LINK_PREFIX},
 };
 use micropod_tests::{
@@ -354,8 +360,11 @@ fn in_turn(
 // ---------------------------------------------------------------------------------------------
 // Guards, beyond NsGuard, TestDirs and ScratchDir from the support library.
 
-/// The calling thread moved into another network namespace; moved back on drop (before the
-/// namespace's own guard unmounts it).
+/// The calling thread moved into another network namespace, so that the children it spawns
+/// start there (a child inherits its parent thread's namespace); moved back on drop. Entered
+/// around each spawn rather than with a `pre_exec` hook, which would make std fork instead of
+/// using `posix_spawn` and so slow every spawn down (by about 0.5 ms here, and a burst's
+/// spawns one after another).
 struct Entered {
     original: NetNs,
 }
@@ -377,7 +386,7 @@ impl Drop for Entered {
     }
 }
 
-/// A micropod network in the host namespace; `network down --force` on drop unless it was
+/// A micropod network in its host namespace; `network down --force` on drop unless it was
 /// taken down already, so its BPF pins (bpffs is not per namespace) never outlive the run.
 /// Made before `up` runs, so a half-done `up` is undone too.
 struct MicropodNet<'a> {
@@ -407,17 +416,18 @@ impl Drop for MicropodNet<'_> {
     }
 }
 
-/// The CNI bridge (made by the first ADD); deleted on drop if it is still there. Needs the
-/// calling thread in the host namespace.
-struct CniBridge {
+/// The CNI bridge (made by the first ADD) in the CNI host namespace; deleted on drop if it is
+/// still there.
+struct CniBridge<'a> {
+    host: &'a NsGuard,
     deleted: bool,
 }
 
-impl CniBridge {
+impl CniBridge<'_> {
     fn delete(mut self) -> anyhow::Result<()> {
         self.deleted = true;
         block_on(async {
-            let nl = Netlink::connect()?;
+            let nl = self.host.netlink();
             link::delete(&nl, CNI_BRIDGE).await?;
             anyhow::Ok(())
         })
@@ -425,13 +435,13 @@ impl CniBridge {
     }
 }
 
-impl Drop for CniBridge {
+impl Drop for CniBridge<'_> {
     fn drop(&mut self) {
         if self.deleted {
             return;
         }
         let gone = block_on(async {
-            let nl = Netlink::connect()?;
+            let nl = self.host.netlink();
             link::delete_if_exists(&nl, CNI_BRIDGE).await?;
             anyhow::Ok(())
         });
@@ -455,8 +465,13 @@ fn configure(cmd: &mut Command, stdin: bool) {
 
 /// Spawns `cmd` with `stdin` and waits for it: the timed section. Returns the wall time and
 /// the output; the exit status is checked by the caller, outside the timed section.
-fn timed(cmd: &mut Command, stdin: Option<&[u8]>) -> anyhow::Result<(Duration, Output)> {
+fn timed(
+    host: &NsGuard,
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+) -> anyhow::Result<(Duration, Output)> {
     configure(cmd, stdin.is_some());
+    let _in = Entered::enter(host)?;
     let started = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     if let Some(input) = stdin {
@@ -473,10 +488,11 @@ fn timed(cmd: &mut Command, stdin: Option<&[u8]>) -> anyhow::Result<(Duration, O
 /// Spawns every command, then waits for every child: the wall time from the first spawn to
 /// the last exit, and the outputs in order. Children already started are waited for on every
 /// path, so none outlives the step (and the guards' teardown does not race them).
-fn all_at_once(cmds: &mut [Command]) -> anyhow::Result<(Duration, Vec<Output>)> {
+fn all_at_once(host: &NsGuard, cmds: &mut [Command]) -> anyhow::Result<(Duration, Vec<Output>)> {
     for cmd in cmds.iter_mut() {
         configure(cmd, false);
     }
+    let _in = Entered::enter(host)?;
     let mut children: Vec<Child> = Vec::with_capacity(cmds.len());
     let mut failed = None;
     let started = Instant::now();
@@ -520,10 +536,12 @@ fn check_success(what: &str, output: &Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `micropod` CLI for one data path's network, with its own state and pin dirs.
+/// The `micropod` CLI for one data path's network, with its own host namespace, state and pin
+/// dirs.
 struct Micropod {
     bin: PathBuf,
     datapath: Datapath,
+    host: NsGuard,
     /// `network down` removes micropod's pin dir, so micropod gets a subdirectory of the
     /// guard's, which the guard then removes.
     bpf_dir: PathBuf,
@@ -539,6 +557,7 @@ impl Micropod {
         Self {
             bin,
             datapath,
+            host: NsGuard::new(&format!("bench-host-{}", datapath.arg())),
             bpf_dir: dirs.pins.join("micropod"),
             dirs,
             reaped: std::cell::RefCell::new(Vec::new()),
@@ -612,7 +631,7 @@ impl Micropod {
         S: AsRef<OsStr>,
     {
         let mut cmd = self.command(args);
-        let (_, output) = timed(&mut cmd, None)?;
+        let (_, output) = timed(&self.host, &mut cmd, None)?;
         check_success(&format!("{cmd:?}"), &output)?;
         Ok(output)
     }
@@ -722,7 +741,11 @@ impl Micropod {
         kind: Kind,
         netns: Option<&Path>,
     ) -> anyhow::Result<(Duration, Ipv4Addr)> {
-        let (took, out) = timed(&mut self.attach_command(name, kind, netns), None)?;
+        let (took, out) = timed(
+            &self.host,
+            &mut self.attach_command(name, kind, netns),
+            None,
+        )?;
         let ip = self.check_attach(name, kind, netns, &out)?;
         self.wait_refilled()?;
         Ok((took, ip))
@@ -734,17 +757,18 @@ impl Micropod {
 
     /// Timed `micropod network detach NAME`.
     fn detach(&self, name: &str) -> anyhow::Result<Duration> {
-        let (took, out) = timed(&mut self.detach_command(name), None)?;
+        let (took, out) = timed(&self.host, &mut self.detach_command(name), None)?;
         check_success(&format!("micropod network detach {name}"), &out)?;
         self.reaped.borrow_mut().push(self.wait_reaped()?);
         Ok(took)
     }
 }
 
-/// The reference CNI `bridge` plugin with `host-local` IPAM.
+/// The reference CNI `bridge` plugin with `host-local` IPAM, in a host namespace of its own.
 struct Cni {
     config: Vec<u8>,
     data_dir: ScratchDir,
+    host: NsGuard,
 }
 
 impl Cni {
@@ -767,6 +791,7 @@ impl Cni {
         Self {
             config: config.to_string().into_bytes(),
             data_dir,
+            host: NsGuard::new("bench-host-cni"),
         }
     }
 
@@ -782,7 +807,11 @@ impl Cni {
 
     /// Timed ADD; checks that stdout is a CNI result for the endpoint and returns its address.
     fn add(&self, id: &str, netns: &Path) -> anyhow::Result<(Duration, Ipv4Addr)> {
-        let (took, out) = timed(&mut self.command("ADD", id, netns), Some(&self.config))?;
+        let (took, out) = timed(
+            &self.host,
+            &mut self.command("ADD", id, netns),
+            Some(&self.config),
+        )?;
         check_success(&format!("CNI bridge ADD {id}"), &out)?;
         let result: Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("ADD {id}: stdout is not JSON"))?;
@@ -804,7 +833,11 @@ impl Cni {
 
     /// Timed DEL.
     fn del(&self, id: &str, netns: &Path) -> anyhow::Result<Duration> {
-        let (took, out) = timed(&mut self.command("DEL", id, netns), Some(&self.config))?;
+        let (took, out) = timed(
+            &self.host,
+            &mut self.command("DEL", id, netns),
+            Some(&self.config),
+        )?;
         check_success(&format!("CNI bridge DEL {id}"), &out)?;
         Ok(took)
     }
@@ -884,8 +917,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     );
 
     // Guards, in the order they must go away reversed: the micropod networks and the CNI
-    // bridge first (from inside the host namespace), then back to our own namespace, then the
-    // namespaces, then the directories.
+    // bridge first (each from inside its host namespace), then the namespaces, then the
+    // directories.
     let lab = Lab {
         ebpf: Micropod::new(bin.clone(), Datapath::Ebpf),
         netfilter: Micropod::new(bin, Datapath::Netfilter),
@@ -894,10 +927,9 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let netns_sides = Who::ALL.iter().filter(|w| w.needs_netns()).count();
     let burst_netns = 2 * burst;
     eprintln!(
-        "making 1 host namespace and {} endpoint namespaces (not timed)",
+        "making 3 host namespaces (one per network) and {} endpoint namespaces (not timed)",
         netns_sides * (count + 1) + burst_netns
     );
-    let host = NsGuard::new("bench-host");
     let mut sides = Vec::with_capacity(Who::ALL.len());
     for who in Who::ALL {
         sides.push(Side::new(who, count)?);
@@ -923,9 +955,10 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         }
     }
     micropod_tests::interrupt::check()?;
-    // Every child from here on inherits the host namespace from this thread.
-    let _entered = Entered::enter(&host)?;
-    let cni_bridge = CniBridge { deleted: false };
+    let cni_bridge = CniBridge {
+        host: &lab.cni.host,
+        deleted: false,
+    };
 
     let mut networks = Vec::new();
     let mut ups = Vec::new();
@@ -1038,7 +1071,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
                 .enumerate()
                 .map(|(i, name)| mp.attach_command(name, kind, netns(i)))
                 .collect();
-            let (took, outs) = all_at_once(&mut cmds)?;
+            let (took, outs) = all_at_once(&mp.host, &mut cmds)?;
             let mut ips = HashSet::with_capacity(burst);
             for (i, (name, out)) in names.iter().zip(&outs).enumerate() {
                 let ip = mp.check_attach(name, kind, netns(i), out)?;
@@ -1054,7 +1087,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
 
             micropod_tests::interrupt::check()?;
             let mut cmds: Vec<Command> = names.iter().map(|n| mp.detach_command(n)).collect();
-            let (took, outs) = all_at_once(&mut cmds)?;
+            let (took, outs) = all_at_once(&mp.host, &mut cmds)?;
             for (name, out) in names.iter().zip(&outs) {
                 check_success(&format!("micropod network detach {name}"), out)?;
             }
@@ -1074,20 +1107,24 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     }
 
     // Everything released: no endpoint link left, then each network down and the CNI bridge.
-    let leftovers: Vec<String> = block_on(async {
-        let nl = Netlink::connect()?;
-        let links = link::list(&nl).await?;
-        anyhow::Ok(links.into_iter().map(|l| l.name).collect::<Vec<_>>())
-    })?
-    .into_iter()
-    .filter(|n| {
-        n.starts_with(NETNS_LINK_PREFIX) || n.starts_with(TAP_LINK_PREFIX) || n.starts_with("veth")
-    })
-    .collect();
-    ensure!(
-        leftovers.is_empty(),
-        "endpoint links left in the host namespace: {leftovers:?}"
-    );
+    for host in [&lab.ebpf.host, &lab.netfilter.host, &lab.cni.host] {
+        let leftovers: Vec<String> = block_on(async {
+            let links = link::list(&host.netlink()).await?;
+            anyhow::Ok(links.into_iter().map(|l| l.name).collect::<Vec<_>>())
+        })?
+        .into_iter()
+        .filter(|n| {
+            n.starts_with(NETNS_LINK_PREFIX)
+                || n.starts_with(TAP_LINK_PREFIX)
+                || n.starts_with("veth")
+        })
+        .collect();
+        ensure!(
+            leftovers.is_empty(),
+            "endpoint links left in {}: {leftovers:?}",
+            host.path().display()
+        );
+    }
     for network in networks.drain(..).rev() {
         let mp = network.mp;
         network.down()?;
@@ -1131,12 +1168,12 @@ fn bench(args: &Args) -> anyhow::Result<()> {
 fn process_floor(lab: &Lab, runs: usize) -> anyhow::Result<(f64, f64)> {
     let (mut mp_runs, mut cni_runs) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let (took, out) = timed(&mut lab.ebpf.command(["--version"]), None)?;
+        let (took, out) = timed(&lab.ebpf.host, &mut lab.ebpf.command(["--version"]), None)?;
         check_success("micropod --version", &out)?;
         mp_runs.push(took);
         let mut cmd = Command::new(Path::new(CNI_DIR).join("bridge"));
         cmd.env("CNI_COMMAND", "VERSION");
-        let (took, out) = timed(&mut cmd, Some(&lab.cni.config))?;
+        let (took, out) = timed(&lab.cni.host, &mut cmd, Some(&lab.cni.config))?;
         check_success("CNI bridge VERSION", &out)?;
         cni_runs.push(took);
     }
@@ -1562,6 +1599,9 @@ fn report(
     println!("notes:");
     println!(
         "  - each figure is the wall time from spawning the process to reaping it (micropod's --json answer, CNI's result on stdout, both parsed and checked afterwards)"
+    );
+    println!(
+        "  - each network (micropod eBPF, micropod netfilter, CNI) has a host namespace of its own, as on three machines, so its figures carry its own ports and routes only; what the kernel shares between namespaces (rtnl, the dentries of every namespace's /proc/sys/net, the list of tc blocks) is still shared"
     );
     println!(
         "  - micropod's detach returns before the kernel deletes the (retired) link; its reaper does that in the background. The benchmark waits for it after every micropod detach and burst, untimed, so that work never lands in another command's figure: p50 {} after a detach",
