@@ -393,8 +393,8 @@ pub async fn set_up(nl: &Netlink, name: &str) -> Result<(), LinkError> {
 /// router solicitations that follow one. Sent before the link comes up; once it is up, the
 /// address is made already. Done over netlink rather than with `disable_ipv6` in
 /// `/proc/sys`: every namespace whose `/proc/sys/net` was opened leaves dentries that each
-/// later path walk there, in any namespace, compares (about 1 µs apiece with a thousand). A
-/// kernel without IPv6 has nothing to stop.
+/// later path walk there, in any namespace, compares (opening a file there took 4.5 µs, and
+/// 68 µs once 500 namespaces had read one). A kernel without IPv6 has nothing to stop.
 pub async fn no_link_local(nl: &Netlink, name: &str) -> Result<(), LinkError> {
     validate_name(name)?;
     let mode = AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)]);
