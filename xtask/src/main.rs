@@ -173,11 +173,18 @@ fn build_micropod(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
     }
     run(cmd)?;
     let profile = if release { "release" } else { "debug" };
-    Ok(root
-        .join("target")
+    Ok(target_dir(root)
         .join(SHIPPED_TARGET)
         .join(profile)
         .join("micropod"))
+}
+
+/// One of micropod-tests' programs (`profile` is `debug` or `release`), told which micropod
+/// binary to run.
+fn test_program(root: &Path, profile: &str, name: &str, micropod: &Path) -> Command {
+    let mut cmd = Command::new(target_dir(root).join(profile).join(name));
+    cmd.env("MICROPOD_BIN", micropod);
+    cmd
 }
 
 fn is_root() -> bool {
@@ -260,32 +267,18 @@ fn test(root: &Path, filter: &[String]) -> anyhow::Result<()> {
         step(
             "benchmark smoke run (debug build, 10 endpoints per side, bursts of 8; figures not meaningful)",
         );
-        run(Command::new(target_dir(root).join("debug/micropod-bench"))
-            .arg("--quick")
-            .env("MICROPOD_BIN", &bin))?;
+        run(test_program(root, "debug", "micropod-bench", &bin).arg("--quick"))?;
         step(
             "data path benchmark smoke run (debug build, one second per mode; figures not meaningful)",
         );
-        run(
-            Command::new(target_dir(root).join("debug/micropod-bench-datapath"))
-                .arg("--quick")
-                .env("MICROPOD_BIN", &bin),
-        )?;
+        run(test_program(root, "debug", "micropod-bench-datapath", &bin).arg("--quick"))?;
         step(
             "metrics benchmark smoke run (debug build, 50 endpoints, 10 scrapes; figures not meaningful)",
         );
-        run(
-            Command::new(target_dir(root).join("debug/micropod-bench-metrics"))
-                .arg("--quick")
-                .env("MICROPOD_BIN", &bin),
-        )?;
+        run(test_program(root, "debug", "micropod-bench-metrics", &bin).arg("--quick"))?;
         // A leak check, not a benchmark: it fails if anything is not back to its start.
         step("soak smoke run (debug build, 50 attach/detach cycles, 2 VMs; about 25 s)");
-        run(
-            Command::new(target_dir(root).join("debug/micropod-bench-soak"))
-                .arg("--quick")
-                .env("MICROPOD_BIN", &bin),
-        )?;
+        run(test_program(root, "debug", "micropod-bench-soak", &bin).arg("--quick"))?;
     }
 
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
@@ -302,7 +295,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     let bin = build_micropod(root, false)?;
     run(cargo(["build", "--package", "micropod-tests", "--bins"]))?;
     step("running the demo");
-    run(Command::new(target_dir(root).join("debug/micropod-demo")).env("MICROPOD_BIN", bin))
+    run(test_program(root, "debug", "micropod-demo", &bin))
 }
 
 fn bench(root: &Path, what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
@@ -327,37 +320,21 @@ fn bench(root: &Path, what: BenchWhat, args: &[String]) -> anyhow::Result<()> {
             step(
                 "benchmark: endpoint attach/detach, micropod (eBPF, netfilter) against the CNI bridge plugin",
             );
-            run(
-                Command::new(target_dir(root).join("release/micropod-bench"))
-                    .args(args)
-                    .env("MICROPOD_BIN", &bin),
-            )
+            run(test_program(root, "release", "micropod-bench", &bin).args(args))
         }
         BenchWhat::Datapath => {
             step("benchmark: routed, MASQUERADE and eBPF SNAT side by side (wrk, iperf3)");
-            run(
-                Command::new(target_dir(root).join("release/micropod-bench-datapath"))
-                    .args(args)
-                    .env("MICROPOD_BIN", &bin),
-            )
+            run(test_program(root, "release", "micropod-bench-datapath", &bin).args(args))
         }
         BenchWhat::Metrics => {
             step("benchmark: the metrics exporter scraped with 1000 endpoints in the maps");
-            run(
-                Command::new(target_dir(root).join("release/micropod-bench-metrics"))
-                    .args(args)
-                    .env("MICROPOD_BIN", &bin),
-            )
+            run(test_program(root, "release", "micropod-bench-metrics", &bin).args(args))
         }
         BenchWhat::Soak => {
             step(
                 "soak: attach/detach and VM run/stop cycles with traffic, then every count back to its start",
             );
-            run(
-                Command::new(target_dir(root).join("release/micropod-bench-soak"))
-                    .args(args)
-                    .env("MICROPOD_BIN", &bin),
-            )
+            run(test_program(root, "release", "micropod-bench-soak", &bin).args(args))
         }
     }
 }

@@ -1,8 +1,9 @@
 //! nf_tables over netlink: micropod's MASQUERADE fallback, in an `ip` table of its own.
 //!
 //! Requests are encoded here (the few message and expression types micropod needs, in the
-//! layout `nft` itself sends) and sent on a `NETLINK_NETFILTER` socket; no `nft` binary and no
-//! C library is involved, so the binary links statically. The socket is opened by the calling
+//! layout `nft` itself sends) and sent on a `NETLINK_NETFILTER` socket, and the answers are
+//! read with netlink-packet-core's message and attribute parsers; no `nft` binary and no C
+//! library is involved, so the binary links statically. The socket is opened by the calling
 //! thread, so every function acts on the network namespace of the calling thread.
 //!
 //! Changes go out as one batch, which nf_tables applies as one transaction: either all of it
@@ -12,6 +13,10 @@
 use std::{collections::BTreeMap, fmt, io, net::Ipv4Addr, time::Duration};
 
 use ipnetwork::Ipv4Network;
+use netlink_packet_core::{
+    NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NlasIterator,
+};
 
 use super::link::{self, IFNAME_MAX, LinkError};
 use crate::sys;
@@ -266,7 +271,6 @@ fn ip_tables(table: &str) -> Result<Vec<Vec<u8>>, NftError> {
             source,
         })
     };
-    let mut last = None;
     for _ in 0..ATTEMPTS {
         let socket = open_socket()?;
         let request = Msg::new(
@@ -313,11 +317,8 @@ fn ip_tables(table: &str) -> Result<Vec<Vec<u8>>, NftError> {
         if !interrupted {
             return Ok(names);
         }
-        last = Some(io::Error::from_raw_os_error(libc::EINTR));
     }
-    Err(dump_error(last.unwrap_or_else(|| {
-        io::Error::from_raw_os_error(libc::EINTR)
-    })))
+    Err(dump_error(io::Error::from_raw_os_error(libc::EINTR)))
 }
 
 /// A batch being built, with what each message does, to name the one the kernel refuses.
@@ -519,22 +520,11 @@ fn saddr_match(subnet: Ipv4Network) -> (Option<Ipv4Addr>, Ipv4Addr) {
     (mask, subnet.network())
 }
 
-// The kernel's numbers (linux/netlink.h, linux/netfilter/nfnetlink.h,
-// linux/netfilter/nf_tables.h, linux/netfilter/nf_nat.h), written out rather than taken from
-// `libc`, whose musl and glibc modules do not all carry them.
-const NLMSG_HDRLEN: usize = 16;
+// nfnetlink's and nf_tables' numbers (linux/netfilter/nfnetlink.h, nf_tables.h, nf_nat.h),
+// written out rather than taken from `libc`, whose musl and glibc modules do not all carry
+// them; netlink's own come from netlink-packet-core.
 /// `struct nfgenmsg`: family, version, resource id.
 const NFGENMSG_LEN: usize = 4;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP_INTR: u16 = 0x10;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_APPEND: u16 = 0x800;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -672,7 +662,7 @@ struct Received<'a> {
     payload: &'a [u8],
 }
 
-impl Received<'_> {
+impl<'a> Received<'a> {
     /// The errno of an `NLMSG_ERROR` (0 for an acknowledgement), positive.
     fn errno(&self) -> i32 {
         self.payload
@@ -682,20 +672,14 @@ impl Received<'_> {
     }
 
     /// The payload of the first top-level attribute `kind`, after `skip` bytes of fixed header.
-    fn attr(&self, skip: usize, kind: u16) -> Option<&[u8]> {
-        let mut rest = self.payload.get(skip..)?;
-        while rest.len() >= 4 {
-            let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
-            let this = u16::from_ne_bytes([rest[2], rest[3]]) & NLA_TYPE_MASK;
-            if len < 4 || len > rest.len() {
-                return None;
-            }
-            if this == kind {
-                return Some(&rest[4..len]);
-            }
-            rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
-        }
-        None
+    fn attr(&self, skip: usize, kind: u16) -> Option<&'a [u8]> {
+        NlasIterator::new(self.payload.get(skip..)?)
+            .map_while(Result::ok)
+            .find(|nla| nla.kind() == kind)
+            .map(|nla| {
+                let len = usize::from(nla.length());
+                &nla.into_inner()[4..len]
+            })
     }
 }
 
@@ -709,35 +693,23 @@ impl<'a> Iterator for Messages<'a> {
         if self.0.is_empty() {
             return None;
         }
-        let word = |at: usize| -> Option<u32> {
-            Some(u32::from_ne_bytes(self.0.get(at..at + 4)?.try_into().ok()?))
-        };
-        let parsed = (|| {
-            let len = usize::try_from(word(0)?).ok()?;
-            let kind_flags = word(4)?.to_ne_bytes();
-            if len < NLMSG_HDRLEN || len > self.0.len() {
-                return None;
-            }
-            Some((
-                len,
-                Received {
-                    kind: u16::from_ne_bytes([kind_flags[0], kind_flags[1]]),
-                    flags: u16::from_ne_bytes([kind_flags[2], kind_flags[3]]),
-                    seq: word(8)?,
-                    payload: &self.0[NLMSG_HDRLEN..len],
-                },
-            ))
-        })();
-        match parsed {
-            Some((len, message)) => {
+        match NetlinkBuffer::new_checked(self.0) {
+            Ok(message) => {
+                let received = Received {
+                    kind: message.message_type(),
+                    flags: message.flags(),
+                    seq: message.sequence_number(),
+                    payload: message.payload(),
+                };
+                let len = message.length() as usize;
                 self.0 = self.0.get(len.next_multiple_of(4)..).unwrap_or_default();
-                Some(Ok(message))
+                Some(Ok(received))
             }
-            None => {
+            Err(e) => {
                 self.0 = &[];
                 Some(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "a malformed netlink message",
+                    format!("a malformed netlink message: {e}"),
                 )))
             }
         }
@@ -747,6 +719,9 @@ impl<'a> Iterator for Messages<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `struct nlmsghdr`.
+    const NLMSG_HDRLEN: usize = 16;
 
     #[test]
     fn table_names_follow_nf_tables_limits() {

@@ -382,7 +382,6 @@ impl super::Network {
     }
 }
 
-/// Opens `--netns` and refuses micropod's own namespace.
 /// See [`crate::net::sysctl::disable_ipv6`].
 fn port_without_ipv6(link: &str) -> Result<(), NetworkError> {
     crate::net::sysctl::disable_ipv6(link).map_err(|source| {
@@ -394,6 +393,7 @@ fn port_without_ipv6(link: &str) -> Result<(), NetworkError> {
     })
 }
 
+/// Opens `--netns` and refuses micropod's own namespace.
 fn open_endpoint_netns(path: &Path) -> Result<(NetNs, crate::net::NetnsId), NetworkError> {
     let wrap = |source| InputError::EndpointNetns {
         path: path.to_path_buf(),
