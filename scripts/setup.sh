@@ -18,6 +18,8 @@ DEBIAN_PACKAGES=(
   ethtool                   # data plane tests turn checksum offload off so the kernel verifies
   nginx-light wrk iperf3    # `cargo xtask bench datapath`: server, connection rate, throughput
   qemu-system-x86 cpio      # VMs (QEMU microvm); cpio checks the test guest's initramfs writer
+  containerd runc podman busybox-static # real CNI clients (`ctr run --cni`, podman's CNI backend)
+                            # and the busybox the tests' container image is made of
 )
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -88,6 +88,10 @@ pub enum IpamError {
          endpoints or use a larger subnet"
     )]
     Exhausted { subnet: Ipv4Network, capacity: u32 },
+    #[error(
+        "no free address left in the range {first}-{last}; release endpoints or widen the range"
+    )]
+    RangeExhausted { first: Ipv4Addr, last: Ipv4Addr },
     #[error("{owner:?} already holds {ip}; release it first (an endpoint has one address)")]
     DuplicateOwner { owner: String, ip: Ipv4Addr },
     #[error("{ip} is not allocated (released twice?)")]
@@ -314,11 +318,13 @@ impl Ipam {
     /// address, see `network::store`): `requested` if it is assignable and not `taken`, else
     /// the lowest host address from `lowest_free` up (a lower bound the caller keeps: every
     /// host address below it is taken) that is not `taken`. Ignores this value's own map.
-    /// `taken` returns the owner of an address; its errors are passed through.
+    /// `taken` returns the owner of an address; its errors are passed through. With `range`
+    /// (both ends included, inside the subnet), only addresses of the range are chosen.
     pub fn pick<E>(
         &self,
         requested: Option<Ipv4Addr>,
         lowest_free: Option<Ipv4Addr>,
+        range: Option<(Ipv4Addr, Ipv4Addr)>,
         mut taken: impl FnMut(Ipv4Addr) -> Result<Option<String>, E>,
     ) -> Result<Result<Ipv4Addr, IpamError>, E> {
         if let Some(ip) = requested {
@@ -330,8 +336,15 @@ impl Ipam {
                 None => Ok(ip),
             });
         }
-        let (first, last) = (first_host(self.subnet), last_host(self.subnet));
+        let (first, last) = match range {
+            Some((from, to)) => (
+                u32::from(from).max(first_host(self.subnet)),
+                u32::from(to).min(last_host(self.subnet)),
+            ),
+            None => (first_host(self.subnet), last_host(self.subnet)),
+        };
         let gateway = u32::from(self.gateway);
+        // Every host address below the bound is taken, so a range starting lower starts there.
         let start = lowest_free
             .map(u32::from)
             .filter(|ip| (first..=last).contains(ip))
@@ -342,10 +355,31 @@ impl Ipam {
                 return Ok(Ok(Ipv4Addr::from(candidate)));
             }
         }
-        Ok(Err(IpamError::Exhausted {
-            subnet: self.subnet,
-            capacity: self.capacity(),
+        Ok(Err(match range {
+            Some((first, last)) => IpamError::RangeExhausted { first, last },
+            None => IpamError::Exhausted {
+                subnet: self.subnet,
+                capacity: self.capacity(),
+            },
         }))
+    }
+
+    /// Whether `(first, last)` is a usable range of this subnet: both ends host addresses of
+    /// it, in order. Says why not.
+    pub fn check_range(&self, first: Ipv4Addr, last: Ipv4Addr) -> Result<(), String> {
+        let hosts = first_host(self.subnet)..=last_host(self.subnet);
+        for (what, ip) in [("start", first), ("end", last)] {
+            if !hosts.contains(&u32::from(ip)) {
+                return Err(format!(
+                    "the range {what} {ip} is not a host address of {}",
+                    self.subnet
+                ));
+            }
+        }
+        if first > last {
+            return Err(format!("the range start {first} is above its end {last}"));
+        }
+        Ok(())
     }
 
     /// Walks the allocations upwards from `next_free` to the first gap. Everything below

@@ -19,6 +19,7 @@
 // print.
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
+pub mod cni;
 pub mod datapath;
 pub mod failpoint;
 pub mod ipam;

@@ -14,6 +14,7 @@ use std::{
 };
 
 pub mod bench;
+pub mod cniexec;
 pub mod exporter;
 pub mod interrupt;
 pub mod netlab;

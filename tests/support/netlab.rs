@@ -95,6 +95,11 @@ impl NetLab {
         }
     }
 
+    /// The host namespace, open (for a child's `setns`, see [`in_netns`]).
+    pub fn host_file(&self) -> &File {
+        &self.host_file
+    }
+
     /// Starts `micropod ARGS` with failpoint `point` armed, waits until it is frozen there and
     /// kills it with SIGKILL (our own child, by PID).
     #[track_caller]

@@ -1,5 +1,6 @@
 //! Argument parsing and output. Every command's work is in the library.
 
+mod cni;
 mod count_sources;
 mod metrics;
 mod network;
@@ -48,6 +49,9 @@ enum Command {
     Metrics(metrics::Command),
     #[command(flatten)]
     Vm(vm::Command),
+    /// micropod as a CNI plugin for container runtimes (run as one when CNI_COMMAND is set).
+    #[command(subcommand)]
+    Cni(cni::Command),
     /// Release endpoints whose owner is gone (also done before every change).
     Gc {
         #[arg(long)]
@@ -70,6 +74,9 @@ fn gc(network: &micropod::network::Network, json: bool) -> anyhow::Result<()> {
 }
 
 pub(crate) fn main() -> ExitCode {
+    if cni::is_plugin_invocation() {
+        return cni::plugin();
+    }
     let cli = Cli::parse();
     if !matches!(
         cli.command,
@@ -115,6 +122,7 @@ pub(crate) fn main() -> ExitCode {
         ),
         Command::Vm(command) => vm::run(&vms(net(&cli.state_dir, &cli.bpf_dir)), command),
         Command::Gc { json } => gc(&net(&cli.state_dir, &cli.bpf_dir), json),
+        Command::Cni(command) => cni::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

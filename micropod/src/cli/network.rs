@@ -57,6 +57,13 @@ pub(super) struct UpArgs {
     /// IPv4 subnet in CIDR notation; the gateway is its first address.
     #[arg(long, default_value = DEFAULT_SUBNET)]
     subnet: String,
+    /// The bridge's address, a host address of the subnet; omitted: its first one.
+    #[arg(long)]
+    gateway: Option<Ipv4Addr>,
+    /// A destination (CIDR) endpoints reach untranslated, on both data paths: other nodes'
+    /// pod subnets, a service range. Repeatable; `0.0.0.0/0` turns NAT off.
+    #[arg(long, value_name = "CIDR")]
+    no_masquerade: Vec<ipnetwork::Ipv4Network>,
     /// Uplink device for NAT, or `auto` for the default route's device.
     #[arg(long, default_value = "auto")]
     uplink: UplinkChoice,
@@ -79,7 +86,7 @@ pub(super) struct UpArgs {
     /// Bring up the network on record with its recorded settings (after a reboot the
     /// records survive, the kernel's objects do not), or with the defaults if none is on
     /// record: for boot units. Takes no settings of its own.
-    #[arg(long, conflicts_with_all = ["bridge", "subnet", "uplink", "datapath", "nat_table_size", "nat_ports", "pool"])]
+    #[arg(long, conflicts_with_all = ["bridge", "subnet", "gateway", "no_masquerade", "uplink", "datapath", "nat_table_size", "nat_ports", "pool"])]
     restore: bool,
     /// Print the resulting status as JSON.
     #[arg(long)]
@@ -153,6 +160,8 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
                 nat_entries: args.nat_table_size,
                 pool: args.pool,
                 nat_ports: args.nat_ports,
+                gateway: args.gateway,
+                no_masquerade: args.no_masquerade,
             };
             let done = rt.block_on(network.up_reporting(&req))?;
             up_report(network, &rt, &done, &[], args.json)?;
@@ -218,14 +227,16 @@ pub(super) fn run(network: &Network, command: Command) -> anyhow::Result<()> {
         }
         Command::Attach(args) => {
             let req = AttachRequest {
-                name: args.name,
-                kind: match args.kind {
-                    KindArg::Tap => EndpointKind::Tap,
-                    KindArg::Netns => EndpointKind::Netns,
-                },
                 netns: args.netns,
                 ip: args.ip,
                 ifname: args.ifname,
+                ..AttachRequest::new(
+                    args.name,
+                    match args.kind {
+                        KindArg::Tap => EndpointKind::Tap,
+                        KindArg::Netns => EndpointKind::Netns,
+                    },
+                )
             };
             let att = rt.block_on(network.attach(&req))?;
             if args.json {

@@ -742,6 +742,46 @@ impl DataPlane {
         .await
     }
 
+    /// What is wrong with an endpoint's entries in the port and endpoint maps, if anything
+    /// (an independent read-back of [`DataPlane::register_port`], for the CNI plugin's CHECK).
+    pub fn port_entries_problem(
+        &self,
+        spec: &PortSpec<'_>,
+    ) -> Result<Option<String>, DatapathError> {
+        let key = Ipv4Key {
+            addr: spec.ip.octets(),
+        };
+        let endpoints: HashMap<MapData, Ipv4Key, Endpoint> = self.open(ENDPOINTS_MAP)?;
+        let ports: HashMap<MapData, u32, Endpoint> = self.open(PORTS_MAP)?;
+        let wanted =
+            |ep: &Endpoint| ep.ip == key.addr && ep.ifindex == spec.ifindex && ep.mac == spec.mac;
+        for (map, found) in [
+            (ENDPOINTS_MAP, endpoints.get(&key, 0)),
+            (PORTS_MAP, ports.get(&spec.ifindex, 0)),
+        ] {
+            match found {
+                Ok(ep) if wanted(&ep) => {}
+                Ok(ep) => {
+                    return Ok(Some(format!(
+                        "the {map} map's entry for {} names {} on ifindex {} instead of ifindex {}",
+                        spec.port,
+                        Ipv4Addr::from(ep.ip),
+                        ep.ifindex,
+                        spec.ifindex
+                    )));
+                }
+                Err(MapError::KeyNotFound) => {
+                    return Ok(Some(format!(
+                        "the {map} map has no entry for {} ({})",
+                        spec.port, spec.ip
+                    )));
+                }
+                Err(e) => return Err(map_err(map)(e)),
+            }
+        }
+        Ok(None)
+    }
+
     /// Whether the port carries both port programs in [`PORT_FILTER`] (an independent check
     /// of what [`DataPlane::attach_port`] made; `network up` repairs ports that do not).
     pub async fn port_hooked(&self, nl: &Netlink, ifindex: u32) -> Result<bool, DatapathError> {

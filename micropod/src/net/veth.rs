@@ -62,6 +62,8 @@ pub struct PairSpec<'a> {
     /// Bring the main end up. (Not the peer: the kernel opens it before the pair is linked and
     /// answers ENOTCONN; bring it up afterwards in its own namespace.)
     pub up: bool,
+    /// The MTU of both ends; `None`: the kernel's default.
+    pub mtu: Option<u32>,
 }
 
 /// Creates `name` <-> `peer` as `spec` says, in a single request: the kernel applies the
@@ -81,6 +83,9 @@ pub async fn create_pair(
     if let Some(mac) = spec.peer_mac {
         peer_msg = peer_msg.address(mac.to_vec());
     }
+    if let Some(mtu) = spec.mtu {
+        peer_msg = peer_msg.mtu(mtu);
+    }
     let mut main = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
         .name(name.to_owned())
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())));
@@ -89,6 +94,9 @@ pub async fn create_pair(
     }
     if spec.up {
         main = main.up();
+    }
+    if let Some(mtu) = spec.mtu {
+        main = main.mtu(mtu);
     }
     let message = main.build();
     nl.handle()

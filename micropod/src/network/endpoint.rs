@@ -40,10 +40,26 @@ impl super::Network {
         };
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
         link::validate_name(&ifname).map_err(|e| InputError::InvalidIfname(Box::new(e)))?;
+        if let Some(mtu) = req.mtu {
+            if req.kind != EndpointKind::Netns {
+                return Err(InputError::MtuNotForTap.into());
+            }
+            if !MTU_RANGE.contains(&mtu) {
+                return Err(InputError::Mtu { value: mtu }.into());
+            }
+        }
+        if req.cni.is_some() && req.kind != EndpointKind::Netns {
+            return Err(InputError::NetnsRequired.into());
+        }
 
         let nl = Netlink::connect().map_err(NetworkError::Netlink)?;
         let lock = self.state.lock()?;
         let head = self.records.ready_head(&lock)?;
+        if let Some((first, last)) = req.range {
+            head.ipam_rules()
+                .check_range(first, last)
+                .map_err(|reason| InputError::Range { reason })?;
+        }
         self.recover(&nl, &lock, &head).await?;
         failpoint::hit("attach:locked");
         let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
@@ -70,13 +86,17 @@ impl super::Network {
             name: req.name.clone(),
             source: Box::new(source),
         };
-        let ip = match self.records.pick_address(&lock, &head, req.ip)? {
+        let ip = match self.records.pick_address(&lock, &head, req.ip, req.range)? {
             Ok(ip) => ip,
             // Endpoints that went away on their own may hold addresses: look at them all.
-            Err(IpamError::Exhausted { .. } | IpamError::Taken { .. }) => {
+            Err(
+                IpamError::Exhausted { .. }
+                | IpamError::RangeExhausted { .. }
+                | IpamError::Taken { .. },
+            ) => {
                 self.reconcile_all(&nl, &lock, false).await?;
                 self.records
-                    .pick_address(&lock, &head, req.ip)?
+                    .pick_address(&lock, &head, req.ip, req.range)?
                     .map_err(allocate)?
             }
             Err(e) => return Err(allocate(e).into()),
@@ -92,22 +112,18 @@ impl super::Network {
                 id: *id,
                 ifname: ifname.clone(),
             }),
+            cni: req.cni.clone(),
         };
         // The intent, recorded before the address is claimed and the first kernel object
         // exists; see the module docs.
         self.state.write_slot(&lock, ATTACH_INTENT, &ep)?;
         failpoint::hit("attach:intent-recorded");
+        // A pick from a range is not the subnet's lowest free address: the bound stays.
         self.records
-            .claim_address(&lock, ip, &ep.name, req.ip.is_none())?;
+            .claim_address(&lock, ip, &ep.name, req.ip.is_none() && req.range.is_none())?;
+        let target = target.as_ref().map(|(ns, _)| Target { ns, mtu: req.mtu });
         let mut plumbed = self
-            .plumb(
-                &nl,
-                &lock,
-                &head,
-                &ep,
-                bridge_index,
-                target.as_ref().map(|(ns, _)| ns),
-            )
+            .plumb(&nl, &lock, &head, &ep, bridge_index, target.as_ref())
             .await;
         if matches!(
             plumbed,
@@ -126,14 +142,7 @@ impl super::Network {
                 }
             }
             plumbed = self
-                .plumb(
-                    &nl,
-                    &lock,
-                    &head,
-                    &ep,
-                    bridge_index,
-                    target.as_ref().map(|(ns, _)| ns),
-                )
+                .plumb(&nl, &lock, &head, &ep, bridge_index, target.as_ref())
                 .await;
         }
         if let Err(err) = plumbed {
@@ -168,6 +177,7 @@ impl super::Network {
             kernel_arg: kernel_ip_arg(ip, subnet, head.config.gateway),
             netns: ep.netns.as_ref().map(|n| n.path.clone()),
             ifname: ep.netns.map(|n| n.ifname),
+            mtu: req.mtu,
         })
     }
 
@@ -199,7 +209,7 @@ impl super::Network {
         head: &NetworkHead,
         ep: &Endpoint,
         bridge_index: u32,
-        target: Option<&NetNs>,
+        target: Option<&Target<'_>>,
     ) -> Result<(), NetworkError> {
         match (ep.kind, target, &ep.netns) {
             (EndpointKind::Tap, _, _) => {
@@ -232,7 +242,7 @@ impl super::Network {
                         .into()
                     })
             }
-            (EndpointKind::Netns, Some(ns), Some(ns_ref)) => {
+            (EndpointKind::Netns, Some(&Target { ns, mtu }), Some(ns_ref)) => {
                 // The host end comes up only once IPv6 is off on it and, with eBPF, its
                 // programs are attached, so that the counters see its first frame.
                 let ebpf = head.active_datapath == ActiveDatapath::Ebpf;
@@ -241,6 +251,7 @@ impl super::Network {
                     peer_mac: Some(ep.mac.0),
                     controller: Some(bridge_index),
                     up: false,
+                    mtu,
                 };
                 if let Err(source) = veth::create_pair(nl, &ep.link, &ns_ref.ifname, &spec).await {
                     // EEXIST names neither end; the host end's name is ours and was free (we
@@ -380,6 +391,15 @@ impl super::Network {
         later.reap = kept || !self.records.retired_names()?.is_empty();
         Ok(None)
     }
+}
+
+/// The MTUs a netns endpoint may ask for: IPv4's minimum up to what a veth takes.
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
+
+/// The namespace a netns endpoint's far end goes into, and the MTU of its pair.
+struct Target<'a> {
+    ns: &'a NetNs,
+    mtu: Option<u32>,
 }
 
 /// See [`crate::net::sysctl::disable_ipv6`].

@@ -160,6 +160,12 @@ pub enum InputError {
     NetnsRequired,
     #[error("--netns and --ifname only apply to --kind netns")]
     NetnsNotForTap,
+    #[error("an MTU only applies to netns endpoints (a VM's MTU is its guest's)")]
+    MtuNotForTap,
+    #[error("MTU {value} is out of range: use 68 to 65535")]
+    Mtu { value: u32 },
+    #[error("invalid address range: {reason}")]
+    Range { reason: String },
     #[error("cannot use {path} as the endpoint's namespace")]
     EndpointNetns {
         path: PathBuf,
@@ -204,6 +210,10 @@ pub enum UpError {
         requested: String,
         endpoints: usize,
     },
+    #[error(
+        "the network is up with other settings: {differences}; use the network's settings, or another state dir for another network"
+    )]
+    OtherSettings { differences: String },
     #[error(
         "no run of {min} free ports is left for NAT above 1023: the host's ephemeral ports are {ephemeral} (net.ipv4.ip_local_port_range){others}; give --nat-ports MIN-MAX (at least {MIN_NAT_PORTS} ports) or narrow that sysctl"
     )]

@@ -29,6 +29,7 @@
 //! death of the process (the page cache is shared), since after a power cut the links they
 //! describe are gone too. The network's own document is synced.
 
+mod check;
 mod datapath;
 mod endpoint;
 mod error;
@@ -41,14 +42,16 @@ mod up;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
+use ipnetwork::Ipv4Network;
+
 pub use error::{AttachError, InputError, NetnsStep, NetworkError, TeardownError, UpError};
 pub use model::{
-    ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, DEFAULT_BRIDGE, DEFAULT_POOL, DEFAULT_SUBNET,
-    DETACH_INTENT, DatapathMode, DetachIntent, Endpoint, EndpointKind, MAX_POOL, Mac, NetnsRef,
-    NetworkConfig, NetworkDoc, NetworkHead, Phase, PooledTap, PortRange, REAPER_LOCK, REAPER_LOG,
-    REFILL_LOCK, REFILL_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC, UplinkChoice,
-    endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, pool_group, pool_link,
-    pool_link_name, retired_link, retired_link_name, valid_endpoint_name,
+    ATTACH_INTENT, ActiveDatapath, BR_MAX_PORTS, CniOwner, DEFAULT_BRIDGE, DEFAULT_POOL,
+    DEFAULT_SUBNET, DETACH_INTENT, DatapathMode, DetachIntent, Endpoint, EndpointKind, MAX_POOL,
+    Mac, NetnsRef, NetworkConfig, NetworkDoc, NetworkHead, Phase, PooledTap, PortRange,
+    REAPER_LOCK, REAPER_LOG, REFILL_LOCK, REFILL_LOG, RETIRED_LINK_GROUP, RetiredLink, STATE_DOC,
+    UplinkChoice, endpoint_link_ip, kernel_ip_arg, link_name, nft_table_name, pool_group,
+    pool_link, pool_link_name, retired_link, retired_link_name, valid_endpoint_name,
 };
 pub use pool::REFILL_COMMAND;
 pub use retire::REAP_COMMAND;
@@ -78,6 +81,8 @@ pub struct Network {
 pub struct UpRequest {
     pub bridge: String,
     pub subnet: String,
+    /// The bridge's address; `None`: the subnet's first host address.
+    pub gateway: Option<Ipv4Addr>,
     pub uplink: UplinkChoice,
     pub datapath: DatapathMode,
     /// Capacity of the eBPF NAT table in entries (two per flow); `None` for the default.
@@ -88,6 +93,9 @@ pub struct UpRequest {
     /// largest run above 1023 that the host's ephemeral ports and the other networks here
     /// leave free).
     pub nat_ports: Option<PortRange>,
+    /// Destinations endpoints reach with their own addresses, never translated (other
+    /// nodes' pod subnets, a cluster's service range); `0.0.0.0/0` turns NAT off.
+    pub no_masquerade: Vec<Ipv4Network>,
 }
 
 impl Default for UpRequest {
@@ -95,11 +103,13 @@ impl Default for UpRequest {
         Self {
             bridge: DEFAULT_BRIDGE.into(),
             subnet: DEFAULT_SUBNET.into(),
+            gateway: None,
             uplink: UplinkChoice::Auto,
             datapath: DatapathMode::Auto,
             nat_entries: None,
             pool: None,
             nat_ports: None,
+            no_masquerade: Vec::new(),
         }
     }
 }
@@ -133,6 +143,30 @@ pub struct AttachRequest {
     pub ip: Option<Ipv4Addr>,
     /// Interface name inside the namespace (netns endpoints).
     pub ifname: Option<String>,
+    /// The MTU of both ends of a netns endpoint's veth pair; `None`: the kernel's (1500).
+    pub mtu: Option<u32>,
+    /// Take the address from this range of the subnet (both ends included) unless `ip` names
+    /// one: a CNI configuration's `rangeStart`/`rangeEnd`.
+    pub range: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// The CNI attachment this endpoint is, when the plugin makes it.
+    pub cni: Option<CniOwner>,
+}
+
+impl AttachRequest {
+    /// A request for endpoint `name` of `kind`, with everything else left to micropod.
+    #[must_use]
+    pub fn new(name: impl Into<String>, kind: EndpointKind) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            netns: None,
+            ip: None,
+            ifname: None,
+            mtu: None,
+            range: None,
+            cni: None,
+        }
+    }
 }
 
 /// What a VMM or a container runtime needs to know about a new endpoint.
@@ -153,6 +187,9 @@ pub struct Attachment {
     pub netns: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ifname: Option<String>,
+    /// The MTU of a netns endpoint's interfaces, when the request set one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// An endpoint reconcile released, and why.
@@ -225,6 +262,9 @@ pub struct EndpointView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ifname: Option<String>,
     pub kernel_arg: String,
+    /// The CNI attachment, for endpoints of containers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniOwner>,
 }
 
 impl EndpointView {
@@ -240,6 +280,7 @@ impl EndpointView {
             netns: ep.netns.as_ref().map(|n| n.path.clone()),
             ifname: ep.netns.as_ref().map(|n| n.ifname.clone()),
             kernel_arg: kernel_ip_arg(ep.ip, subnet, doc.head.config.gateway),
+            cni: ep.cni.clone(),
         }
     }
 }
@@ -322,6 +363,12 @@ impl Network {
             })
     }
 
+    /// Endpoint `name` as on record, read without the lock; `None` if there is none (or no
+    /// network).
+    pub fn endpoint(&self, name: &str) -> Result<Option<Endpoint>, NetworkError> {
+        self.records.endpoint(name)
+    }
+
     /// `network ls`: the endpoints on record.
     pub fn list(&self) -> Result<Vec<EndpointView>, NetworkError> {
         Ok(self
@@ -362,7 +409,7 @@ pub fn check_privileges() -> Result<(), NetworkError> {
 }
 
 /// Parses a `--subnet`: IPv4 CIDR, network address, room for a gateway and an endpoint.
-pub fn parse_subnet(input: &str) -> Result<ipnetwork::Ipv4Network, NetworkError> {
+pub fn parse_subnet(input: &str) -> Result<Ipv4Network, NetworkError> {
     let invalid = |reason: &str| {
         NetworkError::from(InputError::InvalidSubnet {
             input: input.into(),
@@ -426,9 +473,9 @@ const SPECIAL_PURPOSE: [(Ipv4Addr, u8, &str); 5] = [
 ];
 
 /// The special-purpose range `subnet` overlaps, in words, if any.
-fn special_purpose(subnet: ipnetwork::Ipv4Network) -> Option<&'static str> {
+fn special_purpose(subnet: Ipv4Network) -> Option<&'static str> {
     SPECIAL_PURPOSE.iter().find_map(|&(ip, prefix, why)| {
-        let range = ipnetwork::Ipv4Network::new(ip, prefix).expect("a valid constant range");
+        let range = Ipv4Network::new(ip, prefix).expect("a valid constant range");
         (range.contains(subnet.network()) || subnet.contains(range.network())).then_some(why)
     })
 }

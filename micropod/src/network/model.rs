@@ -139,6 +139,9 @@ pub struct NetworkConfig {
     /// from before ranges were recorded, until the next `up` chooses one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_ports: Option<PortRange>,
+    /// Destinations never translated, on both data paths (sorted, no duplicates).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_masquerade: Vec<Ipv4Network>,
 }
 
 impl NetworkConfig {
@@ -176,12 +179,18 @@ impl fmt::Display for NetworkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "bridge {} subnet {} uplink {} datapath {}",
+            "bridge {} subnet {} gateway {} uplink {} datapath {}",
             self.bridge,
             self.subnet,
+            self.gateway,
             self.uplink.as_deref().unwrap_or("none"),
             self.datapath
-        )
+        )?;
+        if !self.no_masquerade.is_empty() {
+            let list: Vec<String> = self.no_masquerade.iter().map(ToString::to_string).collect();
+            write!(f, " no-masquerade {}", list.join(","))?;
+        }
+        Ok(())
     }
 }
 
@@ -288,6 +297,26 @@ pub struct Endpoint {
     /// The host-side link: the TAP, or the bridge's end of the veth pair.
     pub link: String,
     pub netns: Option<NetnsRef>,
+    /// Set for an endpoint a container runtime made through the CNI plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniOwner>,
+}
+
+/// Who asked for an endpoint through the CNI plugin: the spec's key for an attachment
+/// (network name, container id, interface name) and the pod it belongs to, if the runtime said.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniOwner {
+    /// The `name` of the network configuration.
+    pub network: String,
+    pub container_id: String,
+    /// `CNI_IFNAME`, the interface inside the sandbox.
+    pub ifname: String,
+    /// `K8S_POD_NAMESPACE` from `CNI_ARGS`, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    /// `K8S_POD_NAME` from `CNI_ARGS`, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
 }
 
 impl Endpoint {

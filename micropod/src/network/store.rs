@@ -352,9 +352,11 @@ impl Records {
         lock: &StateLock,
         head: &NetworkHead,
         requested: Option<Ipv4Addr>,
+        range: Option<(Ipv4Addr, Ipv4Addr)>,
     ) -> Result<Result<Ipv4Addr, IpamError>, NetworkError> {
         let from = self.lowest_free(lock);
-        head.ipam_rules().pick(requested, from, |ip| self.owner(ip))
+        head.ipam_rules()
+            .pick(requested, from, range, |ip| self.owner(ip))
     }
 
     /// Records `owner` as the holder of `ip`. `lowest` says [`Self::pick_address`] chose it as
@@ -622,7 +624,10 @@ mod tests {
         let records = Records::new(&state);
         let head = records.head(&lock).unwrap().unwrap();
         let take = |owner: &str| {
-            let got = records.pick_address(&lock, &head, None).unwrap().unwrap();
+            let got = records
+                .pick_address(&lock, &head, None, None)
+                .unwrap()
+                .unwrap();
             records.claim_address(&lock, got, owner, true).unwrap();
             got
         };
@@ -643,12 +648,12 @@ mod tests {
         assert_eq!(take("c"), ip("10.10.0.3"));
         assert_eq!(take("d"), ip("10.10.0.5"));
         assert!(matches!(
-            records.pick_address(&lock, &head, Some(ip("10.10.0.5"))).unwrap(),
+            records.pick_address(&lock, &head, Some(ip("10.10.0.5")), None).unwrap(),
             Err(IpamError::Taken { owner, .. }) if owner == "d"
         ));
         assert!(matches!(
             records
-                .pick_address(&lock, &head, Some(ip("10.10.0.1")))
+                .pick_address(&lock, &head, Some(ip("10.10.0.1")), None)
                 .unwrap(),
             Err(IpamError::Reserved { .. })
         ));
@@ -676,7 +681,10 @@ mod tests {
         std::fs::write(state.root().join(ADDRESSES_SHELF).join("10.10.0.3"), b"").unwrap();
         std::fs::write(state.root().join(ENDPOINTS_SHELF).join("x.json"), b"{").unwrap();
         assert_eq!(
-            records.pick_address(&lock, &head, None).unwrap().unwrap(),
+            records
+                .pick_address(&lock, &head, None, None)
+                .unwrap()
+                .unwrap(),
             ip("10.10.0.4")
         );
         let (doc, unreadable) = records.load_locked(&lock, head).unwrap();

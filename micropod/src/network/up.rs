@@ -38,7 +38,14 @@ impl super::Network {
         check_privileges()?;
         link::validate_name(&req.bridge).map_err(|e| InputError::BridgeName(Box::new(e)))?;
         let subnet = parse_subnet(&req.subnet)?;
-        let gateway = Ipam::default_gateway(subnet).map_err(InputError::Subnet)?;
+        let gateway = match req.gateway {
+            Some(gateway) => {
+                Ipam::new(subnet, gateway).map_err(InputError::Subnet)?;
+                gateway
+            }
+            None => Ipam::default_gateway(subnet).map_err(InputError::Subnet)?,
+        };
+        let no_masquerade = normalize_destinations(&req.no_masquerade);
         let nat_entries = req.nat_entries.unwrap_or(NAT_DEFAULT_ENTRIES);
         if !NAT_ENTRIES_RANGE.contains(&nat_entries) {
             return Err(InputError::NatEntries {
@@ -99,6 +106,7 @@ impl super::Network {
                 .or_else(|| existing.as_ref().map(|d| d.head.config.pool))
                 .unwrap_or(DEFAULT_POOL),
             nat_ports: Some(nat_ports),
+            no_masquerade,
         };
         // The pool's size is not a setting of the network's shape: it changes in place.
         later.refill = config.pool > 0;
@@ -261,6 +269,52 @@ impl super::Network {
         }))
     }
 
+    /// For the CNI plugin's ADD: brings the network up as `req` says unless it is up already
+    /// (one read and one `ioctl` then), and refuses a network that is up with other settings:
+    /// one configuration's ADD must not change a network others' endpoints use.
+    pub async fn join(&self, req: &UpRequest) -> Result<(), NetworkError> {
+        if let Some(head) = self.records.head_unlocked()? {
+            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+            if head.phase == Phase::Ready
+                && probe
+                    .index(&head.config.bridge)
+                    .map_err(NetworkError::Probe)?
+                    .is_some()
+            {
+                let differences = differences(&head.config, req)?;
+                if differences.is_empty() {
+                    return Ok(());
+                }
+                return Err(UpError::OtherSettings {
+                    differences: differences.join("; "),
+                }
+                .into());
+            }
+            // On record but not in the kernel (a reboot): `up` with the request, which keeps
+            // what it can and refuses to change a network that still has endpoints on record.
+        }
+        self.up(req).await.map(drop)
+    }
+
+    /// Whether the network on record has the settings `req` asks for ([`Self::join`]'s test,
+    /// without bringing anything up).
+    pub fn settings_match(&self, req: &UpRequest) -> Result<(), NetworkError> {
+        let Some(head) = self.records.head_unlocked()? else {
+            return Err(NetworkError::NotUp {
+                state_dir: self.state.root().to_path_buf(),
+            });
+        };
+        let differences = differences(&head.config, req)?;
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(UpError::OtherSettings {
+                differences: differences.join("; "),
+            }
+            .into())
+        }
+    }
+
     /// The `up` request that brings the network on record back as it was (`network up
     /// --restore`, after a reboot); `None` when there is none on record.
     pub fn recorded_request(&self) -> Result<Option<UpRequest>, NetworkError> {
@@ -274,6 +328,8 @@ impl super::Network {
                 nat_entries: Some(cfg.nat_entries),
                 pool: Some(cfg.pool),
                 nat_ports: cfg.nat_ports,
+                gateway: Some(cfg.gateway),
+                no_masquerade: cfg.no_masquerade,
             }
         }))
     }
@@ -535,6 +591,78 @@ impl super::Network {
 pub(super) const NAT_ENTRIES_RANGE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
 
 /// Resolves `--uplink`.
+/// How the settings `req` asks for differ from the network's, one phrase each. The pool's
+/// size is not compared (it changes in place), nor the uplink or NAT settings `req` leaves out.
+fn differences(cfg: &NetworkConfig, req: &UpRequest) -> Result<Vec<String>, NetworkError> {
+    let subnet = parse_subnet(&req.subnet)?;
+    let gateway = match req.gateway {
+        Some(g) => g,
+        None => Ipam::default_gateway(subnet).map_err(InputError::Subnet)?,
+    };
+    let mut out = Vec::new();
+    let mut differ = |what: &str, current: String, asked: String| {
+        if current != asked {
+            out.push(format!(
+                "{what} is {current}, the configuration says {asked}"
+            ));
+        }
+    };
+    differ("the bridge", cfg.bridge.clone(), req.bridge.clone());
+    differ("the subnet", cfg.subnet.to_string(), subnet.to_string());
+    differ("the gateway", cfg.gateway.to_string(), gateway.to_string());
+    differ(
+        "the data path",
+        cfg.datapath.to_string(),
+        req.datapath.to_string(),
+    );
+    if let Some(entries) = req.nat_entries {
+        differ(
+            "the NAT table size",
+            cfg.nat_entries.to_string(),
+            entries.to_string(),
+        );
+    }
+    if let UplinkChoice::Named(name) = &req.uplink {
+        differ(
+            "the uplink",
+            cfg.uplink.clone().unwrap_or_else(|| "none".into()),
+            name.clone(),
+        );
+    }
+    if let Some(ports) = req.nat_ports {
+        differ(
+            "the NAT ports",
+            cfg.nat_ports().to_string(),
+            ports.to_string(),
+        );
+    }
+    let list = |l: &[Ipv4Network]| {
+        let v: Vec<String> = l.iter().map(ToString::to_string).collect();
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(",")
+        }
+    };
+    differ(
+        "the no-masquerade list",
+        list(&cfg.no_masquerade),
+        list(&normalize_destinations(&req.no_masquerade)),
+    );
+    Ok(out)
+}
+
+/// Destinations sorted, without duplicates, each by its network address.
+pub(super) fn normalize_destinations(list: &[Ipv4Network]) -> Vec<Ipv4Network> {
+    let mut out: Vec<Ipv4Network> = list
+        .iter()
+        .map(|n| Ipv4Network::new(n.network(), n.prefix()).expect("the prefix is valid"))
+        .collect();
+    out.sort_by_key(|n| (u32::from(n.network()), n.prefix()));
+    out.dedup();
+    out
+}
+
 async fn resolve_uplink(
     nl: &Netlink,
     choice: &UplinkChoice,

@@ -128,11 +128,8 @@ impl Vms {
         }
         let attached = rt
             .block_on(self.network.attach(&AttachRequest {
-                name: name.clone(),
-                kind: EndpointKind::Tap,
-                netns: None,
                 ip: req.ip,
-                ifname: None,
+                ..AttachRequest::new(name.clone(), EndpointKind::Tap)
             }))
             .and_then(|r| {
                 r.map_err(|source| VmError::Attach {

@@ -1,0 +1,432 @@
+//! The CNI plugin driven the way libcni drives it (exec, `CNI_*` environment, configuration on
+//! stdin, in the namespace where the bridge lives), through every verb and spec version: the
+//! results, the chained case, each error code, DEL's idempotence, CHECK after tampering, GC
+//! and STATUS. Each test builds its own lab of namespaces (see `NetLab`).
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use micropod_tests::{
+    NsGuard, block_on,
+    cniexec::{env, exec, exec_bin, lab_conf, with_prev},
+    netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR, ip_json, ping, snapshot},
+};
+use serde_json::{Value, json};
+
+const VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+
+fn path(ns: &NsGuard) -> String {
+    ns.path().display().to_string()
+}
+
+/// The endpoint records of the lab's network, from `network ls --json`.
+fn endpoints(lab: &NetLab) -> Vec<Value> {
+    lab.json(["network", "ls", "--json"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The host ends of veths on the lab's bridge.
+fn bridge_ports(lab: &NetLab) -> Vec<String> {
+    ip_json(lab.host.path(), &["link", "show", "master", "micropod0"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+        .filter(|n| n.starts_with("mpv-"))
+        .collect()
+}
+
+#[test]
+fn version_lists_the_supported_versions_in_the_version_asked_for() {
+    let lab = NetLab::new("cniver");
+    for v in VERSIONS {
+        let out = exec(
+            &lab,
+            &[("CNI_COMMAND", "VERSION")],
+            &json!({ "cniVersion": v }),
+        )
+        .ok();
+        assert_eq!(out["cniVersion"], v);
+        assert_eq!(out["supportedVersions"], json!(VERSIONS));
+    }
+    // A version it does not speak: the answer is in the newest, and still lists them.
+    let out = exec(
+        &lab,
+        &[("CNI_COMMAND", "VERSION")],
+        &json!({ "cniVersion": "0.3.1" }),
+    )
+    .ok();
+    assert_eq!(out["supportedVersions"], json!(VERSIONS));
+}
+
+#[test]
+fn add_check_del_in_every_version_on_both_data_paths() {
+    for datapath in ["ebpf", "netfilter"] {
+        let lab = NetLab::new(&format!("cniadd-{datapath}"));
+        for (n, v) in VERSIONS.iter().enumerate() {
+            let ns = NsGuard::new("c");
+            let id = format!("ctr-{datapath}-{n}");
+            let conf = lab_conf(&lab, v, json!({ "datapath": datapath, "mtu": 1400 }));
+            let result = exec(&lab, &env("ADD", &id, &path(&ns), "eth0"), &conf).ok();
+            assert_eq!(result["cniVersion"], *v);
+            let ifs = result["interfaces"].as_array().unwrap();
+            assert_eq!(ifs.len(), 2, "{result}");
+            assert!(ifs[0]["name"].as_str().unwrap().starts_with("mpv-"));
+            assert_eq!(ifs[1]["name"], "eth0");
+            assert_eq!(ifs[1]["sandbox"], path(&ns));
+            let ip = &result["ips"][0];
+            assert_eq!(ip["interface"], 1);
+            assert_eq!(ip["gateway"], "10.10.0.1");
+            assert_eq!(ip.get("version").is_some(), *v == "0.4.0", "{result}");
+            assert_eq!(ifs[1].get("mtu").is_some(), *v == "1.1.0", "{result}");
+            let cidr = ip["address"].as_str().unwrap();
+            let addr: Ipv4Addr = cidr.split('/').next().unwrap().parse().unwrap();
+
+            // What the result says is what the sandbox has.
+            let inside = ip_json(ns.path(), &["addr", "show", "dev", "eth0"]);
+            assert_eq!(inside[0]["address"], ifs[1]["mac"]);
+            assert_eq!(inside[0]["mtu"], 1400);
+            assert_eq!(inside[0]["addr_info"][0]["local"], addr.to_string());
+            // It reaches the gateway and, through the NAT, the internet.
+            assert!(ping(&ns, Ipv4Addr::new(10, 10, 0, 1)));
+            let server = lab.internet.udp(SocketAddr::V4(SocketAddrV4::new(
+                SERVER_ADDR,
+                7100 + n as u16,
+            )));
+            server
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let client = ns.udp("0.0.0.0:0".parse().unwrap());
+            client
+                .send_to(b"cni", (SERVER_ADDR, 7100 + n as u16))
+                .unwrap();
+            let mut buf = [0u8; 8];
+            let (_, peer) = server
+                .recv_from(&mut buf)
+                .expect("datagram through the NAT");
+            assert_eq!(peer.ip(), UPLINK_ADDR);
+
+            // Recorded under the attachment's key, next to VMs and hand-made endpoints.
+            let eps = endpoints(&lab);
+            let ep = eps
+                .iter()
+                .find(|e| e["cni"]["container_id"] == id.as_str())
+                .unwrap_or_else(|| panic!("no endpoint of {id} in {eps:?}"));
+            assert_eq!(ep["cni"]["network"], "mpt");
+            assert_eq!(ep["cni"]["ifname"], "eth0");
+            assert_eq!(ep["ip"], addr.to_string());
+
+            let with = with_prev(&conf, &result);
+            exec(&lab, &env("CHECK", &id, &path(&ns), "eth0"), &with).ok();
+            exec(&lab, &env("DEL", &id, &path(&ns), "eth0"), &with).ok();
+            // DEL twice, the second without the namespace or prevResult.
+            exec(&lab, &env("DEL", &id, "", "eth0"), &conf).ok();
+            assert!(
+                endpoints(&lab)
+                    .iter()
+                    .all(|e| e["cni"]["container_id"] != id.as_str())
+            );
+            // A runtime must not CHECK after DEL; if one does, the container is unknown.
+            exec(&lab, &env("CHECK", &id, &path(&ns), "eth0"), &with).err(3);
+        }
+        // DEL takes the host end off the bridge at once (the kernel deletes it later).
+        assert_eq!(bridge_ports(&lab), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn a_chained_add_appends_to_the_previous_result_and_keeps_dns() {
+    let lab = NetLab::new("cnichain");
+    let ns = NsGuard::new("c");
+    let prev = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{ "name": "lo", "sandbox": path(&ns) }],
+        "ips": [{ "address": "192.0.2.9/32", "interface": 0 }],
+    });
+    let conf = with_prev(
+        &lab_conf(
+            &lab,
+            "1.0.0",
+            json!({ "dns": { "nameservers": ["192.0.2.53"], "search": ["lab"] } }),
+        ),
+        &prev,
+    );
+    let result = exec(&lab, &env("ADD", "chained", &path(&ns), "net1"), &conf).ok();
+    assert_eq!(result["interfaces"][0]["name"], "lo");
+    assert_eq!(result["interfaces"][2]["name"], "net1");
+    assert_eq!(result["ips"][0]["address"], "192.0.2.9/32");
+    assert_eq!(result["ips"][1]["interface"], 2);
+    assert_eq!(result["dns"]["nameservers"][0], "192.0.2.53");
+    let with = with_prev(&lab_conf(&lab, "1.0.0", json!({})), &result);
+    exec(&lab, &env("CHECK", "chained", &path(&ns), "net1"), &with).ok();
+    exec(&lab, &env("DEL", "chained", &path(&ns), "net1"), &with).ok();
+}
+
+#[test]
+fn each_error_has_its_code_and_a_bad_request_changes_nothing() {
+    let lab = NetLab::new("cnierr");
+    let ns = NsGuard::new("c");
+    let good = lab_conf(&lab, "1.0.0", json!({}));
+    // The network is up (first ADD), so "nothing changed" has something to compare with.
+    let first = exec(&lab, &env("ADD", "first", &path(&ns), "eth0"), &good).ok();
+    // Its `up` started the TAP pool's refill: let it finish before taking the snapshot.
+    lab.wait_pool(true);
+    let before = (snapshot(lab.host.path()), lab.state_doc());
+    let other = NsGuard::new("c2");
+    let other_path = path(&other);
+    let add = env("ADD", "second", &other_path, "eth0");
+
+    let msg = exec(&lab, &add, &lab_conf(&lab, "0.3.1", json!({}))).err(1);
+    assert!(msg.contains("0.3.1"), "{msg}");
+    let msg = exec(
+        &lab,
+        &add,
+        &lab_conf(&lab, "1.0.0", json!({ "ipam": { "type": "host-local" } })),
+    )
+    .err(2);
+    assert!(msg.contains("ipam"), "{msg}");
+    let msg = exec(&lab, &env("ADD", "second", "", "eth0"), &good).err(4);
+    assert!(msg.contains("CNI_NETNS"), "{msg}");
+    let msg = exec(&lab, &env("ADD", "-bad id", &path(&other), "eth0"), &good).err(4);
+    assert!(msg.contains("CNI_CONTAINERID"), "{msg}");
+    let msg = exec(
+        &lab,
+        &env("ADD", "second", "/proc/self/ns/nonexistent", "eth0"),
+        &good,
+    )
+    .err(4);
+    assert!(msg.contains("nonexistent"), "{msg}");
+    exec(&lab, &[("CNI_COMMAND", "FROB")], &good).err(4);
+    exec_bin(
+        &lab,
+        &micropod_tests::micropod_bin(),
+        &add,
+        b"{\"cniVersion\": \"1.0.0\", ",
+    )
+    .err(6);
+    let msg = exec(
+        &lab,
+        &add,
+        &lab_conf(&lab, "1.0.0", json!({ "subnet": "10.10.0.0/33" })),
+    )
+    .err(7);
+    assert!(msg.contains("subnet") || msg.contains("CIDR"), "{msg}");
+    // The network is up with other settings: refused, not changed under its endpoints.
+    let msg = exec(
+        &lab,
+        &add,
+        &lab_conf(&lab, "1.0.0", json!({ "subnet": "10.20.0.0/24" })),
+    )
+    .err(micropod::cni::codes::OTHER_SETTINGS.into());
+    assert!(
+        msg.contains("10.20.0.0/24") && msg.contains("10.10.0.0/24"),
+        "{msg}"
+    );
+    // ADD of an attachment that exists.
+    let msg = exec(&lab, &env("ADD", "first", &path(&ns), "eth0"), &good)
+        .err(micropod::cni::codes::EXISTS.into());
+    assert!(msg.contains("first"), "{msg}");
+    // CHECK of a container never added.
+    exec(
+        &lab,
+        &env("CHECK", "never", &path(&other), "eth0"),
+        &with_prev(&good, &first),
+    )
+    .err(3);
+    // STATUS and GC need a 1.1.0 configuration.
+    exec(&lab, &[("CNI_COMMAND", "STATUS")], &good).err(1);
+    assert_eq!(
+        before,
+        (snapshot(lab.host.path()), lab.state_doc()),
+        "a refused request changed something"
+    );
+}
+
+#[test]
+fn del_succeeds_when_the_namespace_is_gone_and_after_a_failed_add() {
+    let lab = NetLab::new("cnidel");
+    let conf = lab_conf(&lab, "1.0.0", json!({}));
+    let ns = NsGuard::new("c");
+    let id = "gone";
+    exec(&lab, &env("ADD", id, &path(&ns), "eth0"), &conf).ok();
+    drop(ns);
+    // The runtime deleted the sandbox first, then sends DEL with an empty netns.
+    exec(&lab, &env("DEL", id, "", "eth0"), &conf).ok();
+    assert!(endpoints(&lab).is_empty());
+    exec(&lab, &env("DEL", id, "", "eth0"), &conf).ok();
+
+    // An ADD that fails (the sandbox already has an eth0) leaves nothing; DEL after it works.
+    let ns = NsGuard::new("c");
+    block_on(async {
+        let nl = ns.netlink();
+        micropod::net::veth::create(&nl, "eth0", "eth0peer", None)
+            .await
+            .unwrap();
+    });
+    let before = lab.state_doc();
+    exec(&lab, &env("ADD", "taken", &path(&ns), "eth0"), &conf)
+        .err(micropod::cni::codes::EXISTS.into());
+    assert_eq!(lab.state_doc(), before, "the failed ADD left records");
+    exec(&lab, &env("DEL", "taken", &path(&ns), "eth0"), &conf).ok();
+    assert!(endpoints(&lab).is_empty());
+    // DEL of a container on a network that was never brought up.
+    let fresh = NetLab::new("cnidel2");
+    exec(
+        &fresh,
+        &env("DEL", "x", "", "eth0"),
+        &lab_conf(&fresh, "1.0.0", json!({})),
+    )
+    .ok();
+}
+
+#[test]
+fn check_names_what_was_tampered_with() {
+    let lab = NetLab::new("cnichk");
+    let conf = lab_conf(&lab, "1.0.0", json!({ "datapath": "ebpf" }));
+    let ns = NsGuard::new("c");
+    let sandbox = path(&ns);
+    let run = |verb| env(verb, "tamper", &sandbox, "eth0");
+    let result = exec(&lab, &run("ADD"), &conf).ok();
+    let with = with_prev(&conf, &result);
+    exec(&lab, &run("CHECK"), &with).ok();
+    let cidr = result["ips"][0]["address"].as_str().unwrap().to_owned();
+    let ip: Ipv4Addr = cidr.split('/').next().unwrap().parse().unwrap();
+    let host = result["interfaces"][0]["name"].as_str().unwrap().to_owned();
+
+    // The address removed inside the sandbox.
+    micropod_tests::netlab::query(ns.path(), "ip", &["addr", "del", &cidr, "dev", "eth0"]);
+    let msg = exec(&lab, &run("CHECK"), &with).err(micropod::cni::codes::CHECK_FAILED.into());
+    assert!(msg.contains(&cidr), "{msg}");
+    micropod_tests::netlab::query(ns.path(), "ip", &["addr", "add", &cidr, "dev", "eth0"]);
+    micropod_tests::netlab::query(
+        ns.path(),
+        "ip",
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "10.10.0.1",
+            "dev",
+            "eth0",
+        ],
+    );
+    exec(&lab, &run("CHECK"), &with).ok();
+
+    // The endpoint's entry deleted from the eBPF endpoint map.
+    let map = lab
+        .dirs
+        .pins
+        .join("micropod")
+        .join("maps")
+        .join(micropod_common::ENDPOINTS_MAP);
+    let mut endpoints: aya::maps::HashMap<_, micropod_common::Ipv4Key, micropod_common::Endpoint> =
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&map).unwrap())
+            .try_into()
+            .unwrap();
+    endpoints
+        .remove(&micropod_common::Ipv4Key { addr: ip.octets() })
+        .unwrap();
+    let msg = exec(&lab, &run("CHECK"), &with).err(micropod::cni::codes::CHECK_FAILED.into());
+    assert!(msg.contains("ENDPOINTS"), "{msg}");
+
+    // The host end deleted (the sandbox's end goes with it).
+    micropod_tests::netlab::query(lab.host.path(), "ip", &["link", "del", &host]);
+    let msg = exec(&lab, &run("CHECK"), &with).err(micropod::cni::codes::CHECK_FAILED.into());
+    assert!(
+        msg.contains(&host) && msg.contains("eth0 is missing"),
+        "{msg}"
+    );
+    exec(&lab, &run("DEL"), &with).ok();
+    assert!(self::endpoints(&lab).is_empty());
+}
+
+#[test]
+fn gc_releases_the_attachments_left_out_and_status_tells_exhaustion() {
+    let lab = NetLab::new("cnigc");
+    // A /29: six host addresses, one the gateway's, five for endpoints.
+    let conf = lab_conf(&lab, "1.1.0", json!({ "subnet": "10.10.0.0/29" }));
+    exec(&lab, &[("CNI_COMMAND", "STATUS")], &conf).ok();
+    let spaces: Vec<NsGuard> = (0..5).map(|_| NsGuard::new("c")).collect();
+    for (n, ns) in spaces.iter().enumerate() {
+        exec(
+            &lab,
+            &env("ADD", &format!("c{n}"), &path(ns), "eth0"),
+            &conf,
+        )
+        .ok();
+    }
+    let msg = exec(&lab, &[("CNI_COMMAND", "STATUS")], &conf).err(50);
+    assert!(msg.contains("no free address"), "{msg}");
+    let extra = NsGuard::new("c");
+    exec(&lab, &env("ADD", "c5", &path(&extra), "eth0"), &conf)
+        .err(micropod::cni::codes::NO_ADDRESS.into());
+
+    let mut keep = conf.clone();
+    keep["cni.dev/valid-attachments"] = json!([
+        { "containerID": "c0", "ifname": "eth0" },
+        { "containerID": "c3", "ifname": "eth0" },
+    ]);
+    exec(&lab, &[("CNI_COMMAND", "GC")], &keep).ok();
+    let left = |lab: &NetLab| {
+        let mut names: Vec<String> = endpoints(lab)
+            .iter()
+            .map(|e| {
+                e["cni"]["container_id"]
+                    .as_str()
+                    .unwrap_or_else(|| e["name"].as_str().unwrap())
+                    .to_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(left(&lab), ["c0", "c3"]);
+    exec(&lab, &[("CNI_COMMAND", "STATUS")], &conf).ok();
+    // An endpoint made by hand (or a VM's) is not GC's to release; the older spelling of
+    // the list works too.
+    let other = NsGuard::new("o");
+    lab.attach_netns("handmade", &other, &[]);
+    let mut keep = conf.clone();
+    keep["cni.dev/attachments"] = json!([{ "containerID": "c3", "ifname": "eth0" }]);
+    exec(&lab, &[("CNI_COMMAND", "GC")], &keep).ok();
+    assert_eq!(left(&lab), ["c3", "handmade"]);
+    // GC without a list is refused rather than taken as "release everything".
+    exec(&lab, &[("CNI_COMMAND", "GC")], &conf).err(7);
+}
+
+#[test]
+fn pods_carry_their_kubernetes_labels_and_a_range_bounds_their_addresses() {
+    let lab = NetLab::new("cnipod");
+    let conf = lab_conf(
+        &lab,
+        "1.0.0",
+        json!({ "rangeStart": "10.10.0.100", "rangeEnd": "10.10.0.101" }),
+    );
+    let ns = NsGuard::new("c");
+    let sandbox = path(&ns);
+    let mut vars = env("ADD", "pod1", &sandbox, "eth0");
+    vars.push((
+        "CNI_ARGS",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=pod1",
+    ));
+    let result = exec(&lab, &vars, &conf).ok();
+    assert_eq!(result["ips"][0]["address"], "10.10.0.100/24");
+    let eps = endpoints(&lab);
+    assert_eq!(eps[0]["cni"]["pod_namespace"], "shop");
+    assert_eq!(eps[0]["cni"]["pod_name"], "web-0");
+    let ns2 = NsGuard::new("c");
+    let result = exec(&lab, &env("ADD", "pod2", &path(&ns2), "eth0"), &conf).ok();
+    assert_eq!(result["ips"][0]["address"], "10.10.0.101/24");
+    let ns3 = NsGuard::new("c");
+    exec(&lab, &env("ADD", "pod3", &path(&ns3), "eth0"), &conf)
+        .err(micropod::cni::codes::NO_ADDRESS.into());
+    // A VM (or any endpoint without the range) still gets the subnet's lowest address.
+    let vm = NsGuard::new("v");
+    let att = lab.attach_netns("vm-like", &vm, &[]);
+    assert_eq!(att["ip"], "10.10.0.2");
+}

@@ -1,0 +1,145 @@
+//! The micropod binary driven as a CNI plugin the way libcni drives one: exec'd with the `CNI_*`
+//! environment and the network configuration on stdin, inside the lab's host namespace (where
+//! runtimes run their plugins), with no arguments.
+
+use std::{
+    io::Write as _,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use serde_json::{Value, json};
+
+use crate::{micropod_bin, netlab::NetLab};
+
+/// What one invocation gave: its exit status and stdout as JSON (`Null` when empty).
+#[derive(Debug)]
+pub struct Answer {
+    pub success: bool,
+    pub stdout: Value,
+    pub stderr: String,
+}
+
+impl Answer {
+    /// The spec's error code, if this is an error.
+    pub fn code(&self) -> Option<u64> {
+        (!self.success)
+            .then(|| self.stdout["code"].as_u64())
+            .flatten()
+    }
+
+    /// The error's message and details, for assertions on their wording.
+    pub fn message(&self) -> String {
+        format!(
+            "{} {}",
+            self.stdout["msg"].as_str().unwrap_or_default(),
+            self.stdout["details"].as_str().unwrap_or_default()
+        )
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Value {
+        assert!(
+            self.success,
+            "the plugin failed: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self.stdout
+    }
+
+    #[track_caller]
+    pub fn err(self, code: u64) -> String {
+        assert!(
+            !self.success,
+            "the plugin succeeded where error {code} was expected: {}",
+            self.stdout
+        );
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "error code: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        assert_eq!(self.stderr, "", "an error goes to stdout only");
+        self.message()
+    }
+}
+
+/// The lab's network as a CNI configuration of `version`: its state and pin dirs, its subnet.
+pub fn lab_conf(lab: &NetLab, version: &str, extra: Value) -> Value {
+    let mut conf = json!({
+        "cniVersion": version,
+        "name": "mpt",
+        "type": "micropod",
+        "subnet": "10.10.0.0/24",
+        "stateDir": lab.dirs.state,
+        "bpfDir": lab.dirs.pins.join("micropod"),
+    });
+    for (k, v) in extra.as_object().expect("extra settings are an object") {
+        conf[k] = v.clone();
+    }
+    conf
+}
+
+/// Runs the plugin binary with `vars` (`CNI_*` names and values; an empty value is passed as
+/// an empty variable, as runtimes do for DEL's netns) and `conf` on stdin, in the lab's host.
+pub fn exec(lab: &NetLab, vars: &[(&str, &str)], conf: &Value) -> Answer {
+    exec_bin(lab, &micropod_bin(), vars, conf.to_string().as_bytes())
+}
+
+/// [`exec`] with raw stdin and any executable.
+pub fn exec_bin(lab: &NetLab, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -> Answer {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    crate::netlab::in_netns(&mut cmd, lab.host_file());
+    let mut child = cmd.spawn().expect("starting the plugin");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin)
+        .expect("writing the configuration");
+    let out = child.wait_with_output().expect("waiting for the plugin");
+    let text = String::from_utf8(out.stdout).expect("utf-8 stdout");
+    Answer {
+        success: out.status.success(),
+        stdout: if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text:?}"))
+        },
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The environment of one verb for one attachment.
+pub fn env<'a>(
+    command: &'a str,
+    id: &'a str,
+    netns: &'a str,
+    ifname: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", ifname),
+    ]
+}
+
+/// `conf` with `prevResult` set, as runtimes send CHECK and DEL.
+pub fn with_prev(conf: &Value, prev: &Value) -> Value {
+    let mut c = conf.clone();
+    c["prevResult"] = prev.clone();
+    c
+}
