@@ -430,3 +430,140 @@ fn pods_carry_their_kubernetes_labels_and_a_range_bounds_their_addresses() {
     let att = lab.attach_netns("vm-like", &vm, &[]);
     assert_eq!(att["ip"], "10.10.0.2");
 }
+
+/// Two "nodes", each a namespace where the plugin runs with its own node subnet of one
+/// cluster range, on one underlay (the lab's "internet" namespace routes between them, as the
+/// network of a cluster would; pod subnets are routed to their nodes, as a routing daemon
+/// would set up). Pods reach each other with their own addresses — their traffic leaves by the
+/// uplink, where the eBPF SNAT would otherwise translate it — and the internet through their
+/// node's NAT, on both data paths.
+#[test]
+fn pods_on_two_nodes_reach_each_other_untranslated_and_the_internet_translated() {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    use ipnetwork::{IpNetwork, Ipv4Network};
+    use micropod::net::{addr, link, veth};
+    use micropod_tests::{TestDirs, netlab::query};
+
+    for (n, datapath) in ["ebpf", "netfilter"].into_iter().enumerate() {
+        // Node A is the lab's host, its uplink to the underlay; node B has an uplink of its
+        // own to it. Node A's default route (via the underlay) covers node B's pods.
+        let lab = NetLab::new(&format!("cnimn-{datapath}"));
+        let node_b = NsGuard::new("nodeb");
+        let b_dirs = TestDirs::new("nodeb");
+        let underlay = |last: u8| Ipv4Network::new(Ipv4Addr::new(192, 168, 77, last), 24).unwrap();
+        block_on(async {
+            let i = lab.internet.netlink();
+            let b = node_b.netlink();
+            veth::create(
+                &i,
+                "nodeb0",
+                "eth0",
+                Some(std::os::fd::AsFd::as_fd(node_b.ns())),
+            )
+            .await
+            .unwrap();
+            addr::add(&i, "nodeb0", IpNetwork::V4(underlay(1)))
+                .await
+                .unwrap();
+            addr::add(&b, "eth0", IpNetwork::V4(underlay(2)))
+                .await
+                .unwrap();
+            link::set_up(&i, "nodeb0").await.unwrap();
+            link::set_up(&b, "eth0").await.unwrap();
+        });
+        query(
+            node_b.path(),
+            "ip",
+            &["route", "add", "default", "via", "192.168.77.1"],
+        );
+        query(
+            lab.internet.path(),
+            "sysctl",
+            &["-qw", "net.ipv4.ip_forward=1"],
+        );
+        query(
+            lab.internet.path(),
+            "ip",
+            &["route", "add", "10.244.1.0/24", "via", &netlab_uplink()],
+        );
+        query(
+            lab.internet.path(),
+            "ip",
+            &["route", "add", "10.244.2.0/24", "via", "192.168.77.2"],
+        );
+        let conf = |subnet: &str, state: &std::path::Path, pins: &std::path::Path| {
+            json!({
+                "cniVersion": "1.0.0",
+                "name": "cluster",
+                "type": "micropod",
+                "bridge": "cni0",
+                "subnet": subnet,
+                "datapath": datapath,
+                "noMasquerade": ["10.244.0.0/16"],
+                "stateDir": state,
+                "bpfDir": pins.join("micropod"),
+            })
+        };
+        let conf_a = conf("10.244.1.0/24", &lab.dirs.state, &lab.dirs.pins);
+        let conf_b = conf("10.244.2.0/24", &b_dirs.state, &b_dirs.pins);
+        let pod_a = NsGuard::new("poda");
+        let pod_b = NsGuard::new("podb");
+        let (pa, pb) = (path(&pod_a), path(&pod_b));
+        let ra = exec(&lab, &env("ADD", "pod-a", &pa, "eth0"), &conf_a).ok();
+        let b_file = std::fs::File::open(node_b.path()).unwrap();
+        let rb = micropod_tests::cniexec::exec_at(
+            &b_file,
+            &micropod_tests::micropod_bin(),
+            &env("ADD", "pod-b", &pb, "eth0"),
+            conf_b.to_string().as_bytes(),
+        )
+        .ok();
+        let ip = |r: &Value| -> Ipv4Addr {
+            r["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (ip_a, ip_b) = (ip(&ra), ip(&rb));
+        // Pod A to pod B: the server sees pod A's own address.
+        let port = 7200 + n as u16;
+        let listener = pod_b.run(|| TcpListener::bind((ip_b, port))).unwrap();
+        let mut stream = pod_a
+            .run(|| TcpStream::connect_timeout(&(ip_b, port).into(), Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("{datapath}: pod A cannot reach pod B: {e}"));
+        let (mut accepted, peer) = listener.accept().unwrap();
+        assert_eq!(peer.ip(), ip_a, "{datapath}: pod B saw a translated source");
+        accepted.write_all(b"from b").unwrap();
+        let mut buf = [0u8; 6];
+        stream.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"from b");
+        // Pod A to the internet: translated to node A's uplink address.
+        let server = lab
+            .internet
+            .run(|| TcpListener::bind((SERVER_ADDR, port)))
+            .unwrap();
+        let _out = pod_a
+            .run(|| TcpStream::connect_timeout(&(SERVER_ADDR, port).into(), Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("{datapath}: pod A cannot reach the internet: {e}"));
+        let (_, peer) = server.accept().unwrap();
+        assert_eq!(
+            peer.ip(),
+            UPLINK_ADDR,
+            "{datapath}: not translated to the node's address"
+        );
+        exec(&lab, &env("DEL", "pod-a", "", "eth0"), &conf_a).ok();
+        drop(b_dirs);
+    }
+}
+
+fn netlab_uplink() -> String {
+    UPLINK_ADDR.to_string()
+}

@@ -25,6 +25,7 @@ fn masquerade(subnet: &str) -> Masquerade<'static> {
         subnet: subnet.parse().expect("test subnet"),
         bridge: BRIDGE,
         ports: PORTS,
+        keep: &[],
     }
 }
 
@@ -401,4 +402,56 @@ fn child_apply_without_cap_net_admin() {
     assert!(matches!(err, NftError::Dump { .. }), "{err:?}");
     assert!(error_chain(&err).contains("CAP_NET_ADMIN"), "{err:?}");
     println!("child-refused: {text}");
+}
+
+#[test]
+fn destinations_to_keep_are_accepted_before_any_masquerade() {
+    let guard = NsGuard::new("nft-keep");
+    let keep: Vec<ipnetwork::Ipv4Network> = vec![
+        "10.244.0.0/16".parse().unwrap(),
+        "10.96.0.1/32".parse().unwrap(),
+    ];
+    apply(
+        &guard,
+        &Masquerade {
+            keep: &keep,
+            ..masquerade("10.244.1.0/24")
+        },
+    );
+    let listing = nft(&guard, &["list", "chain", "ip", TABLE, "postrouting"]);
+    let rules: Vec<&str> = listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("ip "))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "ip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 counter packets 0 bytes 0 accept",
+            "ip saddr 10.244.1.0/24 ip daddr 10.96.0.1 counter packets 0 bytes 0 accept",
+            "ip saddr 10.244.1.0/24 oifname != \"micropod0\" meta l4proto tcp counter packets 0 bytes 0 masquerade to :1024-32767",
+            "ip saddr 10.244.1.0/24 oifname != \"micropod0\" meta l4proto udp counter packets 0 bytes 0 masquerade to :1024-32767",
+            "ip saddr 10.244.1.0/24 oifname != \"micropod0\" counter packets 0 bytes 0 masquerade",
+        ],
+        "{listing}"
+    );
+    // 0.0.0.0/0: no destination is translated.
+    let all = ["0.0.0.0/0".parse().unwrap()];
+    apply(
+        &guard,
+        &Masquerade {
+            keep: &all,
+            ..masquerade("10.244.1.0/24")
+        },
+    );
+    let listing = nft(&guard, &["list", "chain", "ip", TABLE, "postrouting"]);
+    let first = listing
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ip "))
+        .unwrap();
+    assert_eq!(
+        first, "ip saddr 10.244.1.0/24 counter packets 0 bytes 0 accept",
+        "{listing}"
+    );
 }

@@ -23,6 +23,14 @@ pub const NAT_MAP: &str = "NAT";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// Per-CPU array of one [`NatStats`].
 pub const NAT_STATS_MAP: &str = "NAT_STATS";
+/// LPM trie of destinations never translated (`no_masquerade`): key an IPv4 prefix (the
+/// address in network order), value unused (1). Read only when [`DatapathConfig::flags`] has
+/// [`CONFIG_NO_NAT`].
+pub const NO_NAT_MAP: &str = "NO_NAT";
+/// Destinations [`NO_NAT_MAP`] holds at most.
+pub const MAX_NO_NAT: u32 = 64;
+/// [`DatapathConfig::flags`]: the network has destinations that are never translated.
+pub const CONFIG_NO_NAT: u8 = 1;
 
 /// Endpoints the maps can hold: one bridge's ports (BR_MAX_PORTS is 1023).
 pub const MAX_ENDPOINTS: u32 = 1024;
@@ -34,7 +42,8 @@ pub const NAT_DEFAULT_ENTRIES: u32 = 131_072;
 /// to open them (it would misread them) and `network up` replaces them. Bump it with any
 /// change to a map or a type below that is not a spare field taking a meaning.
 /// 2: [`DatapathConfig`] gained the NAT port range (48 bytes).
-pub const DATAPATH_LAYOUT: u32 = 2;
+/// 3: [`NO_NAT_MAP`], and [`DatapathConfig::flags`] in a byte that was padding.
+pub const DATAPATH_LAYOUT: u32 = 3;
 
 /// An IPv4 address as a map key, network order (as on the wire): the key of the endpoint maps
 /// and of [`SRC_COUNTERS_MAP`](crate::SRC_COUNTERS_MAP).
@@ -241,7 +250,9 @@ pub struct DatapathConfig {
     pub bridge_ifindex: u32,
     /// Source MAC of frames the data plane delivers to endpoints (the bridge's).
     pub bridge_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// [`CONFIG_NO_NAT`], or 0.
+    pub flags: u8,
+    pub _pad: u8,
     /// Idle timeouts in seconds; an entry idle longer is free for reuse.
     pub tcp_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,

@@ -18,13 +18,13 @@ use aya_ebpf::{
         bpf_redirect_neigh,
     },
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use micropod_common::{
-    DatapathConfig, DropReason, Endpoint, EndpointCounters, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    Ipv4Key, MAX_ENDPOINTS, NAT_DEFAULT_ENTRIES, NAT_INBOUND, NAT_OUTBOUND, NatEntry, NatKey,
-    NatStats, TCP_CLOSING, TCP_OPEN,
+    CONFIG_NO_NAT, DatapathConfig, DropReason, Endpoint, EndpointCounters, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, Ipv4Key, MAX_ENDPOINTS, MAX_NO_NAT, NAT_DEFAULT_ENTRIES, NAT_INBOUND,
+    NAT_OUTBOUND, NatEntry, NatKey, NatStats, TCP_CLOSING, TCP_OPEN,
 };
 
 #[map]
@@ -43,6 +43,10 @@ static NAT: HashMap<NatKey, NatEntry> = HashMap::with_max_entries(NAT_DEFAULT_EN
 static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 #[map]
 static NAT_STATS: PerCpuArray<NatStats> = PerCpuArray::with_max_entries(1, 0);
+/// Destinations reached untranslated (other nodes' pods, a service range): left to the stack,
+/// where the MASQUERADE fallback excludes them too.
+#[map]
+static NO_NAT: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_NO_NAT, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -176,6 +180,7 @@ fn from_endpoint(ctx: &TcContext, ep: &Endpoint) -> Verdict {
                 || !ip.plain
                 || ip.ttl <= 1
                 || in_subnet(ip.dst, cfg)
+                || (cfg.flags & CONFIG_NO_NAT != 0 && NO_NAT.get(&Key::new(32, ip.dst)).is_some())
             {
                 return Verdict::Pass;
             }

@@ -3,6 +3,7 @@
 //! runtimes run their plugins), with no arguments.
 
 use std::{
+    fs::File,
     io::Write as _,
     path::Path,
     process::{Command, Stdio},
@@ -90,6 +91,11 @@ pub fn exec(lab: &NetLab, vars: &[(&str, &str)], conf: &Value) -> Answer {
 
 /// [`exec`] with raw stdin and any executable.
 pub fn exec_bin(lab: &NetLab, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -> Answer {
+    exec_at(lab.host_file(), bin, vars, stdin)
+}
+
+/// [`exec_bin`] in the namespace open as `host` (another node's, say).
+pub fn exec_at(host: &File, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -> Answer {
     let mut cmd = Command::new(bin);
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -100,7 +106,7 @@ pub fn exec_bin(lab: &NetLab, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -
     for (k, v) in vars {
         cmd.env(k, v);
     }
-    crate::netlab::in_netns(&mut cmd, lab.host_file());
+    crate::netlab::in_netns(&mut cmd, host);
     let mut child = cmd.spawn().expect("starting the plugin");
     child
         .stdin

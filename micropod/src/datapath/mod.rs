@@ -62,6 +62,10 @@ pub enum DatapathError {
     MissingProgram(&'static str),
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
+    #[error(
+        "{count} destinations are never to be translated, and the eBPF data path holds at most {max}; merge them into wider prefixes"
+    )]
+    TooManyNoNat { count: usize, max: u32 },
     #[error("program {name} is not a TC classifier")]
     ProgramType {
         name: &'static str,

@@ -20,16 +20,20 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{SchedClassifier, TcAttachType, links::FdLink},
     util::nr_cpus,
 };
 use ipnetwork::Ipv4Network;
 use micropod_common::{
-    CONFIG_MAP, DATAPATH_LAYOUT, DatapathConfig, ENDPOINT_COUNTERS_MAP, ENDPOINTS_MAP, Endpoint,
-    EndpointCounters, ICMP_TIMEOUT_S, Ipv4Key, MAX_ENDPOINTS, NAT_INBOUND, NAT_MAP, NAT_OUTBOUND,
-    NAT_STATS_MAP, NatEntry, NatKey, NatStats, PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM,
-    PORTS_MAP, TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S, UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
+    CONFIG_MAP, CONFIG_NO_NAT, DATAPATH_LAYOUT, DatapathConfig, ENDPOINT_COUNTERS_MAP,
+    ENDPOINTS_MAP, Endpoint, EndpointCounters, ICMP_TIMEOUT_S, Ipv4Key, MAX_ENDPOINTS, MAX_NO_NAT,
+    NAT_INBOUND, NAT_MAP, NAT_OUTBOUND, NAT_STATS_MAP, NO_NAT_MAP, NatEntry, NatKey, NatStats,
+    PORT_EGRESS_PROGRAM, PORT_INGRESS_PROGRAM, PORTS_MAP, TCP_CLOSING_TIMEOUT_S, TCP_TIMEOUT_S,
+    UDP_TIMEOUT_S, UPLINK_INGRESS_PROGRAM,
 };
 use serde::Serialize;
 
@@ -47,13 +51,14 @@ pub const PORT_FILTER: FilterSlot = FilterSlot {
     handle: 0x6d70,
 };
 
-const MAPS: [&str; 6] = [
+const MAPS: [&str; 7] = [
     PORTS_MAP,
     ENDPOINTS_MAP,
     ENDPOINT_COUNTERS_MAP,
     NAT_MAP,
     CONFIG_MAP,
     NAT_STATS_MAP,
+    NO_NAT_MAP,
 ];
 const PROGRAMS: [&str; 3] = [
     PORT_INGRESS_PROGRAM,
@@ -80,6 +85,9 @@ pub struct PlaneSettings {
     pub nat_entries: u32,
     /// The ports TCP and UDP flows are translated to.
     pub nat_ports: PortRange,
+    /// Destinations never translated: flows to them are left to the stack (at most
+    /// [`MAX_NO_NAT`]).
+    pub no_nat: Vec<Ipv4Network>,
 }
 
 /// One endpoint as `network attach` hands it to the data plane.
@@ -616,7 +624,12 @@ impl DataPlane {
             uplink_ifindex,
             bridge_ifindex: settings.bridge_ifindex,
             bridge_mac: settings.bridge_mac,
-            _pad: [0; 2],
+            flags: if settings.no_nat.is_empty() {
+                0
+            } else {
+                CONFIG_NO_NAT
+            },
+            _pad: 0,
             tcp_timeout_s: TCP_TIMEOUT_S,
             tcp_closing_timeout_s: TCP_CLOSING_TIMEOUT_S,
             udp_timeout_s: UDP_TIMEOUT_S,
@@ -624,6 +637,34 @@ impl DataPlane {
             nat_port_min: settings.nat_ports.min,
             nat_port_max: settings.nat_ports.max,
         };
+        // The destinations first: the flag that has the programs read them comes after.
+        let mut trie: LpmTrie<MapData, [u8; 4], u32> = self.open(NO_NAT_MAP)?;
+        let wanted: Vec<Key<[u8; 4]>> = settings
+            .no_nat
+            .iter()
+            .map(|n| Key::new(u32::from(n.prefix()), n.network().octets()))
+            .collect();
+        if wanted.len() > MAX_NO_NAT as usize {
+            return Err(DatapathError::TooManyNoNat {
+                count: wanted.len(),
+                max: MAX_NO_NAT,
+            });
+        }
+        let stale: Vec<Key<[u8; 4]>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !wanted
+                    .iter()
+                    .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+            })
+            .collect();
+        for key in &stale {
+            ignore_missing(trie.remove(key)).map_err(map_err(NO_NAT_MAP))?;
+        }
+        for key in &wanted {
+            trie.insert(key, &1, 0).map_err(map_err(NO_NAT_MAP))?;
+        }
         let mut map: Array<MapData, DatapathConfig> = self.open(CONFIG_MAP)?;
         map.set(0, &config, 0).map_err(map_err(CONFIG_MAP))
     }

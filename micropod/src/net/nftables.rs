@@ -42,6 +42,9 @@ pub struct Masquerade<'a> {
     pub bridge: &'a str,
     /// The source ports translated flows get (TCP, UDP; ICMP echo ids too).
     pub ports: super::ports::PortRange,
+    /// Destinations the subnet reaches with its own addresses: no rule below theirs applies
+    /// (other nodes' pod subnets, a service range; `0.0.0.0/0` means no NAT at all).
+    pub keep: &'a [Ipv4Network],
 }
 
 /// One request inside a batch (or the batch itself), to say which one the kernel refused.
@@ -128,7 +131,8 @@ pub enum NftError {
 /// srcnat, policy accept) with exactly three rules:
 /// `ip saddr <subnet> oifname != "<bridge>" meta l4proto tcp counter masquerade to :<ports>`,
 /// the same for udp, and `ip saddr <subnet> oifname != "<bridge>" counter masquerade` for the
-/// rest (`nft` itself only maps ports after a protocol match).
+/// rest (`nft` itself only maps ports after a protocol match). Before them, for each
+/// destination of `keep`, `ip saddr <subnet> ip daddr <destination> counter accept`.
 ///
 /// Idempotent: whatever the table held before (even chains or rules added by hand) is replaced.
 /// Acts on the calling thread's network namespace; needs CAP_NET_ADMIN there.
@@ -151,6 +155,23 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
     });
     chain.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
     chain.string(NFTA_CHAIN_TYPE, b"nat");
+    for destination in m.keep {
+        let rule = tx.message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, Step::AddRule);
+        rule.string(NFTA_RULE_TABLE, &name);
+        rule.string(NFTA_RULE_CHAIN, CHAIN.as_bytes());
+        rule.nested(NFTA_RULE_EXPRESSIONS, |list| {
+            prefix_match(list, IP_SADDR_OFFSET, m.subnet);
+            prefix_match(list, IP_DADDR_OFFSET, *destination);
+            expr(list, b"counter", |_| {});
+            // A nat chain's accept: this connection keeps its addresses.
+            expr(list, b"immediate", |e| {
+                e.u32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+                e.nested(NFTA_IMMEDIATE_DATA, |d| {
+                    d.nested(NFTA_DATA_VERDICT, |v| v.u32(NFTA_VERDICT_CODE, NF_ACCEPT));
+                });
+            });
+        });
+    }
     for proto in [Some(libc::IPPROTO_TCP), Some(libc::IPPROTO_UDP), None] {
         let rule = tx.message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, Step::AddRule);
         rule.string(NFTA_RULE_TABLE, &name);
@@ -165,24 +186,7 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
 /// The expressions of one rule: for TCP or UDP (`proto`) with the port range, else for the
 /// rest (ICMP and anything else without ports nf_tables could map).
 fn masquerade_rule(list: &mut Msg, m: &Masquerade<'_>, oifname: &[u8], proto: Option<i32>) {
-    // ip saddr: 4 bytes at offset 12 of the network header.
-    expr(list, b"payload", |e| {
-        e.u32(NFTA_PAYLOAD_DREG, NFT_REG_1);
-        e.u32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER);
-        e.u32(NFTA_PAYLOAD_OFFSET, 12);
-        e.u32(NFTA_PAYLOAD_LEN, 4);
-    });
-    let (mask, network) = saddr_match(m.subnet);
-    if let Some(mask) = mask {
-        expr(list, b"bitwise", |e| {
-            e.u32(NFTA_BITWISE_SREG, NFT_REG_1);
-            e.u32(NFTA_BITWISE_DREG, NFT_REG_1);
-            e.u32(NFTA_BITWISE_LEN, 4);
-            e.data(NFTA_BITWISE_MASK, &mask.octets());
-            e.data(NFTA_BITWISE_XOR, &[0; 4]);
-        });
-    }
-    cmp(list, NFT_CMP_EQ, &network.octets());
+    prefix_match(list, IP_SADDR_OFFSET, m.subnet);
     meta(list, NFT_META_OIFNAME);
     cmp(list, NFT_CMP_NEQ, oifname);
     if let Some(proto) = proto {
@@ -210,6 +214,35 @@ fn masquerade_rule(list: &mut Msg, m: &Masquerade<'_>, oifname: &[u8], proto: Op
     } else {
         expr(list, b"masq", |_| {});
     }
+}
+
+/// The IPv4 header's source and destination addresses: 4 bytes each at these offsets.
+const IP_SADDR_OFFSET: u32 = 12;
+const IP_DADDR_OFFSET: u32 = 16;
+
+/// `ip saddr|daddr <prefix>`: the address at `offset` of the network header, masked unless the
+/// prefix is a host (/32); nothing at all for /0, which every address matches.
+fn prefix_match(list: &mut Msg, offset: u32, prefix: Ipv4Network) {
+    if prefix.prefix() == 0 {
+        return;
+    }
+    expr(list, b"payload", |e| {
+        e.u32(NFTA_PAYLOAD_DREG, NFT_REG_1);
+        e.u32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER);
+        e.u32(NFTA_PAYLOAD_OFFSET, offset);
+        e.u32(NFTA_PAYLOAD_LEN, 4);
+    });
+    let (mask, network) = saddr_match(prefix);
+    if let Some(mask) = mask {
+        expr(list, b"bitwise", |e| {
+            e.u32(NFTA_BITWISE_SREG, NFT_REG_1);
+            e.u32(NFTA_BITWISE_DREG, NFT_REG_1);
+            e.u32(NFTA_BITWISE_LEN, 4);
+            e.data(NFTA_BITWISE_MASK, &mask.octets());
+            e.data(NFTA_BITWISE_XOR, &[0; 4]);
+        });
+    }
+    cmp(list, NFT_CMP_EQ, &network.octets());
 }
 
 /// One element of a rule's expression list: its name and its attributes.
@@ -548,6 +581,9 @@ const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFT_REG_VERDICT: u32 = 0;
 const NFTA_PAYLOAD_DREG: u16 = 1;
 const NFTA_PAYLOAD_BASE: u16 = 2;
 const NFTA_PAYLOAD_OFFSET: u16 = 3;

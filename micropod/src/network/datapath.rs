@@ -86,6 +86,7 @@ impl super::Network {
             uplink,
             nat_entries: cfg.nat_entries,
             nat_ports: cfg.nat_ports(),
+            no_nat: cfg.no_masquerade.clone(),
         };
         let datapath = |e| UpError::Datapath(Box::new(e));
         // Pins of another layout (made by another version of micropod) would be misread:

@@ -435,6 +435,7 @@ impl super::Network {
             subnet: cfg.subnet,
             bridge: &cfg.bridge,
             ports: cfg.nat_ports(),
+            keep: &cfg.no_masquerade,
         })
         .map_err(|e| UpError::Masquerade(Box::new(e)))?;
         Ok(made)
