@@ -419,6 +419,22 @@ fn pods_carry_their_kubernetes_labels_and_a_range_bounds_their_addresses() {
     let eps = endpoints(&lab);
     assert_eq!(eps[0]["cni"]["pod_namespace"], "shop");
     assert_eq!(eps[0]["cni"]["pod_name"], "web-0");
+    // Next to VMs in `stats` and the exporter, with the pod's labels.
+    assert!(ping(&ns, Ipv4Addr::new(10, 10, 0, 1)));
+    let stats = lab.json(["stats", "--json"]);
+    let pod = &stats["endpoints"][0];
+    assert_eq!(pod["cni"]["container_id"], "pod1");
+    assert!(pod["tx_packets"].as_u64().unwrap() > 0, "{stats}");
+    let scrape = lab.ok(["metrics", "print"]);
+    assert!(
+        scrape.lines().any(
+            |l| l.starts_with("micropod_endpoint_transmit_packets_total{")
+                && l.contains("container_id=\"pod1\"")
+                && l.contains("pod_namespace=\"shop\"")
+                && l.contains("pod=\"web-0\"")
+        ),
+        "{scrape}"
+    );
     let ns2 = NsGuard::new("c");
     let result = exec(&lab, &env("ADD", "pod2", &path(&ns2), "eth0"), &conf).ok();
     assert_eq!(result["ips"][0]["address"], "10.10.0.101/24");

@@ -321,8 +321,17 @@ fn print_endpoints(endpoints: &[EndpointView]) {
         "NAME", "KIND", "ADDRESS", "MAC", "LINK"
     );
     for e in endpoints {
-        let place = match (&e.netns, &e.ifname) {
-            (Some(ns), Some(ifname)) => format!("{ifname} in {}", ns.display()),
+        let place = match (&e.cni, &e.netns, &e.ifname) {
+            (Some(c), _, _) => {
+                let short: String = c.container_id.chars().take(12).collect();
+                match (&c.pod_namespace, &c.pod_name) {
+                    (Some(ns), Some(pod)) => {
+                        format!("{} of container {short} (pod {ns}/{pod})", c.ifname)
+                    }
+                    _ => format!("{} of container {short} ({})", c.ifname, c.network),
+                }
+            }
+            (None, Some(ns), Some(ifname)) => format!("{ifname} in {}", ns.display()),
             _ => "-".into(),
         };
         println!(

@@ -266,6 +266,7 @@ mod tests {
             kind: EndpointKind::Netns,
             ip: Ipv4Addr::new(10, 10, 0, last),
             link: format!("mpv-{name}"),
+            cni: None,
             rates,
             unknown,
             counters_reset: false,

@@ -124,6 +124,15 @@ fn encode_network(encoder: &mut DescriptorEncoder<'_>, net: &NetworkSample) -> s
             if let Some(vm) = net.vms.get(&ep.name) {
                 labels.push(("vm", vm.clone()));
             }
+            if let Some(cni) = &ep.cni {
+                labels.push(("container_id", cni.container_id.clone()));
+                if let Some(ns) = &cni.pod_namespace {
+                    labels.push(("pod_namespace", ns.clone()));
+                }
+                if let Some(pod) = &cni.pod_name {
+                    labels.push(("pod", pod.clone()));
+                }
+            }
             (labels, ep)
         })
         .collect();
@@ -284,6 +293,7 @@ mod tests {
 
     fn endpoint(name: &str, ip: [u8; 4], counters: Option<EndpointStats>) -> EndpointStatsView {
         EndpointStatsView {
+            cni: None,
             name: name.into(),
             kind: EndpointKind::Tap,
             ip: ip.into(),

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::{
     datapath::{DataPlane, EndpointStats, NatTableStats},
     ipam::IpamUsage,
-    network::{ActiveDatapath, EndpointKind, Network, NetworkError},
+    network::{ActiveDatapath, CniOwner, EndpointKind, Network, NetworkError},
 };
 
 /// `micropod stats`: counters of the endpoints and the NAT table, read from the pinned maps.
@@ -35,6 +35,9 @@ pub struct EndpointStatsView {
     pub kind: EndpointKind,
     pub ip: Ipv4Addr,
     pub link: String,
+    /// The container's attachment, for endpoints made by the CNI plugin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniOwner>,
     /// Absent on the netfilter data path (nothing counts there), and for the moment an
     /// endpoint is being attached or detached (its map entry is not there).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -67,6 +70,7 @@ pub fn read(network: &Network, endpoint: Option<&str>) -> Result<Stats, NetworkE
             kind: ep.kind,
             ip: ep.ip,
             link: ep.link.clone(),
+            cni: ep.cni.clone(),
             // No entry: the endpoint is being attached or detached right now. Zeros would
             // read as a counter reset, so there are no counters for this read instead.
             counters: counters.remove(&ep.ip),
@@ -104,6 +108,7 @@ mod tests {
                 free: 252,
             },
             endpoints: vec![EndpointStatsView {
+                cni: None,
                 name: "web".into(),
                 kind: EndpointKind::Tap,
                 ip: Ipv4Addr::new(10, 10, 0, 2),
@@ -143,6 +148,7 @@ mod tests {
             datapath: ActiveDatapath::Netfilter,
             ipam: IpamUsage::default(),
             endpoints: vec![EndpointStatsView {
+                cni: None,
                 name: "web".into(),
                 kind: EndpointKind::Netns,
                 ip: Ipv4Addr::new(10, 10, 0, 2),

@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::Stats;
 use crate::{
     datapath::{EndpointStats, NatTableStats},
-    network::{ActiveDatapath, EndpointKind, Network, NetworkError},
+    network::{ActiveDatapath, CniOwner, EndpointKind, Network, NetworkError},
 };
 
 /// The longest `--interval`: beyond an hour a rate says little, and a typo (`--interval 1000000`)
@@ -70,6 +70,9 @@ pub struct EndpointRates {
     pub kind: EndpointKind,
     pub ip: Ipv4Addr,
     pub link: String,
+    /// The container's attachment, for endpoints made by the CNI plugin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniOwner>,
     /// `None` when unknown; [`EndpointRates::unknown`] says why.
     pub rates: Option<CounterRates>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,6 +137,7 @@ impl Rates {
                     kind: ep.kind,
                     ip: ep.ip,
                     link: ep.link.clone(),
+                    cni: ep.cni.clone(),
                     rates,
                     unknown,
                     counters_reset,
@@ -260,6 +264,7 @@ mod tests {
 
     fn ep(name: &str, ip: [u8; 4], c: Option<EndpointStats>) -> EndpointStatsView {
         EndpointStatsView {
+            cni: None,
             name: name.into(),
             kind: EndpointKind::Netns,
             ip: Ipv4Addr::from(ip),
