@@ -817,3 +817,91 @@ fn detach_of_a_running_vms_endpoint_is_refused_unless_forced_and_then_marked() {
     lab.net.ok(["network", "detach", "next"]);
     lab.net.ok(["rm", "owned"]);
 }
+
+/// 64 containers' ADDs through the CNI plugin and VMs started at the same moment share the
+/// IPAM: 66 distinct addresses; the DELs, also all at once, release exactly the containers'.
+#[test]
+fn parallel_cni_adds_and_vm_starts_get_distinct_addresses() {
+    use micropod_tests::{NsGuard, cniexec};
+    const PODS: usize = 64;
+    let _serial = serial();
+    let lab = VmLab::new("vm-cni", "ebpf");
+    let conf = cniexec::lab_conf(&lab.net, "1.0.0", serde_json::json!({ "datapath": "ebpf" }));
+    let spaces: Vec<NsGuard> = (0..PODS).map(|_| NsGuard::new("p")).collect();
+    let paths: Vec<String> = spaces
+        .iter()
+        .map(|n| n.path().display().to_string())
+        .collect();
+    let vms: Vec<_> = (0..2)
+        .map(|i| {
+            lab.run_command(&format!("vm{i}"), &["--memory", "128"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawning micropod run")
+        })
+        .collect();
+    let mut addresses: Vec<Ipv4Addr> = std::thread::scope(|s| {
+        #[expect(
+            clippy::needless_collect,
+            reason = "every ADD starts before the first is joined"
+        )]
+        let adds: Vec<_> = (0..PODS)
+            .map(|i| {
+                let (conf, path, lab) = (&conf, &paths[i], &lab.net);
+                s.spawn(move || {
+                    let id = format!("pod{i}");
+                    let r = cniexec::exec(lab, &cniexec::env("ADD", &id, path, "eth0"), conf).ok();
+                    r["ips"][0]["address"]
+                        .as_str()
+                        .unwrap()
+                        .split('/')
+                        .next()
+                        .unwrap()
+                        .parse::<Ipv4Addr>()
+                        .unwrap()
+                })
+            })
+            .collect();
+        adds.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for child in vms {
+        let out = child.wait_with_output().expect("micropod run");
+        assert!(
+            out.status.success(),
+            "run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let run: Value = serde_json::from_slice(&out.stdout).expect("run --json");
+        addresses.push(ip_of(&run));
+    }
+    let distinct: std::collections::BTreeSet<Ipv4Addr> = addresses.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        PODS + 2,
+        "an address was handed out twice: {addresses:?}"
+    );
+    // Every container's sandbox has the address its result named.
+    for (i, ns) in spaces.iter().enumerate() {
+        let inside = ip_json(ns.path(), &["-4", "addr", "show", "dev", "eth0"]);
+        assert_eq!(
+            inside[0]["addr_info"][0]["local"],
+            addresses[i].to_string(),
+            "pod{i}"
+        );
+    }
+    std::thread::scope(|s| {
+        for i in 0..PODS {
+            let (conf, lab) = (&conf, &lab.net);
+            s.spawn(move || {
+                let id = format!("pod{i}");
+                cniexec::exec(lab, &cniexec::env("DEL", &id, "", "eth0"), conf).ok();
+            });
+        }
+    });
+    let status = lab.net.json(["network", "status", "--json"]);
+    assert_eq!(
+        status["network"]["ipam"]["used"], 2,
+        "only the VMs' addresses are left"
+    );
+}

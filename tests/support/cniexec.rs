@@ -128,6 +128,46 @@ pub fn exec_at(host: &File, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -> 
     }
 }
 
+/// Starts the plugin with failpoint `point` armed, waits until it is frozen there and kills it
+/// with SIGKILL (our own child, by PID), as a runtime's plugin may die at any step.
+#[track_caller]
+pub fn kill_at(lab: &NetLab, point: &str, vars: &[(&str, &str)], conf: &Value) {
+    use std::io::BufRead as _;
+    let mut cmd = Command::new(micropod_bin());
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(micropod::failpoint::ENV, point)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    crate::netlab::in_netns(&mut cmd, lab.host_file());
+    let mut child = cmd.spawn().expect("starting the plugin");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .expect("writing the configuration");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait().unwrap();
+            panic!("the plugin ({vars:?}) ended ({status}) before failpoint {point}:\n{seen}");
+        }
+        if line.trim() == format!("micropod: failpoint {point}") {
+            break;
+        }
+        seen += &line;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// The environment of one verb for one attachment.
 pub fn env<'a>(
     command: &'a str,
