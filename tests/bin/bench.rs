@@ -48,6 +48,10 @@ const CNI_BRIDGE: &str = "cnibench0";
 const CNI_SUBNET: &str = "10.28.0.0/22";
 const CNI_NETWORK: &str = "mpbench";
 const CNI_DIR: &str = "/usr/lib/cni";
+/// micropod's own CNI plugin's network: its bridge, subnet and CNI network name.
+const PLUGIN_BRIDGE: &str = "mpbench2";
+const PLUGIN_SUBNET: &str = "10.32.0.0/22";
+const PLUGIN_NETWORK: &str = "mpbench-plugin";
 const IFNAME: &str = "eth0";
 
 /// Endpoints per side in a real run, by default.
@@ -81,6 +85,9 @@ const NETNS_ATTACH_GOAL: f64 = 2.0;
 const GROWTH_GOAL: f64 = 1.2;
 /// The growth goal is stated for the 1000th attach into one network.
 const GROWTH_GOAL_AT: usize = 1000;
+/// Goals from issue 14: micropod's CNI plugin against the reference bridge + host-local.
+const PLUGIN_ADD_GOAL: f64 = 4.0;
+const PLUGIN_DEL_GOAL: f64 = 2.0;
 const BURST_ATTACH_GOAL: f64 = 250.0;
 const BURST_DETACH_GOAL: f64 = 150.0;
 /// The burst goals are stated for this many processes at once.
@@ -236,16 +243,19 @@ impl Kind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Who {
     Micropod(Datapath, Kind),
+    /// micropod's CNI plugin (eBPF data path), exec'd as the reference plugin is.
+    Plugin,
     Cni,
 }
 
 impl Who {
     /// In the order of the table; the rotation starts from each in turn.
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Micropod(Datapath::Ebpf, Kind::Tap),
         Self::Micropod(Datapath::Ebpf, Kind::Netns),
         Self::Micropod(Datapath::Netfilter, Kind::Tap),
         Self::Micropod(Datapath::Netfilter, Kind::Netns),
+        Self::Plugin,
         Self::Cni,
     ];
 
@@ -253,6 +263,7 @@ impl Who {
     fn key(self) -> String {
         match self {
             Self::Micropod(dp, kind) => format!("{}_{}", dp.arg(), kind.arg()),
+            Self::Plugin => "micropod_cni".into(),
             Self::Cni => "cni_netns".into(),
         }
     }
@@ -260,6 +271,7 @@ impl Who {
     fn label(self) -> String {
         match self {
             Self::Micropod(dp, kind) => format!("{} {}", dp.label(), kind.label()),
+            Self::Plugin => "micropod CNI".into(),
             Self::Cni => "CNI netns".into(),
         }
     }
@@ -274,7 +286,7 @@ impl Who {
         match self {
             Self::Micropod(_, Kind::Tap) => format!("tap-{tag}"),
             Self::Micropod(_, Kind::Netns) => format!("ns-{tag}"),
-            Self::Cni => format!("mpbench-{tag}"),
+            Self::Plugin | Self::Cni => format!("mpbench-{tag}"),
         }
     }
 }
@@ -296,7 +308,11 @@ impl Side {
         if who.needs_netns() {
             for _ in 0..=count {
                 micropod_tests::interrupt::check()?;
-                ns.push(NsGuard::new(if who == Who::Cni { "cni" } else { "mp" }));
+                ns.push(NsGuard::new(match who {
+                    Who::Cni => "cni",
+                    Who::Plugin => "plugin",
+                    Who::Micropod(..) => "mp",
+                }));
             }
         }
         Ok(Self {
@@ -813,22 +829,7 @@ impl Cni {
             Some(&self.config),
         )?;
         check_success(&format!("CNI bridge ADD {id}"), &out)?;
-        let result: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("ADD {id}: stdout is not JSON"))?;
-        let cidr: Ipv4Network = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("ADD {id}: no IPv4 address in the CNI result {result}"))?;
-        let sandboxed = result["interfaces"].as_array().is_some_and(|ifs| {
-            ifs.iter()
-                .any(|i| i["name"] == IFNAME && i["sandbox"].as_str() == netns.to_str())
-        });
-        ensure!(
-            sandboxed,
-            "ADD {id}: no {IFNAME} in {} in the CNI result {result}",
-            netns.display()
-        );
-        Ok((took, cidr.ip()))
+        Ok((took, cni_result_address(id, netns, &out)?))
     }
 
     /// Timed DEL.
@@ -856,10 +857,103 @@ impl Cni {
     }
 }
 
-/// Both micropod networks and the CNI plugin.
+/// micropod's CNI plugin: the micropod binary exec'd as a runtime execs a plugin (the
+/// `CNI_*` environment, the configuration on stdin, no arguments), in a host namespace of its
+/// own; its first ADD (the warm-up) brings its network up.
+struct Plugin {
+    /// The network it makes: its host namespace, state and pin dirs, for waiting and teardown.
+    mp: Micropod,
+    config: Vec<u8>,
+}
+
+impl Plugin {
+    fn new(bin: PathBuf) -> Self {
+        let mp = Micropod::new(bin, Datapath::Ebpf);
+        let config = json!({
+            "cniVersion": "1.0.0",
+            "name": PLUGIN_NETWORK,
+            "type": "micropod",
+            "bridge": PLUGIN_BRIDGE,
+            "subnet": PLUGIN_SUBNET,
+            "datapath": "ebpf",
+            "stateDir": mp.dirs.state,
+            "bpfDir": mp.bpf_dir,
+        });
+        Self {
+            mp,
+            config: config.to_string().into_bytes(),
+        }
+    }
+
+    fn command(&self, verb: &str, id: &str, netns: &Path) -> Command {
+        let mut cmd = Command::new(&self.mp.bin);
+        cmd.env("CNI_COMMAND", verb)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", IFNAME)
+            .env("CNI_PATH", CNI_DIR);
+        cmd
+    }
+
+    /// Timed ADD; checks the CNI result and returns its address.
+    fn add(&self, id: &str, netns: &Path) -> anyhow::Result<(Duration, Ipv4Addr)> {
+        let (took, out) = timed(
+            &self.mp.host,
+            &mut self.command("ADD", id, netns),
+            Some(&self.config),
+        )?;
+        check_success(&format!("micropod CNI ADD {id}"), &out)?;
+        let ip = cni_result_address(id, netns, &out)?;
+        let subnet: Ipv4Network = PLUGIN_SUBNET.parse()?;
+        ensure!(
+            subnet.contains(ip),
+            "ADD {id}: {ip} is outside {PLUGIN_SUBNET}"
+        );
+        // The first ADD brought the network up and started the TAP pool's refill: like the
+        // CLI sides' `up`, it must not run inside another side's timed command.
+        self.mp.wait_refilled()?;
+        Ok((took, ip))
+    }
+
+    /// Timed DEL, then (untimed) the background deletion of its link, as for micropod's
+    /// detach.
+    fn del(&self, id: &str, netns: &Path) -> anyhow::Result<Duration> {
+        let (took, out) = timed(
+            &self.mp.host,
+            &mut self.command("DEL", id, netns),
+            Some(&self.config),
+        )?;
+        check_success(&format!("micropod CNI DEL {id}"), &out)?;
+        self.mp.reaped.borrow_mut().push(self.mp.wait_reaped()?);
+        Ok(took)
+    }
+}
+
+/// The address of `IFNAME` in `netns` from a CNI ADD's stdout.
+fn cni_result_address(id: &str, netns: &Path, out: &Output) -> anyhow::Result<Ipv4Addr> {
+    let result: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("ADD {id}: stdout is not JSON"))?;
+    let cidr: Ipv4Network = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("ADD {id}: no IPv4 address in the CNI result {result}"))?;
+    let sandboxed = result["interfaces"].as_array().is_some_and(|ifs| {
+        ifs.iter()
+            .any(|i| i["name"] == IFNAME && i["sandbox"].as_str() == netns.to_str())
+    });
+    ensure!(
+        sandboxed,
+        "ADD {id}: no {IFNAME} in {} in the CNI result {result}",
+        netns.display()
+    );
+    Ok(cidr.ip())
+}
+
+/// Both micropod networks, micropod's CNI plugin and the reference CNI plugin.
 struct Lab {
     ebpf: Micropod,
     netfilter: Micropod,
+    plugin: Plugin,
     cni: Cni,
 }
 
@@ -880,6 +974,9 @@ impl Lab {
     ) -> anyhow::Result<(Duration, Ipv4Addr)> {
         match who {
             Who::Micropod(dp, kind) => self.micropod(dp).attach(name, kind, netns),
+            Who::Plugin => self
+                .plugin
+                .add(name, netns.context("a CNI endpoint needs a netns")?),
             Who::Cni => self
                 .cni
                 .add(name, netns.context("a CNI endpoint needs a netns")?),
@@ -890,6 +987,9 @@ impl Lab {
     fn detach(&self, who: Who, name: &str, netns: Option<&Path>) -> anyhow::Result<Duration> {
         match who {
             Who::Micropod(dp, _) => self.micropod(dp).detach(name),
+            Who::Plugin => self
+                .plugin
+                .del(name, netns.context("a CNI endpoint needs a netns")?),
             Who::Cni => self
                 .cni
                 .del(name, netns.context("a CNI endpoint needs a netns")?),
@@ -921,13 +1021,14 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     // directories.
     let lab = Lab {
         ebpf: Micropod::new(bin.clone(), Datapath::Ebpf),
-        netfilter: Micropod::new(bin, Datapath::Netfilter),
+        netfilter: Micropod::new(bin.clone(), Datapath::Netfilter),
+        plugin: Plugin::new(bin),
         cni: Cni::new(ScratchDir::new("bench-cni")?),
     };
     let netns_sides = Who::ALL.iter().filter(|w| w.needs_netns()).count();
     let burst_netns = 2 * burst;
     eprintln!(
-        "making 3 host namespaces (one per network) and {} endpoint namespaces (not timed)",
+        "making 4 host namespaces (one per network) and {} endpoint namespaces (not timed)",
         netns_sides * (count + 1) + burst_netns
     );
     let mut sides = Vec::with_capacity(Who::ALL.len());
@@ -977,8 +1078,15 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         ups.push((dp, up_ms));
     }
 
-    // Warm-up, not counted: the binaries in the page cache, and the CNI bridge made by its
-    // first ADD (micropod made its bridges at `up`), so no timed attach pays for a bridge.
+    // micropod's plugin brings its network up at its first ADD, the warm-up's.
+    let plugin_net = MicropodNet {
+        mp: &lab.plugin.mp,
+        up: true,
+    };
+
+    // Warm-up, not counted: the binaries in the page cache, and the CNI bridges made by their
+    // first ADD (micropod's CLI made its bridges at `up`), so no timed attach pays for a
+    // bridge.
     for side in &sides {
         let name = side.who.name("warm-up");
         lab.attach(side.who, &name, side.warm_netns())?;
@@ -1016,6 +1124,9 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         lab.micropod(dp)
             .expect_endpoints(2 * count, &format!("after {count} attaches per kind"))?;
     }
+    lab.plugin
+        .mp
+        .expect_endpoints(count, &format!("after {count} CNI ADDs"))?;
     let cni_subnet: Ipv4Network = CNI_SUBNET.parse()?;
     let cni_side = sides
         .iter()
@@ -1044,6 +1155,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         lab.micropod(dp)
             .expect_endpoints(0, "after detaching everything")?;
     }
+    lab.plugin.mp.expect_endpoints(0, "after the CNI DELs")?;
     let held = lab.cni.held()?;
     ensure!(held.is_empty(), "host-local still holds {held:?}");
 
@@ -1107,7 +1219,12 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     }
 
     // Everything released: no endpoint link left, then each network down and the CNI bridge.
-    for host in [&lab.ebpf.host, &lab.netfilter.host, &lab.cni.host] {
+    for host in [
+        &lab.ebpf.host,
+        &lab.netfilter.host,
+        &lab.plugin.mp.host,
+        &lab.cni.host,
+    ] {
         let leftovers: Vec<String> = block_on(async {
             let links = link::list(&host.netlink()).await?;
             anyhow::Ok(links.into_iter().map(|l| l.name).collect::<Vec<_>>())
@@ -1135,6 +1252,11 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             mp.datapath.arg()
         );
     }
+    plugin_net.down()?;
+    ensure!(
+        lab.plugin.mp.status()?["up"] == false,
+        "micropod's CNI network still up after `down`"
+    );
     cni_bridge.delete()?;
 
     // Each network: its `up` time and the p50 of its background link deletions.
@@ -1382,6 +1504,28 @@ fn report(
             caveat: None,
         },
     ];
+    goals.push(Goal {
+        key: "micropod_cni_add_speedup".into(),
+        text: format!(
+            "micropod CNI ADD >= {PLUGIN_ADD_GOAL}x faster than bridge + host-local ADD (p50)"
+        ),
+        value: of(Who::Plugin).attach_ratio,
+        at_least: true,
+        target: PLUGIN_ADD_GOAL,
+        unit: "x",
+        caveat: None,
+    });
+    goals.push(Goal {
+        key: "micropod_cni_del_speedup".into(),
+        text: format!(
+            "micropod CNI DEL >= {PLUGIN_DEL_GOAL}x faster than bridge + host-local DEL (p50)"
+        ),
+        value: of(Who::Plugin).detach_ratio,
+        at_least: true,
+        target: PLUGIN_DEL_GOAL,
+        unit: "x",
+        caveat: None,
+    });
     for who in [ebpf_tap, ebpf_netns] {
         goals.push(Goal {
             key: format!("{}_growth", who.key()),
@@ -1480,6 +1624,7 @@ fn report(
             "rotated": true,
             "networks": networks,
             "cni": {"bridge": CNI_BRIDGE, "subnet": CNI_SUBNET, "plugins_version": cni_version},
+            "micropod_cni": {"bridge": PLUGIN_BRIDGE, "subnet": PLUGIN_SUBNET, "datapath": "ebpf"},
             "sides": side_json,
             "bursts": burst_json,
             "goals": goals.iter().map(Goal::json).collect::<Vec<_>>(),
@@ -1508,6 +1653,9 @@ fn report(
             dp.subnet(),
         );
     }
+    println!(
+        "  micropod CNI        micropod's CNI plugin, ADD / DEL (eBPF data path, bridge {PLUGIN_BRIDGE}, {PLUGIN_SUBNET}; its first ADD brought it up, not timed)"
+    );
     println!(
         "  CNI                 bridge plugin + host-local IPAM, ADD / DEL (containernetworking-plugins {cni_version}, bridge {CNI_BRIDGE}, {CNI_SUBNET})"
     );

@@ -1274,13 +1274,30 @@ async fn hook_filters(
     ingress: std::os::fd::BorrowedFd<'_>,
     egress: std::os::fd::BorrowedFd<'_>,
 ) -> Result<(), DatapathError> {
-    tc::add_clsact(nl, ifindex).await?;
-    for (name, hook, fd) in [
-        (PORT_INGRESS_PROGRAM, Hook::Ingress, ingress),
-        (PORT_EGRESS_PROGRAM, Hook::Egress, egress),
-    ] {
-        tc::replace_bpf(nl, ifindex, hook, PORT_FILTER, fd, name).await?;
-    }
+    // All three in flight at once on the one socket: the kernel takes them in the order sent
+    // (the qdisc before its filters), and no request waits for the answer to the one before.
+    let (qdisc, ingress, egress) = tokio::join!(
+        tc::add_clsact(nl, ifindex),
+        tc::replace_bpf(
+            nl,
+            ifindex,
+            Hook::Ingress,
+            PORT_FILTER,
+            ingress,
+            PORT_INGRESS_PROGRAM
+        ),
+        tc::replace_bpf(
+            nl,
+            ifindex,
+            Hook::Egress,
+            PORT_FILTER,
+            egress,
+            PORT_EGRESS_PROGRAM
+        ),
+    );
+    qdisc?;
+    ingress?;
+    egress?;
     Ok(())
 }
 

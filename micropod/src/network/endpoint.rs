@@ -274,16 +274,23 @@ impl super::Network {
                 }
                 failpoint::hit("attach:link-created");
                 port_without_ipv6(&ep.link)?;
-                if ebpf {
-                    self.attach_datapath(nl, head, ep).await?;
-                }
-                link::set_up(nl, &ep.link)
-                    .await
-                    .map_err(|source| AttachError::Enslave {
-                        name: ep.link.clone(),
-                        source: Box::new(source),
-                    })?;
-                configure_inside(ns, ns_ref, ep, head).await?;
+                // The host end and the inside, each on its own socket, at once: neither waits
+                // for the other's answers. The inside's frames go nowhere until the host end
+                // is up (no carrier), which is after its programs.
+                let host = async {
+                    if ebpf {
+                        self.attach_datapath(nl, head, ep).await?;
+                    }
+                    link::set_up(nl, &ep.link).await.map_err(|source| {
+                        NetworkError::from(AttachError::Enslave {
+                            name: ep.link.clone(),
+                            source: Box::new(source),
+                        })
+                    })
+                };
+                let (host, inside) = tokio::join!(host, configure_inside(ns, ns_ref, ep, head));
+                host?;
+                inside?;
                 failpoint::hit("attach:configured");
                 Ok(())
             }
