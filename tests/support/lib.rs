@@ -19,6 +19,7 @@ pub mod exporter;
 pub mod interrupt;
 pub mod netlab;
 pub mod packets;
+pub mod runtimes;
 pub mod vmlab;
 
 use ipnetwork::IpNetwork;
