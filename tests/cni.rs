@@ -239,6 +239,29 @@ fn each_error_has_its_code_and_a_bad_request_changes_nothing() {
     .err(3);
     // STATUS and GC need a 1.1.0 configuration.
     exec(&lab, &[("CNI_COMMAND", "STATUS")], &good).err(1);
+    // Stdin that cannot be read (a directory).
+    let dir = std::fs::File::open("/").unwrap();
+    micropod_tests::cniexec::exec_stdio(&lab, &add, std::process::Stdio::from(dir)).err(5);
+    // Another command holds the state lock for longer than the configuration waits: try
+    // again later.
+    let held = {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(lab.dirs.state.join(micropod::state::LOCK_FILE))
+            .unwrap();
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .unwrap()
+    };
+    let msg = exec(
+        &lab,
+        &add,
+        &lab_conf(&lab, "1.0.0", json!({ "lockWaitSeconds": 0.2 })),
+    )
+    .err(11);
+    assert!(msg.contains("try again"), "{msg}");
+    drop(held);
     assert_eq!(
         before,
         (snapshot(lab.host.path()), lab.state_doc()),
@@ -397,6 +420,14 @@ fn gc_releases_the_attachments_left_out_and_status_tells_exhaustion() {
     assert_eq!(left(&lab), ["c3", "handmade"]);
     // GC without a list is refused rather than taken as "release everything".
     exec(&lab, &[("CNI_COMMAND", "GC")], &conf).err(7);
+    // The NAT table gone: existing containers have no way out (51).
+    micropod_tests::netlab::query(
+        lab.host.path(),
+        "nft",
+        &["delete", "table", "ip", "micropod_micropod0"],
+    );
+    let msg = exec(&lab, &[("CNI_COMMAND", "STATUS")], &conf).err(51);
+    assert!(msg.contains("micropod_micropod0"), "{msg}");
 }
 
 #[test]

@@ -28,6 +28,7 @@ use std::{
         atomic::{AtomicU32, Ordering},
         mpsc::RecvTimeoutError,
     },
+    time::{Duration, Instant},
 };
 
 use nix::{
@@ -46,7 +47,7 @@ pub const SLOT_SIZE: usize = 4096;
 pub const HINT_WIDTH: usize = 32;
 
 /// How long a command waits for the state lock before it says so.
-const LOCK_WAIT_NOTICE: std::time::Duration = std::time::Duration::from_millis(250);
+const LOCK_WAIT_NOTICE: Duration = Duration::from_millis(250);
 
 /// Where spare files wait to be taken ([`StateDir::make_spares`]).
 pub const SPARE_DIR: &str = "spare";
@@ -76,6 +77,8 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    #[error("another micropod command has held {path} for {waited:?}; try again once it is done")]
+    LockBusy { path: PathBuf, waited: Duration },
     #[error("cannot read the state file {path}{}", io_hint(source))]
     Read {
         path: PathBuf,
@@ -161,6 +164,8 @@ pub struct StateDir {
     root: PathBuf,
     /// Shelf writes (of this value and its clones' shelves) that found no spare file.
     spare_misses: Arc<AtomicU32>,
+    /// How long [`Self::lock`] waits for another command's lock; `None`: as long as it takes.
+    lock_wait: Option<Duration>,
 }
 
 /// Proof of holding the exclusive state lock. Unlocks when dropped.
@@ -185,7 +190,17 @@ impl StateDir {
         Self {
             root: root.into(),
             spare_misses: Arc::default(),
+            lock_wait: None,
         }
+    }
+
+    /// [`Self::lock`] gives up after `wait` with [`StateError::LockBusy`] instead of waiting
+    /// as long as another command holds the lock (for callers that must answer in time, such
+    /// as a CNI plugin, whose runtime can try again).
+    #[must_use]
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = Some(wait);
+        self
     }
 
     /// Whether a shelf write of this state dir (or of a clone) had to make a file because no
@@ -237,6 +252,29 @@ impl StateDir {
             Err((file, Errno::EWOULDBLOCK)) => file,
             Err((_, errno)) => return Err(lock_err(errno)),
         };
+        if let Some(limit) = self.lock_wait {
+            // Polled, since flock(2) takes no timeout; most waits are a few milliseconds.
+            let started = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(2));
+                file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                    Ok(locked) => {
+                        return Ok(Some(StateLock {
+                            root: self.root.clone(),
+                            _file: locked,
+                        }));
+                    }
+                    Err((file, Errno::EWOULDBLOCK)) if started.elapsed() < limit => file,
+                    Err((_, Errno::EWOULDBLOCK)) => {
+                        return Err(StateError::LockBusy {
+                            path,
+                            waited: limit,
+                        });
+                    }
+                    Err((_, errno)) => return Err(lock_err(errno)),
+                };
+            }
+        }
         // Most waits are another command's few milliseconds; announce only a long one.
         let (waited, long_wait) = std::sync::mpsc::channel::<()>();
         let shown = path.clone();
@@ -1020,7 +1058,6 @@ mod tests {
         process::{Child, Command, Stdio},
         sync::{Barrier, atomic::AtomicBool, mpsc},
         thread,
-        time::{Duration, Instant},
     };
 
     use serde::Deserialize;

@@ -128,6 +128,25 @@ pub fn exec_at(host: &File, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -> 
     }
 }
 
+/// The plugin with `stdin` as its standard input as is (a file, a directory), not a pipe.
+pub fn exec_stdio(lab: &NetLab, vars: &[(&str, &str)], stdin: Stdio) -> Answer {
+    let mut cmd = Command::new(micropod_bin());
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(stdin);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    crate::netlab::in_netns(&mut cmd, lab.host_file());
+    let out = cmd.output().expect("running the plugin");
+    let text = String::from_utf8(out.stdout).expect("utf-8 stdout");
+    Answer {
+        success: out.status.success(),
+        stdout: serde_json::from_str(&text).unwrap_or(Value::Null),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// Starts the plugin with failpoint `point` armed, waits until it is frozen there and kills it
 /// with SIGKILL (our own child, by PID), as a runtime's plugin may die at any step.
 #[track_caller]

@@ -17,6 +17,10 @@ use crate::network::{
 /// 1.0.0 (no `version` in results), 1.1.0 (STATUS, GC, an interface's MTU in results).
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 
+/// How long a command waits for another's state lock unless the configuration says: longer
+/// than any command holds it in practice, shorter than runtimes wait for a plugin.
+pub const DEFAULT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A spec version this plugin speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Version {
@@ -218,6 +222,7 @@ struct RawConf {
     uplink: Option<String>,
     state_dir: Option<PathBuf>,
     bpf_dir: Option<PathBuf>,
+    lock_wait_seconds: Option<f64>,
     dns: Option<Value>,
     ipam: Option<Value>,
     prev_result: Option<Value>,
@@ -246,6 +251,8 @@ pub struct NetConf {
     pub mtu: Option<u32>,
     pub state_dir: PathBuf,
     pub bpf_dir: PathBuf,
+    /// How long a command waits for another's state lock before answering "try again later".
+    pub lock_wait: std::time::Duration,
     pub dns: Option<Value>,
     pub prev_result: Option<Value>,
     /// GC's attachments to keep (`None`: not given).
@@ -374,6 +381,17 @@ impl NetConf {
             crate::net::link::validate_name(bridge)
                 .map_err(|e| CniError::Config(format!("bridge: {}", crate::error_chain(&e))))?;
         }
+        let lock_wait = match raw.lock_wait_seconds {
+            None => DEFAULT_LOCK_WAIT,
+            Some(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => {
+                std::time::Duration::from_secs_f64(s)
+            }
+            Some(s) => {
+                return Err(CniError::Config(format!(
+                    "lockWaitSeconds {s} is out of range: use 0 to 3600"
+                )));
+            }
+        };
         let valid_attachments = match (raw.valid_attachments, raw.attachments) {
             (Some(a), _) | (None, Some(a)) => Some(a),
             (None, None) => None,
@@ -402,6 +420,7 @@ impl NetConf {
             bpf_dir: raw
                 .bpf_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_DIR)),
+            lock_wait,
             dns: raw.dns,
             prev_result: raw.prev_result,
             valid_attachments,

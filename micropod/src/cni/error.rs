@@ -3,6 +3,7 @@
 use crate::{
     ipam::IpamError,
     network::{AttachError, InputError, NetworkError, UpError},
+    state::StateError,
 };
 
 /// Codes of micropod's own (the spec leaves 100 and up to plugins).
@@ -128,6 +129,7 @@ fn network_code(e: &NetworkError) -> u32 {
         }
         NetworkError::Attach(AttachError::Allocate { .. }) => 7,
         NetworkError::Up(UpError::OtherSettings { .. }) => codes::OTHER_SETTINGS,
+        NetworkError::State(StateError::LockBusy { .. }) => 11,
         _ => codes::FAILED,
     }
 }

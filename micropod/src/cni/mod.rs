@@ -16,7 +16,8 @@ mod result;
 use std::path::{Path, PathBuf};
 
 pub use config::{
-    AttachmentKey, Command, GcAttachment, Invocation, NetConf, SUPPORTED_VERSIONS, Version,
+    AttachmentKey, Command, DEFAULT_LOCK_WAIT, GcAttachment, Invocation, NetConf,
+    SUPPORTED_VERSIONS, Version,
 };
 pub use error::{CniError, codes};
 use serde_json::Value;
@@ -77,7 +78,7 @@ fn dispatch(inv: &Invocation, stdin: &[u8], exe: Option<&Path>) -> Result<Option
             ),
         });
     }
-    let mut network = Network::new(&conf.state_dir, &conf.bpf_dir);
+    let mut network = Network::new(&conf.state_dir, &conf.bpf_dir).lock_wait(conf.lock_wait);
     if let Some(exe) = exe {
         network = network.reap_in_background(exe);
     }

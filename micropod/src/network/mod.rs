@@ -296,6 +296,15 @@ impl Network {
         }
     }
 
+    /// Commands give up waiting for another command's state lock after `wait`
+    /// ([`crate::state::StateError::LockBusy`]) instead of waiting as long as it takes.
+    #[must_use]
+    pub fn lock_wait(mut self, wait: std::time::Duration) -> Self {
+        self.state = self.state.with_lock_wait(wait);
+        self.records = store::Records::new(&self.state);
+        self
+    }
+
     pub fn state_dir(&self) -> &std::path::Path {
         self.state.root()
     }
