@@ -706,3 +706,97 @@ fn kill_9_at_every_step_of_add_and_del_then_gc_or_the_next_add_leaves_no_orphan(
         );
     }
 }
+
+/// On a node where only the plugin brings the network up, the first ADD of an upgraded
+/// micropod (pins of another data path layout) upgrades the data path in place and attaches;
+/// the container attached before keeps its entries.
+#[test]
+fn the_first_add_of_another_layout_upgrades_the_data_path_in_place() {
+    let lab = NetLab::new("cnilayout");
+    let conf = lab_conf(&lab, "1.0.0", json!({ "datapath": "ebpf" }));
+    let (old, new) = (NsGuard::new("old"), NsGuard::new("new"));
+    let old_path = path(&old);
+    let mut vars = env("ADD", "old", &old_path, "eth0");
+    // The micropod of before: another layout.
+    vars.push((micropod::datapath::LAYOUT_ENV, "7"));
+    exec(&lab, &vars, &conf).ok();
+    let layout = |lab: &NetLab| -> Vec<String> {
+        std::fs::read_dir(lab.dirs.pins.join("micropod"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("layout-"))
+            .collect()
+    };
+    assert_eq!(layout(&lab), ["layout-7"]);
+    let result = exec(&lab, &env("ADD", "new", &path(&new), "eth0"), &conf).ok();
+    assert_eq!(
+        layout(&lab),
+        [format!("layout-{}", micropod_common::DATAPATH_LAYOUT)]
+    );
+    let ip = result["ips"][0]["address"].as_str().unwrap().to_owned();
+    assert!(ping(&new, Ipv4Addr::new(10, 10, 0, 1)), "{ip}");
+    assert!(ping(&old, Ipv4Addr::new(10, 10, 0, 1)));
+    let stats = lab.json(["stats", "--json"]);
+    assert_eq!(stats["endpoints"].as_array().unwrap().len(), 2, "{stats}");
+    assert!(
+        stats["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["tx_packets"].as_u64().unwrap_or(0) > 0),
+        "{stats}"
+    );
+}
+
+#[test]
+fn cni_install_puts_the_plugin_and_an_example_where_runtimes_look() {
+    let lab = NetLab::new("cniinst");
+    let root = lab.dirs.state.join("install");
+    let (bin, conf) = (root.join("bin"), root.join("net.d"));
+    let install = |force: bool| {
+        let mut args = vec![
+            "cni".to_owned(),
+            "install".to_owned(),
+            "--bin-dir".to_owned(),
+            bin.display().to_string(),
+            "--conf-dir".to_owned(),
+            conf.display().to_string(),
+            "--json".to_owned(),
+        ];
+        if force {
+            args.push("--force".to_owned());
+        }
+        lab.json(&args)
+    };
+    let done = install(false);
+    let plugin = bin.join("micropod");
+    let conflist = conf.join(micropod::cni::EXAMPLE_CONFLIST);
+    assert_eq!(done["plugin"], plugin.display().to_string());
+    assert_eq!(done["conflist"], conflist.display().to_string());
+    assert_eq!(
+        std::fs::read(&plugin).unwrap(),
+        std::fs::read(micropod_tests::micropod_bin()).unwrap(),
+        "the plugin is the micropod binary"
+    );
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+    assert_eq!(written, micropod::cni::example_conflist());
+    assert_eq!(written["plugins"][0]["type"], "micropod");
+    // The installed plugin answers as a plugin (VERSION in the list's version).
+    let out = exec_bin(
+        &lab,
+        &plugin,
+        &[("CNI_COMMAND", "VERSION")],
+        json!({ "cniVersion": written["cniVersion"] })
+            .to_string()
+            .as_bytes(),
+    )
+    .ok();
+    assert_eq!(out["cniVersion"], written["cniVersion"]);
+    // An edited configuration is kept, unless --force.
+    std::fs::write(&conflist, "{}").unwrap();
+    assert!(install(false)["conflist"].is_null());
+    assert_eq!(std::fs::read_to_string(&conflist).unwrap(), "{}");
+    install(true);
+    assert_ne!(std::fs::read_to_string(&conflist).unwrap(), "{}");
+}

@@ -234,8 +234,10 @@ fn prev_result_problems(
     ifname: &str,
     network: &Network,
 ) -> Result<Vec<String>, CniError> {
-    let doc = network.read_doc()?;
-    let cidr = format!("{}/{}", ep.ip, doc.head.config.subnet.prefix());
+    let config = network.config()?.ok_or_else(|| NetworkError::NotUp {
+        state_dir: network.state_dir().to_path_buf(),
+    })?;
+    let cidr = format!("{}/{}", ep.ip, config.subnet.prefix());
     let interfaces = prev["interfaces"].as_array().cloned().unwrap_or_default();
     let Some(index) = interfaces
         .iter()

@@ -282,18 +282,29 @@ impl super::Network {
                     .is_some()
             {
                 let differences = differences(&head.config, req)?;
-                if differences.is_empty() {
+                if !differences.is_empty() {
+                    return Err(UpError::OtherSettings {
+                        differences: differences.join("; "),
+                    }
+                    .into());
+                }
+                // Pins of another micropod's layout (this binary was upgraded): `up` upgrades
+                // them in place, as an administrator's `network up` would.
+                if head.active_datapath != ActiveDatapath::Ebpf
+                    || DataPlane::new(&self.bpf_dir).layout_matches()
+                {
                     return Ok(());
                 }
-                return Err(UpError::OtherSettings {
-                    differences: differences.join("; "),
-                }
-                .into());
             }
             // On record but not in the kernel (a reboot): `up` with the request, which keeps
             // what it can and refuses to change a network that still has endpoints on record.
         }
         self.up(req).await.map(drop)
+    }
+
+    /// The settings of the network on record, read without the lock; `None` if there is none.
+    pub fn config(&self) -> Result<Option<NetworkConfig>, NetworkError> {
+        Ok(self.records.head_unlocked()?.map(|h| h.config))
     }
 
     /// Whether the network on record has the settings `req` asks for ([`Self::join`]'s test,
