@@ -3,7 +3,8 @@
 //!
 //! Entering a namespace is per thread (`setns(2)`), so [`NetNs::run`] runs the closure on a
 //! scoped thread: the caller's thread never changes namespace, and sockets created inside keep
-//! the namespace they were created in.
+//! the namespace they were created in. [`NetNs::run_here`] enters and leaves on the calling
+//! thread instead, for a short closure that must not pay for a thread (a netlink socket).
 
 use std::{
     fs::{self, File},
@@ -194,6 +195,34 @@ impl NetNs {
             dev: std::os::unix::fs::MetadataExt::dev(&meta),
             ino: std::os::unix::fs::MetadataExt::ino(&meta),
         })
+    }
+
+    /// Runs `f` on the calling thread inside this namespace, then puts the thread back in its
+    /// own: the cost of two `setns` instead of a thread's (a clone, a stack, a join: 0.3-0.5 ms
+    /// here, a tenth of an attach). `f` must not block or yield to other work on this thread
+    /// (an `.await`), which would run in this namespace too. Should the thread fail to go
+    /// back, the process aborts: going on would act on the wrong namespace.
+    pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        let own = Self::current()?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            path: self.path.clone(),
+            source,
+        })?;
+        // Back on every path, a panic in `f` included.
+        struct Back(NetNs);
+        impl Drop for Back {
+            fn drop(&mut self) {
+                if let Err(e) = setns(self.0.file.as_fd(), CloneFlags::CLONE_NEWNET) {
+                    log::error!(
+                        "cannot return to network namespace {}: {e}; aborting rather than act on another namespace",
+                        self.0.path.display()
+                    );
+                    std::process::abort();
+                }
+            }
+        }
+        let _back = Back(own);
+        Ok(f())
     }
 
     /// Runs `f` on a thread inside this namespace and returns its result. Panics in `f` are
