@@ -800,3 +800,42 @@ fn cni_install_puts_the_plugin_and_an_example_where_runtimes_look() {
     install(true);
     assert_ne!(std::fs::read_to_string(&conflist).unwrap(), "{}");
 }
+
+/// `ipMasq: false`: nothing is translated, on either data path (an LPM prefix /0 in the eBPF
+/// map, an accept for every destination in nftables): the server sees the pod's own address.
+#[test]
+fn ip_masq_false_leaves_every_destination_untranslated() {
+    for (n, datapath) in ["ebpf", "netfilter"].into_iter().enumerate() {
+        let lab = NetLab::new(&format!("cninomasq-{datapath}"));
+        let conf = lab_conf(
+            &lab,
+            "1.0.0",
+            json!({ "datapath": datapath, "ipMasq": false }),
+        );
+        let ns = NsGuard::new("c");
+        let result = exec(&lab, &env("ADD", "plain", &path(&ns), "eth0"), &conf).ok();
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let port = 7300 + n as u16;
+        let server = lab
+            .internet
+            .udp(SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, port)));
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let client = ns.udp("0.0.0.0:0".parse().unwrap());
+        client.send_to(b"plain", (SERVER_ADDR, port)).unwrap();
+        let mut buf = [0u8; 8];
+        let (_, peer) = server.recv_from(&mut buf).expect("datagram at the server");
+        assert_eq!(
+            peer.ip().to_string(),
+            ip,
+            "{datapath}: the source was translated"
+        );
+    }
+}
