@@ -6,8 +6,11 @@
 //!    internet server at boot;
 //! 3. `curl` from the host to each VM's web server, each VM's fetch through the NAT (the server
 //!    sees the uplink's address), `micropod stats` with the per-VM counters;
-//! 4. `micropod metrics serve`, scraped once with curl;
-//! 5. `micropod stop`, `network down`.
+//! 4. a container on the same network, through micropod's CNI plugin: containerd's
+//!    `ctr run --cni` (in the host namespace), its address from the same IPAM, `curl` to it,
+//!    and from it to a VM; stopping it releases it;
+//! 5. `micropod metrics serve`, scraped once with curl;
+//! 6. `micropod stop`, `network down`.
 //!
 //! Everything it makes is removed when it ends, on error too (the lab's guards kill the VMs it
 //! started and remove the namespaces and pin dir).
@@ -21,10 +24,12 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use micropod_tests::{
+    micropod_bin,
     netlab::{SERVER_ADDR, UPLINK_ADDR},
+    runtimes::{Containerd, IMAGE, oci_image},
     vmlab::{HttpServer, VmLab},
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const VMS: [&str; 2] = ["web1", "web2"];
 const READY: &str = "micropod-guest: ready";
@@ -167,6 +172,8 @@ fn demo() -> anyhow::Result<()> {
     show(&lab, ["stats"])?;
     show(&lab, ["network", "status"])?;
 
+    container(&lab, addrs[0])?;
+
     say("the Prometheus exporter: `micropod metrics serve`, scraped with curl");
     scrape_exporter(&lab)?;
 
@@ -176,6 +183,59 @@ fn demo() -> anyhow::Result<()> {
     }
     show(&lab, ["network", "down"])?;
     say("done: everything the demo made is removed as it exits");
+    Ok(())
+}
+
+/// A busybox container of containerd's on the VMs' network: `ctr run --cni` runs micropod's
+/// plugin (installed under a name of the demo's own, removed at the end) in the host namespace.
+fn container(lab: &VmLab, vm: Ipv4Addr) -> anyhow::Result<()> {
+    say(
+        "a container on the same network: containerd's `ctr run --cni` with micropod as its CNI plugin",
+    );
+    let mut ctd = Containerd::start(lab.net.host.path());
+    let plugin = ctd.cni().install_plugin("micropod", &micropod_bin());
+    let network = ctd.cni().network_name("demo");
+    let conflist = json!({
+        "cniVersion": "1.0.0",
+        "name": network,
+        "plugins": [{
+            "type": plugin,
+            "bridge": "micropod0",
+            "subnet": "10.10.0.0/24",
+            "stateDir": lab.net.dirs.state,
+            "bpfDir": lab.net.dirs.pins.join("micropod"),
+        }],
+    });
+    let path = ctd.cni().write_conflist(&conflist);
+    println!("$ cat {}", path.display());
+    println!("{}", serde_json::to_string_pretty(&conflist)?);
+    let image = oci_image(ctd.dir());
+    ctd.import(&image);
+    println!("$ ctr run --cni {IMAGE} web httpd -f -p 80 -h /www");
+    ctd.run_cni("web", &["httpd", "-f", "-p", "80", "-h", "/www"]);
+    show(lab, ["network", "ls"])?;
+    let ep = json(lab, &["network", "ls", "--json"])?
+        .as_array()
+        .and_then(|eps| eps.iter().find(|e| e["cni"].is_object()).cloned())
+        .context("the container's endpoint")?;
+    let ip = ep["ip"].as_str().context("its address")?;
+    let url = format!("http://{ip}/");
+    println!("$ curl {url}");
+    print!("{}", curl_in_host(lab, &url)?);
+    println!("$ ctr task exec web wget -q -O - http://{vm}/");
+    let out = ctd.exec("web", &["wget", "-q", "-O", "-", &format!("http://{vm}/")]);
+    ensure!(
+        out.status.success(),
+        "the container cannot reach the VM: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    show(lab, ["stats"])?;
+    println!(
+        "$ ctr task kill web   (ctr sends the plugin DEL: the address and the port are released)"
+    );
+    ctd.stop("web");
+    show(lab, ["network", "ls"])?;
     Ok(())
 }
 

@@ -316,14 +316,22 @@ fn print_endpoints(endpoints: &[EndpointView]) {
     if endpoints.is_empty() {
         return;
     }
+    // As wide as the longest name (a container's is 25 characters).
+    let w = endpoints
+        .iter()
+        .map(|e| e.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(20);
     println!(
-        "{:<20} {:<6} {:<18} {:<18} {:<13} WHERE",
+        "{:<w$} {:<6} {:<18} {:<18} {:<13} WHERE",
         "NAME", "KIND", "ADDRESS", "MAC", "LINK"
     );
     for e in endpoints {
         let place = match (&e.cni, &e.netns, &e.ifname) {
             (Some(c), _, _) => {
                 let short: String = c.container_id.chars().take(12).collect();
+                let short = short.trim_end_matches(['-', '_', '.']);
                 match (&c.pod_namespace, &c.pod_name) {
                     (Some(ns), Some(pod)) => {
                         format!("{} of container {short} (pod {ns}/{pod})", c.ifname)
@@ -335,7 +343,7 @@ fn print_endpoints(endpoints: &[EndpointView]) {
             _ => "-".into(),
         };
         println!(
-            "{:<20} {:<6} {:<18} {:<18} {:<13} {place}",
+            "{:<w$} {:<6} {:<18} {:<18} {:<13} {place}",
             e.name,
             e.kind.to_string(),
             e.cidr,
@@ -356,15 +364,22 @@ pub(super) fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> an
     if stats.datapath != micropod::network::ActiveDatapath::Ebpf {
         println!("(no counters: the netfilter data path does not count per endpoint)");
     }
+    let w = stats
+        .endpoints
+        .iter()
+        .map(|e| e.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     println!(
-        "{:<16} {:<15} {:>10} {:>12} {:>10} {:>12}  drops",
+        "{:<w$} {:<15} {:>10} {:>12} {:>10} {:>12}  drops",
         "ENDPOINT", "IP", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES"
     );
     for ep in &stats.endpoints {
         let Some(c) = &ep.counters else {
             // Netfilter, or an attach/detach in flight: nothing to show, not zeros.
             println!(
-                "{:<16} {:<15} {:>10} {:>12} {:>10} {:>12}  -",
+                "{:<w$} {:<15} {:>10} {:>12} {:>10} {:>12}  -",
                 ep.name, ep.ip, "-", "-", "-", "-"
             );
             continue;
@@ -376,7 +391,7 @@ pub(super) fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> an
             .map(|(reason, n)| format!("{reason}={n}"))
             .collect();
         println!(
-            "{:<16} {:<15} {:>10} {:>12} {:>10} {:>12}  {}",
+            "{:<w$} {:<15} {:>10} {:>12} {:>10} {:>12}  {}",
             ep.name,
             ep.ip,
             c.rx_packets,

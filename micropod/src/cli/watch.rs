@@ -113,9 +113,16 @@ fn screen(rates: &Rates, at: SystemTime, interval: Duration) -> String {
     if rates.datapath != ActiveDatapath::Ebpf {
         s.push_str("(no rates: the netfilter data path does not count per endpoint)\n");
     }
+    let w = rates
+        .endpoints
+        .iter()
+        .map(|e| e.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     let _ = writeln!(
         s,
-        "{:<16} {:<15} {:>10} {:>11} {:>10} {:>11} {:>9}  NOTE",
+        "{:<w$} {:<15} {:>10} {:>11} {:>10} {:>11} {:>9}  NOTE",
         "ENDPOINT", "IP", "RX PKT/S", "RX BYTES/S", "TX PKT/S", "TX BYTES/S", "DROPS/S"
     );
     for ep in &rates.endpoints {
@@ -125,7 +132,7 @@ fn screen(rates: &Rates, at: SystemTime, interval: Duration) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<16} {:<15} {:>10} {:>11} {:>10} {:>11} {:>9}  {}",
+            "{:<w$} {:<15} {:>10} {:>11} {:>10} {:>11} {:>9}  {}",
             ep.name,
             ep.ip.to_string(),
             shown(|r| r.rx_packets, packets),

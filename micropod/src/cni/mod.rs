@@ -116,6 +116,8 @@ pub fn endpoint_name(network: &str, container_id: &str, ifname: &str) -> String 
         }
     }
     let short: String = container_id.chars().take(12).collect();
+    // "cni-ab-…", not "cni-ab--…", for an id whose 12th character is a separator.
+    let short = short.trim_end_matches(['-', '_', '.']);
     format!("cni-{short}-{:08x}", (hash >> 32) as u32 ^ hash as u32)
 }
 
