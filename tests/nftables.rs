@@ -10,7 +10,7 @@ use std::{
 };
 
 use micropod::net::{
-    nftables::{self, Masquerade, NftError, Step},
+    nftables::{self, Forward, Masquerade, NftError, Step},
     ports::PortRange,
 };
 use micropod_tests::NsGuard;
@@ -26,6 +26,7 @@ fn masquerade(subnet: &str) -> Masquerade<'static> {
         bridge: BRIDGE,
         ports: PORTS,
         keep: &[],
+        forwards: &[],
     }
 }
 
@@ -453,5 +454,130 @@ fn destinations_to_keep_are_accepted_before_any_masquerade() {
     assert_eq!(
         first, "ip saddr 10.244.1.0/24 counter packets 0 bytes 0 accept",
         "{listing}"
+    );
+}
+
+/// Published ports as DNAT rules, with real connections between namespaces: from outside (the
+/// server sees the client), from an endpoint to the host's address (hairpin: it sees the
+/// host's address on the endpoint side), from the host itself to its own address (it sees
+/// that address) and to 127.0.0.1 (with `route_localnet` on the endpoint side: it sees the
+/// host's address on the endpoint side).
+#[test]
+fn forwards_reach_the_endpoint_from_outside_from_the_host_and_hairpin() {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+        time::Duration,
+    };
+
+    use ipnetwork::{IpNetwork, Ipv4Network};
+    use micropod::net::{addr, link, route, veth};
+    use micropod_tests::block_on;
+
+    let host = NsGuard::new("fwd-host");
+    let client = NsGuard::new("fwd-client");
+    let ep = NsGuard::new("fwd-ep");
+    let net = |a: [u8; 4], p| IpNetwork::V4(Ipv4Network::new(Ipv4Addr::from(a), p).unwrap());
+    block_on(async {
+        let h = host.netlink();
+        let c = client.netlink();
+        let e = ep.netlink();
+        veth::create(
+            &h,
+            "up0",
+            "wan0",
+            Some(std::os::fd::AsFd::as_fd(client.ns())),
+        )
+        .await
+        .unwrap();
+        veth::create(&h, BRIDGE, "eth0", Some(std::os::fd::AsFd::as_fd(ep.ns())))
+            .await
+            .unwrap();
+        addr::add(&h, "up0", net([203, 0, 113, 1], 24))
+            .await
+            .unwrap();
+        addr::add(&h, BRIDGE, net([10, 10, 0, 1], 24))
+            .await
+            .unwrap();
+        addr::add(&c, "wan0", net([203, 0, 113, 2], 24))
+            .await
+            .unwrap();
+        addr::add(&e, "eth0", net([10, 10, 0, 2], 24))
+            .await
+            .unwrap();
+        for (nl, name) in [(&h, "up0"), (&h, BRIDGE), (&c, "wan0"), (&e, "eth0")] {
+            link::set_up(nl, name).await.unwrap();
+        }
+        let index = link::index(&e, "eth0").await.unwrap();
+        route::add_default(&e, Ipv4Addr::new(10, 10, 0, 1), index)
+            .await
+            .unwrap();
+    });
+    host.run(|| {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet"),
+            "1",
+        )
+        .unwrap();
+    });
+    let forwards = [Forward {
+        proto: 6,
+        host_ip: None,
+        host_port: 8080,
+        to: Ipv4Addr::new(10, 10, 0, 2),
+        to_port: 80,
+    }];
+    apply(
+        &host,
+        &Masquerade {
+            forwards: &forwards,
+            ..masquerade("10.10.0.0/24")
+        },
+    );
+    let listener = ep.run(|| TcpListener::bind("10.10.0.2:80")).unwrap();
+    let connect = |ns: &NsGuard, to: &str| -> Ipv4Addr {
+        let to: SocketAddr = to.parse().unwrap();
+        let mut stream = ns
+            .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("connect {to} from {}: {e}", ns.path().display()));
+        let (mut accepted, peer) = listener.accept().unwrap();
+        accepted.write_all(b"ok").unwrap();
+        let mut buf = [0u8; 2];
+        stream.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ok");
+        match peer.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            other => panic!("{other}"),
+        }
+    };
+    assert_eq!(
+        connect(&client, "203.0.113.1:8080"),
+        Ipv4Addr::new(203, 0, 113, 2)
+    );
+    assert_eq!(
+        connect(&ep, "203.0.113.1:8080"),
+        Ipv4Addr::new(10, 10, 0, 1),
+        "hairpin"
+    );
+    // From the host to its own address: the source was chosen for that address, and stays.
+    assert_eq!(
+        connect(&host, "203.0.113.1:8080"),
+        Ipv4Addr::new(203, 0, 113, 1),
+        "host"
+    );
+    assert_eq!(
+        connect(&host, "127.0.0.1:8080"),
+        Ipv4Addr::new(10, 10, 0, 1),
+        "loopback"
+    );
+    // A port not forwarded stays closed.
+    assert!(
+        client
+            .run(|| TcpStream::connect_timeout(
+                &"203.0.113.1:8081".parse().unwrap(),
+                Duration::from_secs(1)
+            ))
+            .is_err()
     );
 }

@@ -45,7 +45,29 @@ pub struct Masquerade<'a> {
     /// Destinations the subnet reaches with its own addresses: no rule below theirs applies
     /// (other nodes' pod subnets, a service range; `0.0.0.0/0` means no NAT at all).
     pub keep: &'a [Ipv4Network],
+    /// Ports of the host forwarded to endpoints (published ports).
+    pub forwards: &'a [Forward],
 }
+
+/// A port of the host forwarded to an endpoint: connections to `host_ip:host_port` (any of
+/// the host's own addresses when `host_ip` is `None`), from outside or from the host itself,
+/// go to `to:to_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub to: Ipv4Addr,
+    pub to_port: u16,
+}
+
+/// The chains that forward published ports: `nft`'s `dstnat` priority, for traffic arriving
+/// (prerouting) and made by the host itself (output).
+pub const PREROUTING_CHAIN: &str = "prerouting";
+pub const OUTPUT_CHAIN: &str = "output";
+/// `NF_IP_PRI_NAT_DST`, the priority `nft` calls `dstnat`.
+pub const DSTNAT_PRIORITY: i32 = -100;
 
 /// One request inside a batch (or the batch itself), to say which one the kernel refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +78,8 @@ pub enum Step {
     DeleteTable,
     AddChain,
     AddRule,
+    AddForwardChain,
+    AddForwardRule,
     ListTables,
 }
 
@@ -67,6 +91,8 @@ impl fmt::Display for Step {
             Self::DeleteTable => "delete the table",
             Self::AddChain => "create the nat chain postrouting",
             Self::AddRule => "add the masquerade rule",
+            Self::AddForwardChain => "create a nat chain for the published ports",
+            Self::AddForwardRule => "add a published port's rule",
             Self::ListTables => "list the tables",
         })
     }
@@ -155,6 +181,9 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
     });
     chain.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
     chain.string(NFTA_CHAIN_TYPE, b"nat");
+    if !m.forwards.is_empty() {
+        forward_rules(&mut tx, &name, m, &oifname);
+    }
     for destination in m.keep {
         let rule = tx.message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, Step::AddRule);
         rule.string(NFTA_RULE_TABLE, &name);
@@ -181,6 +210,125 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
         });
     }
     tx.run(m.table)
+}
+
+/// The published ports: a `prerouting` and an `output` chain, each with one DNAT rule per
+/// forward (`[ip daddr <host ip> | fib daddr type local] meta l4proto <p> th dport <port>
+/// dnat to <endpoint>:<port>`), and two masquerade rules at the head of `postrouting`: for a
+/// forward from an endpoint to one of the bridge (hairpin: `ct status dnat ip saddr <subnet>
+/// ip daddr <subnet>`; the reply must come back through the host to be translated back) and
+/// for one from the host's loopback (`ip saddr 127.0.0.0/8 oifname "<bridge>"`, which also
+/// needs `route_localnet` on the bridge).
+fn forward_rules(tx: &mut Transaction, table: &[u8], m: &Masquerade<'_>, oifname: &[u8]) {
+    for (chain, hook) in [
+        (PREROUTING_CHAIN, NF_INET_PRE_ROUTING),
+        (OUTPUT_CHAIN, NF_INET_LOCAL_OUT),
+    ] {
+        let c = tx.message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, Step::AddForwardChain);
+        c.string(NFTA_CHAIN_TABLE, table);
+        c.string(NFTA_CHAIN_NAME, chain.as_bytes());
+        c.nested(NFTA_CHAIN_HOOK, |h| {
+            h.u32(NFTA_HOOK_HOOKNUM, hook);
+            h.u32(NFTA_HOOK_PRIORITY, DSTNAT_PRIORITY.cast_unsigned());
+        });
+        c.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
+        c.string(NFTA_CHAIN_TYPE, b"nat");
+        for f in m.forwards {
+            let rule = tx.message(
+                NFT_MSG_NEWRULE,
+                NLM_F_CREATE | NLM_F_APPEND,
+                Step::AddForwardRule,
+            );
+            rule.string(NFTA_RULE_TABLE, table);
+            rule.string(NFTA_RULE_CHAIN, chain.as_bytes());
+            rule.nested(NFTA_RULE_EXPRESSIONS, |list| dnat_rule(list, f));
+        }
+    }
+    let loopback = Ipv4Network::new(Ipv4Addr::new(127, 0, 0, 0), 8).expect("a valid prefix");
+    for hairpin in [true, false] {
+        let rule = tx.message(
+            NFT_MSG_NEWRULE,
+            NLM_F_CREATE | NLM_F_APPEND,
+            Step::AddForwardRule,
+        );
+        rule.string(NFTA_RULE_TABLE, table);
+        rule.string(NFTA_RULE_CHAIN, CHAIN.as_bytes());
+        rule.nested(NFTA_RULE_EXPRESSIONS, |list| {
+            if hairpin {
+                // ct status & dnat != 0
+                expr(list, b"ct", |e| {
+                    e.u32(NFTA_CT_DREG, NFT_REG_1);
+                    e.u32(NFTA_CT_KEY, NFT_CT_STATUS);
+                });
+                expr(list, b"bitwise", |e| {
+                    e.u32(NFTA_BITWISE_SREG, NFT_REG_1);
+                    e.u32(NFTA_BITWISE_DREG, NFT_REG_1);
+                    e.u32(NFTA_BITWISE_LEN, 4);
+                    e.data(NFTA_BITWISE_MASK, &IPS_DST_NAT.to_ne_bytes());
+                    e.data(NFTA_BITWISE_XOR, &[0; 4]);
+                });
+                cmp(list, NFT_CMP_NEQ, &[0; 4]);
+                prefix_match(list, IP_SADDR_OFFSET, m.subnet);
+                prefix_match(list, IP_DADDR_OFFSET, m.subnet);
+            } else {
+                prefix_match(list, IP_SADDR_OFFSET, loopback);
+                meta(list, NFT_META_OIFNAME);
+                cmp(list, NFT_CMP_EQ, oifname);
+            }
+            expr(list, b"counter", |_| {});
+            expr(list, b"masq", |_| {});
+        });
+    }
+}
+
+/// One forward's DNAT rule (see [`forward_rules`]).
+fn dnat_rule(list: &mut Msg, f: &Forward) {
+    match f.host_ip {
+        Some(ip) => prefix_match(
+            list,
+            IP_DADDR_OFFSET,
+            Ipv4Network::new(ip, 32).expect("a host prefix"),
+        ),
+        None => {
+            // fib daddr type local: any address of this namespace's own.
+            expr(list, b"fib", |e| {
+                e.u32(NFTA_FIB_DREG, NFT_REG_1);
+                e.u32(NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE);
+                e.u32(NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR);
+            });
+            cmp(list, NFT_CMP_EQ, &RTN_LOCAL.to_ne_bytes());
+        }
+    }
+    meta(list, NFT_META_L4PROTO);
+    cmp(list, NFT_CMP_EQ, &[f.proto]);
+    // th dport: 2 bytes at offset 2 of the transport header.
+    expr(list, b"payload", |e| {
+        e.u32(NFTA_PAYLOAD_DREG, NFT_REG_1);
+        e.u32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER);
+        e.u32(NFTA_PAYLOAD_OFFSET, 2);
+        e.u32(NFTA_PAYLOAD_LEN, 2);
+    });
+    cmp(list, NFT_CMP_EQ, &f.host_port.to_be_bytes());
+    expr(list, b"counter", |_| {});
+    for (reg, value) in [
+        (NFT_REG_1, f.to.octets().to_vec()),
+        (NFT_REG_2, f.to_port.to_be_bytes().to_vec()),
+    ] {
+        expr(list, b"immediate", |e| {
+            e.u32(NFTA_IMMEDIATE_DREG, reg);
+            e.data(NFTA_IMMEDIATE_DATA, &value);
+        });
+    }
+    expr(list, b"nat", |e| {
+        e.u32(NFTA_NAT_TYPE, NFT_NAT_DNAT);
+        e.u32(NFTA_NAT_FAMILY, u32::from(NFPROTO_IPV4));
+        e.u32(NFTA_NAT_REG_ADDR_MIN, NFT_REG_1);
+        e.u32(NFTA_NAT_REG_PROTO_MIN, NFT_REG_2);
+        e.u32(
+            NFTA_NAT_FLAGS,
+            NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED,
+        );
+    });
 }
 
 /// The expressions of one rule: for TCP or UDP (`proto`) with the port range, else for the
@@ -603,7 +751,30 @@ const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_MASQ_FLAGS: u16 = 1;
 const NFTA_MASQ_REG_PROTO_MIN: u16 = 2;
 const NFTA_MASQ_REG_PROTO_MAX: u16 = 3;
+const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_LOCAL_OUT: u32 = 3;
 const NF_INET_POST_ROUTING: u32 = 4;
+const NFPROTO_IPV4: u8 = 2;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFTA_NAT_FLAGS: u16 = 7;
+const NFT_NAT_DNAT: u32 = 1;
+const NF_NAT_RANGE_MAP_IPS: u32 = 1;
+const NFTA_FIB_DREG: u16 = 1;
+const NFTA_FIB_RESULT: u16 = 2;
+const NFTA_FIB_FLAGS: u16 = 3;
+const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+/// `RTN_LOCAL`, the address type `fib … type local` compares with (host order in the register).
+const RTN_LOCAL: u32 = 2;
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
+const NFT_CT_STATUS: u32 = 2;
+/// `IPS_DST_NAT` of `ct status` (host order in the register).
+const IPS_DST_NAT: u32 = 1 << 5;
 const NF_ACCEPT: u32 = 1;
 const NFT_REG_1: u32 = 1;
 const NFT_REG_2: u32 = 2;

@@ -447,6 +447,7 @@ impl super::Network {
             bridge: &cfg.bridge,
             ports: cfg.nat_ports(),
             keep: &cfg.no_masquerade,
+            forwards: &[],
         })
         .map_err(|e| UpError::Masquerade(Box::new(e)))?;
         Ok(made)
