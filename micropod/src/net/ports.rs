@@ -110,9 +110,144 @@ impl FromStr for PortRange {
     }
 }
 
+/// A transport protocol a port can be published for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// A published port as a user writes it (`docker run -p`'s form):
+/// `[HOST_IP:]HOST_PORT:PORT[/tcp|/udp]`, TCP unless said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublishSpec {
+    /// Only connections to this address of the host; `None`: any of its addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<std::net::Ipv4Addr>,
+    pub host_port: u16,
+    /// The endpoint's port.
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for PublishSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(ip) = self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        write!(f, "{}:{}/{}", self.host_port, self.port, self.proto)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid published port {input:?}: {reason}; use [HOST_IP:]HOST_PORT:PORT[/tcp|/udp], e.g. 8080:80"
+)]
+pub struct InvalidPublish {
+    pub input: String,
+    pub reason: &'static str,
+}
+
+impl FromStr for PublishSpec {
+    type Err = InvalidPublish;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| InvalidPublish {
+            input: s.to_owned(),
+            reason,
+        };
+        let (ports, proto) = match s.split_once('/') {
+            None => (s, Proto::Tcp),
+            Some((ports, "tcp")) => (ports, Proto::Tcp),
+            Some((ports, "udp")) => (ports, Proto::Udp),
+            Some(_) => return Err(bad("the protocol must be tcp or udp")),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (host_ip, host_port, port) = match parts[..] {
+            [host_port, port] => (None, host_port, port),
+            [ip, host_port, port] => (
+                Some(
+                    ip.parse()
+                        .map_err(|_| bad("the host address must be an IPv4 address"))?,
+                ),
+                host_port,
+                port,
+            ),
+            _ => return Err(bad("it needs a host port and a port")),
+        };
+        let port_of = |p: &str| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("a port must be a number from 1 to 65535"))
+        };
+        Ok(Self {
+            host_ip,
+            host_port: port_of(host_port)?,
+            port: port_of(port)?,
+            proto,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn published_ports_parse_as_docker_writes_them() {
+        let p = |s: &str| s.parse::<PublishSpec>();
+        assert_eq!(
+            p("8080:80").unwrap(),
+            PublishSpec {
+                host_ip: None,
+                host_port: 8080,
+                port: 80,
+                proto: Proto::Tcp
+            }
+        );
+        let udp = p("203.0.113.1:5353:53/udp").unwrap();
+        assert_eq!(udp.host_ip, Some(std::net::Ipv4Addr::new(203, 0, 113, 1)));
+        assert_eq!((udp.host_port, udp.port, udp.proto), (5353, 53, Proto::Udp));
+        assert_eq!(udp.to_string(), "203.0.113.1:5353:53/udp");
+        assert_eq!(p(&udp.to_string()).unwrap(), udp);
+        assert_eq!(p("80:80/tcp").unwrap().to_string(), "80:80/tcp");
+        for (bad, why) in [
+            ("8080", "a host port and a port"),
+            ("0:80", "1 to 65535"),
+            ("8080:65536", "1 to 65535"),
+            ("8080:80/sctp", "tcp or udp"),
+            ("::1:8080:80", "a host port and a port"),
+            ("host:8080:80", "IPv4"),
+            ("a:b", "1 to 65535"),
+            ("1:2:3:4", "a host port and a port"),
+        ] {
+            let err = p(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+            assert!(err.contains("HOST_PORT:PORT"), "{bad}: {err}");
+        }
+    }
 
     fn r(min: u16, max: u16) -> PortRange {
         PortRange::new(min, max).unwrap()
