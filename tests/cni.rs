@@ -10,7 +10,7 @@ use std::{
 
 use micropod_tests::{
     NsGuard, block_on,
-    cniexec::{env, exec, exec_bin, lab_conf, with_prev},
+    cniexec::{env, exec, exec_bin, lab_conf, result_ip, with_prev},
     netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR, ip_json, ping, snapshot},
 };
 use serde_json::{Value, json};
@@ -83,8 +83,7 @@ fn add_check_del_in_every_version_on_both_data_paths() {
             assert_eq!(ip["gateway"], "10.10.0.1");
             assert_eq!(ip.get("version").is_some(), *v == "0.4.0", "{result}");
             assert_eq!(ifs[1].get("mtu").is_some(), *v == "1.1.0", "{result}");
-            let cidr = ip["address"].as_str().unwrap();
-            let addr: Ipv4Addr = cidr.split('/').next().unwrap().parse().unwrap();
+            let addr = result_ip(&result);
 
             // What the result says is what the sandbox has.
             let inside = ip_json(ns.path(), &["addr", "show", "dev", "eth0"]);
@@ -317,7 +316,7 @@ fn check_names_what_was_tampered_with() {
     let with = with_prev(&conf, &result);
     exec(&lab, &run("CHECK"), &with).ok();
     let cidr = result["ips"][0]["address"].as_str().unwrap().to_owned();
-    let ip: Ipv4Addr = cidr.split('/').next().unwrap().parse().unwrap();
+    let ip = result_ip(&result);
     let host = result["interfaces"][0]["name"].as_str().unwrap().to_owned();
 
     // The address removed inside the sandbox.
@@ -569,17 +568,7 @@ fn pods_on_two_nodes_reach_each_other_untranslated_and_the_internet_translated()
             conf_b.to_string().as_bytes(),
         )
         .ok();
-        let ip = |r: &Value| -> Ipv4Addr {
-            r["ips"][0]["address"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        let (ip_a, ip_b) = (ip(&ra), ip(&rb));
+        let (ip_a, ip_b) = (result_ip(&ra), result_ip(&rb));
         // Pod A to pod B: the server sees pod A's own address.
         let port = 7200 + n as u16;
         let listener = pod_b.run(|| TcpListener::bind((ip_b, port))).unwrap();
@@ -814,13 +803,7 @@ fn ip_masq_false_leaves_every_destination_untranslated() {
         );
         let ns = NsGuard::new("c");
         let result = exec(&lab, &env("ADD", "plain", &path(&ns), "eth0"), &conf).ok();
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let ip = result_ip(&result).to_string();
         let port = 7300 + n as u16;
         let server = lab
             .internet

@@ -197,15 +197,6 @@ fn udp_roundtrips(sock: &UdpSocket, count: usize) -> usize {
     ok
 }
 
-/// Flows to the internet server in the host's conntrack table.
-fn conntrack_flows_to_server(lab: &NetLab) -> usize {
-    let table = query(lab.host.path(), "cat", &["/proc/net/nf_conntrack"]);
-    table
-        .lines()
-        .filter(|l| l.contains(&format!("dst={SERVER_ADDR} ")))
-        .count()
-}
-
 /// A probe in the host namespace: counters in the IPv4 PREROUTING hook (which bridged frames
 /// also pass when br_netfilter is loaded) for packets to and from the internet server.
 fn prerouting_probe(lab: &NetLab) {
@@ -275,7 +266,7 @@ fn reach_the_internet(datapath: &str) {
             "the server sees the uplink address"
         );
     }
-    let tracked = conntrack_flows_to_server(&lab.net);
+    let tracked = lab.net.conntrack_flows_to_server();
     let (to_server, from_server) = prerouting_packets(&lab.net);
     if datapath == "ebpf" {
         assert_eq!(tracked, 0, "fast-path flows never enter conntrack");

@@ -17,7 +17,7 @@ use std::{
 
 use micropod_tests::{
     micropod_bin,
-    netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR, query},
+    netlab::{NetLab, SERVER_ADDR, UPLINK_ADDR},
     runtimes::{CniCall, CniDirs, Containerd, IMAGE_INDEX, Podman, cni_calls, ipv4_of, oci_image},
     vmlab::{HttpServer, VmLab, http_get_retry},
 };
@@ -73,14 +73,6 @@ fn endpoint_of(lab: &NetLab, id: &str) -> Option<Value> {
         .cloned()
 }
 
-/// Flows to the internet server in the host's conntrack table.
-fn conntrack_flows_to_server(lab: &NetLab) -> usize {
-    query(lab.host.path(), "cat", &["/proc/net/nf_conntrack"])
-        .lines()
-        .filter(|l| l.contains(&format!("dst={SERVER_ADDR} ")))
-        .count()
-}
-
 /// What every container must find on the network, whichever runtime made it: `exec` runs a
 /// command in the container and returns its stdout.
 fn check_container(
@@ -130,7 +122,7 @@ fn check_container(
         "not translated to the uplink's address"
     );
     assert_eq!(
-        conntrack_flows_to_server(net),
+        net.conntrack_flows_to_server(),
         0,
         "the fast path's flow is in conntrack"
     );

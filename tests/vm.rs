@@ -852,14 +852,7 @@ fn parallel_cni_adds_and_vm_starts_get_distinct_addresses() {
                 s.spawn(move || {
                     let id = format!("pod{i}");
                     let r = cniexec::exec(lab, &cniexec::env("ADD", &id, path, "eth0"), conf).ok();
-                    r["ips"][0]["address"]
-                        .as_str()
-                        .unwrap()
-                        .split('/')
-                        .next()
-                        .unwrap()
-                        .parse::<Ipv4Addr>()
-                        .unwrap()
+                    cniexec::result_ip(&r)
                 })
             })
             .collect();

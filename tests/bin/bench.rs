@@ -812,13 +812,7 @@ impl Cni {
     }
 
     fn command(&self, verb: &str, id: &str, netns: &Path) -> Command {
-        let mut cmd = Command::new(Path::new(CNI_DIR).join("bridge"));
-        cmd.env("CNI_COMMAND", verb)
-            .env("CNI_CONTAINERID", id)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", IFNAME)
-            .env("CNI_PATH", CNI_DIR);
-        cmd
+        cni_command(&Path::new(CNI_DIR).join("bridge"), verb, id, netns)
     }
 
     /// Timed ADD; checks that stdout is a CNI result for the endpoint and returns its address.
@@ -886,13 +880,7 @@ impl Plugin {
     }
 
     fn command(&self, verb: &str, id: &str, netns: &Path) -> Command {
-        let mut cmd = Command::new(&self.mp.bin);
-        cmd.env("CNI_COMMAND", verb)
-            .env("CNI_CONTAINERID", id)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", IFNAME)
-            .env("CNI_PATH", CNI_DIR);
-        cmd
+        cni_command(&self.mp.bin, verb, id, netns)
     }
 
     /// Timed ADD; checks the CNI result and returns its address.
@@ -927,6 +915,18 @@ impl Plugin {
         self.mp.reaped.borrow_mut().push(self.mp.wait_reaped()?);
         Ok(took)
     }
+}
+
+/// A CNI plugin `bin` as runtimes run it: the `CNI_*` environment, no arguments (the
+/// configuration goes on stdin).
+fn cni_command(bin: &Path, verb: &str, id: &str, netns: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env("CNI_COMMAND", verb)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", IFNAME)
+        .env("CNI_PATH", CNI_DIR);
+    cmd
 }
 
 /// The address of `IFNAME` in `netns` from a CNI ADD's stdout.

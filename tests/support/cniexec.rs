@@ -96,25 +96,64 @@ pub fn exec_bin(lab: &NetLab, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -
 
 /// [`exec_bin`] in the namespace open as `host` (another node's, say).
 pub fn exec_at(host: &File, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -> Answer {
-    let mut cmd = Command::new(bin);
-    cmd.env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_PATH", "/opt/cni/bin")
+    let mut child = plugin_command(host, bin, vars)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    crate::netlab::in_netns(&mut cmd, host);
-    let mut child = cmd.spawn().expect("starting the plugin");
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the plugin");
     child
         .stdin
         .take()
         .unwrap()
         .write_all(stdin)
         .expect("writing the configuration");
-    let out = child.wait_with_output().expect("waiting for the plugin");
+    answer(child.wait_with_output().expect("waiting for the plugin"))
+}
+
+/// The plugin with `stdin` as its standard input as is (a file, a directory), not a pipe.
+pub fn exec_stdio(lab: &NetLab, vars: &[(&str, &str)], stdin: Stdio) -> Answer {
+    let mut cmd = plugin_command(lab.host_file(), &micropod_bin(), vars);
+    answer(cmd.stdin(stdin).output().expect("running the plugin"))
+}
+
+/// Starts the plugin with failpoint `point` armed, waits until it is frozen there and kills it
+/// with SIGKILL (our own child, by PID), as a runtime's plugin may die at any step.
+#[track_caller]
+pub fn kill_at(lab: &NetLab, point: &str, vars: &[(&str, &str)], conf: &Value) {
+    let mut child = plugin_command(lab.host_file(), &micropod_bin(), vars)
+        .env(micropod::failpoint::ENV, point)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the plugin");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .expect("writing the configuration");
+    crate::netlab::kill_at_failpoint(&mut child, &format!("the plugin ({vars:?})"), point);
+}
+
+/// `bin` as a runtime runs a plugin: nothing of this process's environment but `PATH`, the
+/// `CNI_*` variables of `vars` (an empty value passed as an empty variable, as runtimes do for
+/// DEL's netns), no arguments, in the namespace open as `host`.
+fn plugin_command(host: &File, bin: &Path, vars: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_PATH", "/opt/cni/bin");
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    crate::netlab::in_netns(&mut cmd, host);
+    cmd
+}
+
+/// What the plugin answered: its stdout must be JSON or empty.
+fn answer(out: std::process::Output) -> Answer {
     let text = String::from_utf8(out.stdout).expect("utf-8 stdout");
     Answer {
         success: out.status.success(),
@@ -128,63 +167,14 @@ pub fn exec_at(host: &File, bin: &Path, vars: &[(&str, &str)], stdin: &[u8]) -> 
     }
 }
 
-/// The plugin with `stdin` as its standard input as is (a file, a directory), not a pipe.
-pub fn exec_stdio(lab: &NetLab, vars: &[(&str, &str)], stdin: Stdio) -> Answer {
-    let mut cmd = Command::new(micropod_bin());
-    cmd.env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(stdin);
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    crate::netlab::in_netns(&mut cmd, lab.host_file());
-    let out = cmd.output().expect("running the plugin");
-    let text = String::from_utf8(out.stdout).expect("utf-8 stdout");
-    Answer {
-        success: out.status.success(),
-        stdout: serde_json::from_str(&text).unwrap_or(Value::Null),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Starts the plugin with failpoint `point` armed, waits until it is frozen there and kills it
-/// with SIGKILL (our own child, by PID), as a runtime's plugin may die at any step.
+/// The address (without its prefix) of the first IP of an ADD's result.
 #[track_caller]
-pub fn kill_at(lab: &NetLab, point: &str, vars: &[(&str, &str)], conf: &Value) {
-    use std::io::BufRead as _;
-    let mut cmd = Command::new(micropod_bin());
-    cmd.env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env(micropod::failpoint::ENV, point)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    crate::netlab::in_netns(&mut cmd, lab.host_file());
-    let mut child = cmd.spawn().expect("starting the plugin");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .expect("writing the configuration");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            let status = child.wait().unwrap();
-            panic!("the plugin ({vars:?}) ended ({status}) before failpoint {point}:\n{seen}");
-        }
-        if line.trim() == format!("micropod: failpoint {point}") {
-            break;
-        }
-        seen += &line;
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+pub fn result_ip(result: &Value) -> std::net::Ipv4Addr {
+    result["ips"][0]["address"]
+        .as_str()
+        .and_then(|cidr| cidr.split('/').next())
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or_else(|| panic!("no IPv4 address in the result {result}"))
 }
 
 /// The environment of one verb for one attachment.

@@ -108,7 +108,6 @@ impl NetLab {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        use std::io::BufRead as _;
         let args: Vec<std::ffi::OsString> =
             args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let mut child = self
@@ -118,21 +117,7 @@ impl NetLab {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        loop {
-            let mut line = String::new();
-            if stderr.read_line(&mut line).unwrap() == 0 {
-                let status = child.wait().unwrap();
-                panic!("micropod {args:?} ended ({status}) before failpoint {point}:\n{seen}");
-            }
-            if line.trim() == format!("micropod: failpoint {point}") {
-                break;
-            }
-            seen += &line;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        kill_at_failpoint(&mut child, &format!("micropod {args:?}"), point);
     }
 
     /// `micropod ARGS` inside the host namespace, with no state or pin dir given at all.
@@ -256,6 +241,15 @@ impl NetLab {
         self.json(args)
     }
 
+    /// Flows to the internet server in the host's conntrack table (the eBPF fast path's
+    /// flows are never there).
+    pub fn conntrack_flows_to_server(&self) -> usize {
+        query(self.host.path(), "cat", &["/proc/net/nf_conntrack"])
+            .lines()
+            .filter(|l| l.contains(&format!("dst={SERVER_ADDR} ")))
+            .count()
+    }
+
     /// A port's kernel statistics, from the host side: [rx packets, rx bytes, tx packets, tx
     /// bytes]. The port receives what the endpoint transmits.
     pub fn port_stats(&self, port: &str) -> [u64; 4] {
@@ -295,6 +289,29 @@ impl NetLab {
         }
         Some(out)
     }
+}
+
+/// Waits until `child` (started with failpoint `point` armed and its stderr piped) says it is
+/// frozen there, then kills it with SIGKILL (our own child, by PID). `what` names it if it
+/// ends before.
+#[track_caller]
+pub fn kill_at_failpoint(child: &mut std::process::Child, what: &str, point: &str) {
+    use std::io::BufRead as _;
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait().unwrap();
+            panic!("{what} ended ({status}) before failpoint {point}:\n{seen}");
+        }
+        if line.trim() == format!("micropod: failpoint {point}") {
+            break;
+        }
+        seen += &line;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 /// Makes `cmd`'s child enter the namespace `ns` before it execs.

@@ -17,8 +17,7 @@
 //!   with `CNI_NETNS=` empty (the namespace died with the task) and the cached `prevResult`.
 //!   `ctr run --cni -d` never sends DEL, and in 1.6 neither do `ctr task kill`, `task delete`
 //!   nor `container rm` (1.7 added DEL to `task kill`). The harness therefore keeps the
-//!   foreground `ctr run` as a child for each container; [`Containerd::run_cni_detached`]
-//!   shows the other behaviour. Results in 0.3.1, 0.4.0 and 1.0.0 are accepted; a 1.1.0
+//!   foreground `ctr run` as a child for each container. Results in 0.3.1, 0.4.0 and 1.0.0 are accepted; a 1.1.0
 //!   result is refused ("unsupported CNI result version"); a conflist's `cniVersions` is
 //!   ignored (without `cniVersion` the plugin gets `"cniVersion":""`).
 //! - **podman** reads only `*.conflist` in its `network_config_dir` and runs plugins from its
@@ -76,8 +75,6 @@ pub const MACHINE_LOCK: &str = "/run/mpt-cni.lock";
 pub const CTR_CONF_DIR: &str = "/etc/cni/net.d";
 /// The first dir where ctr 1.6 looks for plugins (Debian's build then tries `/usr/lib/cni`).
 pub const CTR_BIN_DIR: &str = "/opt/cni/bin";
-/// The reference plugins (Debian's containernetworking-plugins).
-pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 /// The static busybox of Debian's `busybox-static`.
 const BUSYBOX: &str = "/bin/busybox";
@@ -897,7 +894,6 @@ pub struct Containerd {
     address: PathBuf,
     daemon: Option<Child>,
     containers: BTreeMap<String, CtrContainer>,
-    env: Vec<(String, String)>,
     image: Option<String>,
     cni: CniDirs,
     _lock: MachineLock,
@@ -924,7 +920,6 @@ impl Containerd {
             namespace,
             daemon: None,
             containers: BTreeMap::new(),
-            env: Vec::new(),
             image: None,
             _lock: lock,
         };
@@ -1016,12 +1011,6 @@ disabled_plugins = [
         &mut self.cni
     }
 
-    /// Adds a variable to the environment of every later ctr command, and so of the plugins
-    /// it runs (which otherwise get only PATH and their CNI_ variables).
-    pub fn set_env(&mut self, key: &str, value: &str) {
-        self.env.push((key.into(), value.into()));
-    }
-
     /// `ctr --address … --namespace … ARGS` inside the host namespace.
     pub fn ctr<I, S>(&self, args: I) -> Command
     where
@@ -1029,8 +1018,7 @@ disabled_plugins = [
         S: AsRef<std::ffi::OsStr>,
     {
         let mut cmd = in_netns(&self.host, "ctr");
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
-            .arg("--address")
+        cmd.arg("--address")
             .arg(&self.address)
             .arg("--namespace")
             .arg(&self.namespace)
@@ -1052,10 +1040,10 @@ disabled_plugins = [
         IMAGE.into()
     }
 
-    fn run_args(&self, id: &str, detach: bool) -> Command {
+    fn run_args(&self, id: &str) -> Command {
         let image = self.image.as_deref().expect("import an image first");
         let mut cmd = self.ctr(["run", "--cni"]);
-        cmd.arg(if detach { "-d" } else { "--rm" })
+        cmd.arg("--rm")
             .arg("--fifo-dir")
             .arg(self.dir.join("fifo"))
             .arg("--runc-root")
@@ -1080,7 +1068,7 @@ disabled_plugins = [
         let stdout = self.dir.join(format!("{id}.stdout"));
         let stderr = self.dir.join(format!("{id}.stderr"));
         let child = self
-            .run_args(id, false)
+            .run_args(id)
             .args(cmd)
             .stdout(File::create(&stdout).expect("container stdout file"))
             .stderr(File::create(&stderr).expect("ctr stderr file"))
@@ -1120,35 +1108,6 @@ disabled_plugins = [
         }
         self.record_processes(id);
         Ok(())
-    }
-
-    /// `ctr run --cni -d`: ADD, and then never a DEL (ctr 1.6 sends DEL only from a foreground
-    /// run). [`Self::stop`] kills and deletes such a container without any CNI call. Panics
-    /// if ctr fails.
-    #[track_caller]
-    pub fn run_cni_detached(&mut self, id: &str, cmd: &[&str]) {
-        let out = self
-            .run_args(id, true)
-            .args(cmd)
-            .output()
-            .expect("running ctr run -d");
-        self.containers.insert(
-            id.into(),
-            CtrContainer {
-                ctr: None,
-                stdout: self.dir.join(format!("{id}.stdout")),
-                stderr: self.dir.join(format!("{id}.stderr")),
-                processes: Vec::new(),
-                shim_socket: None,
-            },
-        );
-        assert!(
-            out.status.success(),
-            "ctr run --cni -d {id} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.record_processes(id);
     }
 
     /// Notes the task's init, its shim (init's parent, checked to be a shim of this
@@ -1398,7 +1357,6 @@ pub struct Podman {
     /// `<parent>/conmon` and the container in `<parent>/libpod-<id>`).
     cgroup_parent: String,
     containers: BTreeMap<String, PodmanContainer>,
-    env: Vec<(String, String)>,
     cni: CniDirs,
     _lock: MachineLock,
 }
@@ -1421,7 +1379,6 @@ impl Podman {
             dir: dir.clone(),
             host: host.to_owned(),
             containers: BTreeMap::new(),
-            env: Vec::new(),
             _lock: lock,
         };
         for sub in ["root", "runroot", "tmp", "runc", "home"] {
@@ -1492,12 +1449,6 @@ default_network = "{name}-default"
         &mut self.cni
     }
 
-    /// Adds a variable to the environment of every later podman command (so of the plugins
-    /// it runs; not of the cleanup conmon runs, see the module docs).
-    pub fn set_env(&mut self, key: &str, value: &str) {
-        self.env.push((key.into(), value.into()));
-    }
-
     /// `podman <global flags> ARGS` inside the host namespace.
     pub fn podman<I, S>(&self, args: I) -> Command
     where
@@ -1510,7 +1461,6 @@ default_network = "{name}-default"
             .env("CONTAINERS_STORAGE_CONF", d.join("storage.conf"))
             .env("CONTAINERS_REGISTRIES_CONF", d.join("registries.conf"))
             .env("HOME", d.join("home"))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--root")
             .arg(d.join("root"))
             .arg("--runroot")

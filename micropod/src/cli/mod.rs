@@ -73,6 +73,12 @@ fn gc(network: &micropod::network::Network, json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// The width of a table's name column: its longest name (a container's is 25 characters), at
+/// least `min`.
+fn name_width<'a>(names: impl Iterator<Item = &'a str>, min: usize) -> usize {
+    names.map(str::len).max().unwrap_or(0).max(min)
+}
+
 pub(crate) fn main() -> ExitCode {
     if cni::is_plugin_invocation() {
         return cni::plugin();

@@ -316,13 +316,7 @@ fn print_endpoints(endpoints: &[EndpointView]) {
     if endpoints.is_empty() {
         return;
     }
-    // As wide as the longest name (a container's is 25 characters).
-    let w = endpoints
-        .iter()
-        .map(|e| e.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(20);
+    let w = super::name_width(endpoints.iter().map(|e| e.name.as_str()), 20);
     println!(
         "{:<w$} {:<6} {:<18} {:<18} {:<13} WHERE",
         "NAME", "KIND", "ADDRESS", "MAC", "LINK"
@@ -364,13 +358,7 @@ pub(super) fn stats(network: &Network, endpoint: Option<&str>, json: bool) -> an
     if stats.datapath != micropod::network::ActiveDatapath::Ebpf {
         println!("(no counters: the netfilter data path does not count per endpoint)");
     }
-    let w = stats
-        .endpoints
-        .iter()
-        .map(|e| e.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(16);
+    let w = super::name_width(stats.endpoints.iter().map(|e| e.name.as_str()), 16);
     println!(
         "{:<w$} {:<15} {:>10} {:>12} {:>10} {:>12}  drops",
         "ENDPOINT", "IP", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES"

@@ -113,13 +113,7 @@ fn screen(rates: &Rates, at: SystemTime, interval: Duration) -> String {
     if rates.datapath != ActiveDatapath::Ebpf {
         s.push_str("(no rates: the netfilter data path does not count per endpoint)\n");
     }
-    let w = rates
-        .endpoints
-        .iter()
-        .map(|e| e.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(16);
+    let w = super::name_width(rates.endpoints.iter().map(|e| e.name.as_str()), 16);
     let _ = writeln!(
         s,
         "{:<w$} {:<15} {:>10} {:>11} {:>10} {:>11} {:>9}  NOTE",

@@ -172,23 +172,18 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
     tx.table(NFT_MSG_NEWTABLE, &name, Step::AddTable);
     tx.table(NFT_MSG_DELTABLE, &name, Step::DeleteTable);
     tx.table(NFT_MSG_NEWTABLE, &name, Step::AddTable);
-    let chain = tx.message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, Step::AddChain);
-    chain.string(NFTA_CHAIN_TABLE, &name);
-    chain.string(NFTA_CHAIN_NAME, CHAIN.as_bytes());
-    chain.nested(NFTA_CHAIN_HOOK, |hook| {
-        hook.u32(NFTA_HOOK_HOOKNUM, NF_INET_POST_ROUTING);
-        hook.u32(NFTA_HOOK_PRIORITY, SRCNAT_PRIORITY.cast_unsigned());
-    });
-    chain.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
-    chain.string(NFTA_CHAIN_TYPE, b"nat");
+    tx.nat_chain(
+        &name,
+        CHAIN,
+        NF_INET_POST_ROUTING,
+        SRCNAT_PRIORITY,
+        Step::AddChain,
+    );
     if !m.forwards.is_empty() {
         forward_rules(&mut tx, &name, m, &oifname);
     }
     for destination in m.keep {
-        let rule = tx.message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, Step::AddRule);
-        rule.string(NFTA_RULE_TABLE, &name);
-        rule.string(NFTA_RULE_CHAIN, CHAIN.as_bytes());
-        rule.nested(NFTA_RULE_EXPRESSIONS, |list| {
+        tx.rule(&name, CHAIN, Step::AddRule, |list| {
             prefix_match(list, IP_SADDR_OFFSET, m.subnet);
             prefix_match(list, IP_DADDR_OFFSET, *destination);
             expr(list, b"counter", |_| {});
@@ -202,10 +197,7 @@ pub fn apply(m: &Masquerade<'_>) -> Result<(), NftError> {
         });
     }
     for proto in [Some(libc::IPPROTO_TCP), Some(libc::IPPROTO_UDP), None] {
-        let rule = tx.message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, Step::AddRule);
-        rule.string(NFTA_RULE_TABLE, &name);
-        rule.string(NFTA_RULE_CHAIN, CHAIN.as_bytes());
-        rule.nested(NFTA_RULE_EXPRESSIONS, |list| {
+        tx.rule(&name, CHAIN, Step::AddRule, |list| {
             masquerade_rule(list, m, &oifname, proto);
         });
     }
@@ -224,61 +216,41 @@ fn forward_rules(tx: &mut Transaction, table: &[u8], m: &Masquerade<'_>, oifname
         (PREROUTING_CHAIN, NF_INET_PRE_ROUTING),
         (OUTPUT_CHAIN, NF_INET_LOCAL_OUT),
     ] {
-        let c = tx.message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, Step::AddForwardChain);
-        c.string(NFTA_CHAIN_TABLE, table);
-        c.string(NFTA_CHAIN_NAME, chain.as_bytes());
-        c.nested(NFTA_CHAIN_HOOK, |h| {
-            h.u32(NFTA_HOOK_HOOKNUM, hook);
-            h.u32(NFTA_HOOK_PRIORITY, DSTNAT_PRIORITY.cast_unsigned());
-        });
-        c.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
-        c.string(NFTA_CHAIN_TYPE, b"nat");
+        tx.nat_chain(table, chain, hook, DSTNAT_PRIORITY, Step::AddForwardChain);
         for f in m.forwards {
-            let rule = tx.message(
-                NFT_MSG_NEWRULE,
-                NLM_F_CREATE | NLM_F_APPEND,
-                Step::AddForwardRule,
-            );
-            rule.string(NFTA_RULE_TABLE, table);
-            rule.string(NFTA_RULE_CHAIN, chain.as_bytes());
-            rule.nested(NFTA_RULE_EXPRESSIONS, |list| dnat_rule(list, f));
+            tx.rule(table, chain, Step::AddForwardRule, |list| {
+                dnat_rule(list, f)
+            });
         }
     }
-    let loopback = Ipv4Network::new(Ipv4Addr::new(127, 0, 0, 0), 8).expect("a valid prefix");
-    for hairpin in [true, false] {
-        let rule = tx.message(
-            NFT_MSG_NEWRULE,
-            NLM_F_CREATE | NLM_F_APPEND,
-            Step::AddForwardRule,
-        );
-        rule.string(NFTA_RULE_TABLE, table);
-        rule.string(NFTA_RULE_CHAIN, CHAIN.as_bytes());
-        rule.nested(NFTA_RULE_EXPRESSIONS, |list| {
-            if hairpin {
-                // ct status & dnat != 0
-                expr(list, b"ct", |e| {
-                    e.u32(NFTA_CT_DREG, NFT_REG_1);
-                    e.u32(NFTA_CT_KEY, NFT_CT_STATUS);
-                });
-                expr(list, b"bitwise", |e| {
-                    e.u32(NFTA_BITWISE_SREG, NFT_REG_1);
-                    e.u32(NFTA_BITWISE_DREG, NFT_REG_1);
-                    e.u32(NFTA_BITWISE_LEN, 4);
-                    e.data(NFTA_BITWISE_MASK, &IPS_DST_NAT.to_ne_bytes());
-                    e.data(NFTA_BITWISE_XOR, &[0; 4]);
-                });
-                cmp(list, NFT_CMP_NEQ, &[0; 4]);
-                prefix_match(list, IP_SADDR_OFFSET, m.subnet);
-                prefix_match(list, IP_DADDR_OFFSET, m.subnet);
-            } else {
-                prefix_match(list, IP_SADDR_OFFSET, loopback);
-                meta(list, NFT_META_OIFNAME);
-                cmp(list, NFT_CMP_EQ, oifname);
-            }
-            expr(list, b"counter", |_| {});
-            expr(list, b"masq", |_| {});
+    // Hairpin: ct status & dnat != 0, from the subnet to the subnet.
+    tx.rule(table, CHAIN, Step::AddForwardRule, |list| {
+        expr(list, b"ct", |e| {
+            e.u32(NFTA_CT_DREG, NFT_REG_1);
+            e.u32(NFTA_CT_KEY, NFT_CT_STATUS);
         });
-    }
+        expr(list, b"bitwise", |e| {
+            e.u32(NFTA_BITWISE_SREG, NFT_REG_1);
+            e.u32(NFTA_BITWISE_DREG, NFT_REG_1);
+            e.u32(NFTA_BITWISE_LEN, 4);
+            e.data(NFTA_BITWISE_MASK, &IPS_DST_NAT.to_ne_bytes());
+            e.data(NFTA_BITWISE_XOR, &[0; 4]);
+        });
+        cmp(list, NFT_CMP_NEQ, &[0; 4]);
+        prefix_match(list, IP_SADDR_OFFSET, m.subnet);
+        prefix_match(list, IP_DADDR_OFFSET, m.subnet);
+        expr(list, b"counter", |_| {});
+        expr(list, b"masq", |_| {});
+    });
+    // The host's loopback, out of the bridge.
+    let loopback = Ipv4Network::new(Ipv4Addr::new(127, 0, 0, 0), 8).expect("a valid prefix");
+    tx.rule(table, CHAIN, Step::AddForwardRule, |list| {
+        prefix_match(list, IP_SADDR_OFFSET, loopback);
+        meta(list, NFT_META_OIFNAME);
+        cmp(list, NFT_CMP_EQ, oifname);
+        expr(list, b"counter", |_| {});
+        expr(list, b"masq", |_| {});
+    });
 }
 
 /// One forward's DNAT rule (see [`forward_rules`]).
@@ -539,6 +511,27 @@ impl Transaction {
 
     fn table(&mut self, kind: u16, name: &[u8], step: Step) {
         self.message(kind, 0, step).string(NFTA_TABLE_NAME, name);
+    }
+
+    /// A base chain of type nat on `hook` at `priority`, policy accept.
+    fn nat_chain(&mut self, table: &[u8], chain: &str, hook: u32, priority: i32, step: Step) {
+        let c = self.message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, step);
+        c.string(NFTA_CHAIN_TABLE, table);
+        c.string(NFTA_CHAIN_NAME, chain.as_bytes());
+        c.nested(NFTA_CHAIN_HOOK, |h| {
+            h.u32(NFTA_HOOK_HOOKNUM, hook);
+            h.u32(NFTA_HOOK_PRIORITY, priority.cast_unsigned());
+        });
+        c.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
+        c.string(NFTA_CHAIN_TYPE, b"nat");
+    }
+
+    /// A rule appended to `chain`, its expressions written by `exprs`.
+    fn rule(&mut self, table: &[u8], chain: &str, step: Step, exprs: impl FnOnce(&mut Msg)) {
+        let r = self.message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, step);
+        r.string(NFTA_RULE_TABLE, table);
+        r.string(NFTA_RULE_CHAIN, chain.as_bytes());
+        r.nested(NFTA_RULE_EXPRESSIONS, exprs);
     }
 
     /// Sends the batch and waits for every acknowledgement; the first error wins.

@@ -1,6 +1,8 @@
 //! `network up` and `network down`: the network-level kernel objects, made (`ensure`) and
 //! removed (`teardown`).
 
+use std::net::Ipv4Addr;
+
 use ipnetwork::{IpNetwork, Ipv4Network};
 use micropod_common::NAT_DEFAULT_ENTRIES;
 
@@ -38,13 +40,7 @@ impl super::Network {
         check_privileges()?;
         link::validate_name(&req.bridge).map_err(|e| InputError::BridgeName(Box::new(e)))?;
         let subnet = parse_subnet(&req.subnet)?;
-        let gateway = match req.gateway {
-            Some(gateway) => {
-                Ipam::new(subnet, gateway).map_err(InputError::Subnet)?;
-                gateway
-            }
-            None => Ipam::default_gateway(subnet).map_err(InputError::Subnet)?,
-        };
+        let gateway = gateway_of(subnet, req.gateway)?;
         let no_masquerade = normalize_destinations(&req.no_masquerade);
         let nat_entries = req.nat_entries.unwrap_or(NAT_DEFAULT_ENTRIES);
         if !NAT_ENTRIES_RANGE.contains(&nat_entries) {
@@ -234,16 +230,8 @@ impl super::Network {
     /// is gone (a reboot: the records survive, the kernel's objects do not). Returns what it
     /// did, in one line, or `None` if the network was up (one read and one `ioctl`).
     pub async fn ensure_up(&self) -> Result<Option<String>, NetworkError> {
-        if let Some(head) = self.records.head_unlocked()? {
-            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
-            if head.phase == Phase::Ready
-                && probe
-                    .index(&head.config.bridge)
-                    .map_err(NetworkError::Probe)?
-                    .is_some()
-            {
-                return Ok(None);
-            }
+        if self.live_head()?.is_some() {
+            return Ok(None);
         }
         let req = self.recorded_request()?.unwrap_or_default();
         let (outcome, config) = self.up(&req).await?;
@@ -273,33 +261,38 @@ impl super::Network {
     /// (one read and one `ioctl` then), and refuses a network that is up with other settings:
     /// one configuration's ADD must not change a network others' endpoints use.
     pub async fn join(&self, req: &UpRequest) -> Result<(), NetworkError> {
-        if let Some(head) = self.records.head_unlocked()? {
-            let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
-            if head.phase == Phase::Ready
-                && probe
-                    .index(&head.config.bridge)
-                    .map_err(NetworkError::Probe)?
-                    .is_some()
-            {
-                let differences = differences(&head.config, req)?;
-                if !differences.is_empty() {
-                    return Err(UpError::OtherSettings {
-                        differences: differences.join("; "),
-                    }
-                    .into());
+        if let Some(head) = self.live_head()? {
+            let differences = differences(&head.config, req)?;
+            if !differences.is_empty() {
+                return Err(UpError::OtherSettings {
+                    differences: differences.join("; "),
                 }
-                // Pins of another micropod's layout (this binary was upgraded): `up` upgrades
-                // them in place, as an administrator's `network up` would.
-                if head.active_datapath != ActiveDatapath::Ebpf
-                    || DataPlane::new(&self.bpf_dir).layout_matches()
-                {
-                    return Ok(());
-                }
+                .into());
             }
-            // On record but not in the kernel (a reboot): `up` with the request, which keeps
-            // what it can and refuses to change a network that still has endpoints on record.
+            // Pins of another micropod's layout (this binary was upgraded): `up` upgrades
+            // them in place, as an administrator's `network up` would.
+            if head.active_datapath != ActiveDatapath::Ebpf
+                || DataPlane::new(&self.bpf_dir).layout_matches()
+            {
+                return Ok(());
+            }
         }
+        // None up, or on record but not in the kernel (a reboot): `up` with the request, which
+        // keeps what it can and refuses to change a network that still has endpoints on record.
         self.up(req).await.map(drop)
+    }
+
+    /// The network on record if it is up: ready, and its bridge in the kernel (one read and
+    /// one `ioctl`).
+    fn live_head(&self) -> Result<Option<NetworkHead>, NetworkError> {
+        let Some(head) = self.records.head_unlocked()? else {
+            return Ok(None);
+        };
+        let probe = link::IndexProbe::new().map_err(NetworkError::Probe)?;
+        let bridge = probe
+            .index(&head.config.bridge)
+            .map_err(NetworkError::Probe)?;
+        Ok((head.phase == Phase::Ready && bridge.is_some()).then_some(head))
     }
 
     /// The settings of the network on record, read without the lock; `None` if there is none.
@@ -608,10 +601,7 @@ pub(super) const NAT_ENTRIES_RANGE: std::ops::RangeInclusive<u32> = 16..=4_194_3
 /// size is not compared (it changes in place), nor the uplink or NAT settings `req` leaves out.
 fn differences(cfg: &NetworkConfig, req: &UpRequest) -> Result<Vec<String>, NetworkError> {
     let subnet = parse_subnet(&req.subnet)?;
-    let gateway = match req.gateway {
-        Some(g) => g,
-        None => Ipam::default_gateway(subnet).map_err(InputError::Subnet)?,
-    };
+    let gateway = gateway_of(subnet, req.gateway)?;
     let mut out = Vec::new();
     let mut differ = |what: &str, current: String, asked: String| {
         if current != asked {
@@ -663,6 +653,17 @@ fn differences(cfg: &NetworkConfig, req: &UpRequest) -> Result<Vec<String>, Netw
         list(&normalize_destinations(&req.no_masquerade)),
     );
     Ok(out)
+}
+
+/// The gateway `up` gives `subnet`: the one asked for, checked, or the first host address.
+fn gateway_of(subnet: Ipv4Network, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, NetworkError> {
+    Ok(match asked {
+        Some(gateway) => {
+            Ipam::new(subnet, gateway).map_err(InputError::Subnet)?;
+            gateway
+        }
+        None => Ipam::default_gateway(subnet).map_err(InputError::Subnet)?,
+    })
 }
 
 /// Destinations sorted, without duplicates, each by its network address.
@@ -767,7 +768,7 @@ async fn check_overlap(
 /// MAC is the one `up` gives it (`02:6d:` and the gateway's address); otherwise why not.
 fn made_by_us(
     link: &rtnetlink::packet_route::link::LinkMessage,
-    gateway: std::net::Ipv4Addr,
+    gateway: Ipv4Addr,
 ) -> Result<(), String> {
     let found = link::LinkSummary::from_message(link);
     let kind = found.kind.as_deref().unwrap_or("no kind");
